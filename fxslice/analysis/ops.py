@@ -1,0 +1,313 @@
+"""Op roles, recognised by ATen op and argument pattern (never by module class or model name).
+
+Two questions are answered here for any node:
+
+* ``weight_use(node)``: does it read a parameter as a linear map (``aten.linear``; ``addmm``/``mm``/
+  ``matmul`` against a ``[in, out]`` weight as in Conv1D layers; ``embedding``)? Then which weight axis
+  meets its input features and which its output features.
+* ``stream_step(node, operand)``: how does ``node`` treat the last (feature) dimension of ``operand``?
+  It may *commute* with any rotation of that dimension (casts, views that keep it, dropout in eval mode,
+  scaling by a scalar or a per-token factor, slicing other dims), *join* two streams (add / sub), only
+  read its shape, or do something fxslice cannot rotate through (``None``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from ..graph import aten, is_op, val
+
+__all__ = [
+    "ParamAxis",
+    "ShapeLiteral",
+    "Step",
+    "StepKind",
+    "WeightUse",
+    "last_dim",
+    "register_weight_op",
+    "stream_step",
+    "weight_use",
+]
+
+
+@dataclass(frozen=True)
+class ParamAxis:
+    """One axis of one parameter (``get_attr`` target): the unit that rotation and slicing act on."""
+
+    target: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """``node`` multiplies its ``input`` by the parameter ``weight`` (and adds ``bias``).
+
+    ``in_axis`` is the weight axis contracted with the input's last dim (None for embeddings, whose
+    input is an index); ``out_axis`` is the weight axis that becomes the output's last dim.
+    """
+
+    node: fx.Node
+    kind: str
+    input: fx.Node | None
+    weight: str
+    in_axis: int | None
+    out_axis: int
+    bias: str | None = None
+    bias_axis: int = 0
+    weight_arg: int = 1  # index of the weight operand in node.args
+
+    def input_side(self) -> ParamAxis:
+        assert self.in_axis is not None
+        return ParamAxis(self.weight, self.in_axis)
+
+    def output_side(self) -> tuple[ParamAxis, ...]:
+        sides = (ParamAxis(self.weight, self.out_axis),)
+        return sides + ((ParamAxis(self.bias, self.bias_axis),) if self.bias else ())
+
+
+@dataclass(frozen=True)
+class ShapeLiteral:
+    """``node.args[arg][index]`` is the stream width written into the graph as a constant."""
+
+    node: fx.Node
+    arg: int
+    index: int
+
+
+class StepKind(Enum):
+    COMMUTES = "commutes"
+    JOINS = "joins"
+    READS_SHAPE = "reads shape"  # only metadata: a size of another dim, or the dtype
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
+    literal: ShapeLiteral | None = None
+
+
+_CASTS = (aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy)
+
+
+def last_dim(node: Any) -> int | None:
+    """The static size of ``node``'s last dimension, or None (symbolic, scalar or unknown)."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return None
+    size = v.shape[-1]
+    return size if isinstance(size, int) else None
+
+
+def _ndim(node: Any) -> int:
+    v = val(node)
+    return v.dim() if isinstance(v, torch.Tensor) else -1
+
+
+def _resolve_weight(node: Any) -> tuple[str, tuple[int, ...]] | None:
+    """Follow a weight operand back through casts and transposes to its parameter.
+
+    Returns the get_attr target and, for each axis of the operand, the parameter axis it shows.
+    """
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node.target, tuple(range(_ndim(node)))
+    if node.op != "call_function" or len(node.users) != 1 or not node.args:
+        return None
+    inner = _resolve_weight(node.args[0])
+    if inner is None:
+        return None
+    target, axes = inner
+    nd = len(axes)
+    if is_op(node, *_CASTS):
+        return target, axes
+    if is_op(node, aten.t, aten.numpy_T):
+        return target, axes[::-1]
+    if is_op(node, aten.transpose):
+        a, b = _norm_dim(node.args[1], nd), _norm_dim(node.args[2], nd)
+        swapped = list(axes)
+        swapped[a], swapped[b] = swapped[b], swapped[a]
+        return target, tuple(swapped)
+    if is_op(node, aten.permute):
+        return target, tuple(axes[_norm_dim(d, nd)] for d in node.args[1])
+    return None
+
+
+WeightMatcher = Callable[[fx.Node], "WeightUse | None"]
+_WEIGHT_OPS: dict[str, WeightMatcher] = {}
+
+
+def register_weight_op(*op_names: str):
+    """Teach fxslice a new op that multiplies its input by a parameter.
+
+    ``op_names`` are schema names (``"aten::linear"``, ``"mylib::fused_mm"``); the decorated function
+    returns a ``WeightUse`` for a matching node, or None when the node does not read a parameter.
+    """
+
+    def register(matcher: WeightMatcher) -> WeightMatcher:
+        for name in op_names:
+            _WEIGHT_OPS[name] = matcher
+        return matcher
+
+    return register
+
+
+def _op_name(node: fx.Node) -> str | None:
+    schema = getattr(node.target, "_schema", None)
+    return schema.name if schema is not None else None
+
+
+def weight_use(node: fx.Node) -> WeightUse | None:
+    """How ``node`` reads a parameter as a linear map, if it does (see ``register_weight_op``)."""
+    if node.op != "call_function":
+        return None
+    matcher = _WEIGHT_OPS.get(_op_name(node) or "")
+    return matcher(node) if matcher is not None else None
+
+
+def _bias(node: Any) -> tuple[str, int] | None:
+    resolved = _resolve_weight(node)
+    return (resolved[0], resolved[1][-1]) if resolved is not None and resolved[1] else None
+
+
+@register_weight_op("aten::linear")
+def _linear(node: fx.Node) -> WeightUse | None:
+    """``y = x Wᵀ + b`` with ``W`` of shape ``[out, in]``."""
+    args = node.args
+    weight = _resolve_weight(args[1])
+    has_bias = len(args) > 2 and args[2] is not None
+    bias = _bias(args[2]) if has_bias else None
+    if weight is None or len(weight[1]) != 2 or (has_bias and bias is None):
+        return None
+    axes = weight[1]
+    return WeightUse(node, "linear", args[0], weight[0], axes[1], axes[0], *(bias or (None, 0)), weight_arg=1)
+
+
+@register_weight_op("aten::addmm")
+def _addmm(node: fx.Node) -> WeightUse | None:
+    """``y = b + x W`` with ``W`` of shape ``[in, out]`` (Conv1D layers)."""
+    args = node.args
+    weight, bias = _resolve_weight(args[2]), _bias(args[0])
+    if weight is None or bias is None or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    axes = weight[1]
+    return WeightUse(node, "addmm", args[1], weight[0], axes[0], axes[1], *bias, weight_arg=2)
+
+
+@register_weight_op("aten::mm", "aten::matmul", "aten::_grouped_mm", "transformers::grouped_mm_fallback")
+def _matmul(node: fx.Node) -> WeightUse | None:
+    """``y = x W`` with ``W`` of shape ``[…, in, out]`` (per-expert weights for grouped matmuls)."""
+    weight = _resolve_weight(node.args[1])
+    if weight is None or len(weight[1]) < 2 or (len(weight[1]) > 2 and "grouped" not in (_op_name(node) or "")):
+        return None
+    axes = weight[1]
+    return WeightUse(node, "matmul", node.args[0], weight[0], axes[-2], axes[-1], weight_arg=1)
+
+
+@register_weight_op("aten::embedding")
+def _embedding(node: fx.Node) -> WeightUse | None:
+    """Rows of ``W`` of shape ``[vocab, d]`` looked up by index."""
+    weight = _resolve_weight(node.args[0])
+    if weight is None or weight[1] != (0, 1):
+        return None
+    return WeightUse(node, "embedding", None, weight[0], None, 1, weight_arg=0)
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _is_scalar_like(x: Any) -> bool:
+    """A Python number or a one-element tensor: scaling by it commutes with any rotation."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return True
+    v = val(x)
+    return isinstance(v, torch.Tensor) and v.numel() == 1
+
+
+def _is_per_token(x: Any) -> bool:
+    """A tensor whose last dim is 1: it scales whole feature vectors, so it commutes too."""
+    v = val(x)
+    return isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[-1] == 1
+
+
+def _shape_step(node: fx.Node, operand: fx.Node, shape_arg: int) -> Step | None:
+    """view / reshape / expand keep the stream when the output's last dim is the operand's last dim."""
+    width = last_dim(operand)
+    if width is None or last_dim(node) != width:
+        return None
+    shape = node.args[shape_arg]
+    if not isinstance(shape, (list, tuple)) or not shape:
+        return None
+    tail = shape[-1]
+    if isinstance(tail, int) and tail == width:
+        return Step(StepKind.COMMUTES, ShapeLiteral(node, shape_arg, len(shape) - 1))
+    if isinstance(tail, int) and tail == -1:
+        return Step(StepKind.COMMUTES)
+    return None
+
+
+def stream_step(node: fx.Node, operand: fx.Node) -> Step | None:
+    """How ``node`` treats the last dimension of its input ``operand`` (None: cannot rotate through)."""
+    if node.op != "call_function":
+        return None
+    args = node.args
+    first = args[0] if args else None
+    nd = _ndim(operand)
+    if is_op(node, aten.sym_size) and args[0] is operand:
+        return Step(StepKind.READS_SHAPE) if _norm_dim(args[1], nd) != nd - 1 else None
+    if is_op(node, aten.type_as) and len(args) > 1 and args[1] is operand and first is not operand:
+        return Step(StepKind.READS_SHAPE)  # type_as(y, x) reads only x's dtype
+    if is_op(node, aten.add_, aten.sub_) and first is operand and len(operand.users) > 1:
+        return None  # an in-place add whose target is also read elsewhere: order would matter
+    if is_op(node, aten.add, aten.sub, aten.add_, aten.sub_) and isinstance(args[1], fx.Node) and first is not None:
+        other = args[1] if first is operand else first
+        if last_dim(other) == last_dim(operand) and last_dim(node) == last_dim(operand):
+            return Step(StepKind.JOINS)
+        return None
+    if first is not operand:
+        # Only the data operand may carry the stream (e.g. mul(scale, x) is handled below).
+        if is_op(node, aten.mul) and args[1] is operand and (_is_scalar_like(first) or _is_per_token(first)):
+            return Step(StepKind.COMMUTES)
+        return None
+    if is_op(node, *_CASTS):
+        return Step(StepKind.COMMUTES)
+    if is_op(node, aten.dropout):
+        train = args[2] if len(args) > 2 else node.kwargs.get("train", True)
+        return Step(StepKind.COMMUTES) if train is False else None
+    if is_op(node, aten.neg):
+        return Step(StepKind.COMMUTES)
+    if is_op(node, aten.mul, aten.div):
+        other = args[1] if len(args) > 1 else None
+        if _is_scalar_like(other) or _is_per_token(other):
+            return Step(StepKind.COMMUTES)
+        return None
+    if is_op(node, aten.masked_fill):
+        return Step(StepKind.COMMUTES) if args[2] == 0 and _is_per_token(args[1]) else None
+    if is_op(node, aten.view, aten.reshape, aten._unsafe_view, aten.expand):
+        return _shape_step(node, operand, 1)
+    if is_op(node, aten.slice, aten.select, aten.squeeze, aten.index_select, aten.narrow):
+        dims = args[1] if len(args) > 1 else None
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
+        if any(d is None or not isinstance(d, int) or _norm_dim(d, nd) == nd - 1 for d in dims):
+            return None
+        return Step(StepKind.COMMUTES)
+    if is_op(node, aten.sum, aten.mean) and len(args) > 1 and isinstance(args[1], (list, tuple)):
+        # Reducing over other dims (e.g. over the top-k experts) is linear in each feature vector.
+        return Step(StepKind.COMMUTES) if all(_norm_dim(d, nd) != nd - 1 for d in args[1]) else None
+    if is_op(node, aten.unsqueeze):
+        out_nd = nd + 1
+        return Step(StepKind.COMMUTES) if _norm_dim(args[1], out_nd) != out_nd - 1 else None
+    if is_op(node, aten.transpose):
+        return Step(StepKind.COMMUTES) if nd - 1 not in (_norm_dim(args[1], nd), _norm_dim(args[2], nd)) else None
+    if is_op(node, aten.permute):
+        return Step(StepKind.COMMUTES) if _norm_dim(args[1][-1], nd) == nd - 1 else None
+    if is_op(node, aten.index):
+        indices = args[1]
+        return Step(StepKind.COMMUTES) if len(indices) < nd else None
+    return None

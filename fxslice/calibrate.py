@@ -1,0 +1,271 @@
+"""Sequential PCA calibration: one sweep of the graph over all calibration batches.
+
+The graph is interpreted segment by segment, where a segment ends at the next residual state's anchor
+(the first node holding the state's complete value). Within a segment each batch runs to the end before
+the next starts, so only values that cross into later segments (the stream itself, masks, position
+tables) are kept for all batches; intermediate activations live for one batch at a time. At each anchor
+``H = Σ xᵀx`` over real tokens (the attention mask's ones) is accumulated in float64, ``eigh`` gives the
+rotation (eigenvectors by descending eigenvalue), ``apply`` folds it into the weights and slices, and the
+cached values of the state become ``x Q[:, :k]`` before the sweep goes on. Later states therefore see the
+already sliced model, as in SliceGPT, and the whole model is run once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import optree
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+from tqdm.auto import tqdm
+
+from .analysis.regions import State
+from .errors import CalibrationError
+from .graph import get_tensor
+
+__all__ = ["Batch", "PCARotation", "check_calibration", "flat_inputs", "pca"]
+
+Batch = tuple[tuple, dict]
+"""One calibration batch as positional and keyword model inputs."""
+
+
+def _as_batch(item: Any, index: int) -> Batch:
+    if isinstance(item, Mapping):
+        return (), dict(item)
+    if isinstance(item, torch.Tensor):
+        return (item,), {}
+    if isinstance(item, (tuple, list)):
+        return tuple(item), {}
+    raise CalibrationError(f"calibration batch {index} is a {type(item).__name__}; expected a dict of model "
+                           "inputs (e.g. {'input_ids': ..., 'attention_mask': ...}), a tuple or a tensor")
+
+
+def _iterate(calibration: Any) -> list:
+    try:
+        from datasets import Dataset
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        Dataset = ()  # type: ignore[assignment]
+    if isinstance(calibration, Dataset):
+        if "input_ids" not in calibration.column_names:
+            raise CalibrationError(f"the calibration Dataset has columns {calibration.column_names}; it must be "
+                                   "tokenized, with an 'input_ids' column")
+        columns = [c for c in ("input_ids", "attention_mask") if c in calibration.column_names]
+        return list(calibration.select_columns(columns).with_format("torch").iter(batch_size=8))
+    if isinstance(calibration, (Mapping, torch.Tensor)):
+        return [calibration]
+    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
+        raise CalibrationError(f"calibration must be batches of model inputs (a list of dicts, a DataLoader or a "
+                               f"tokenized datasets.Dataset); got {type(calibration).__name__}. For text, use "
+                               "fxslice.data.calibration_batches(tokenizer, path)")
+    return list(calibration)
+
+
+def check_calibration(calibration: Any, model: torch.nn.Module | None = None, hf: bool = False) -> list[Batch]:
+    """Materialise and validate calibration batches before any weight changes.
+
+    Accepts an iterable of input dicts / tuples / tensors, a ``torch.utils.data.DataLoader`` or a
+    tokenized ``datasets.Dataset``. Rejects empty data, non-finite values, keys the model does not take,
+    and ``input_ids`` that are not non-empty 2-D integer tensors with a matching ``attention_mask``.
+    """
+    batches = [_as_batch(item, i) for i, item in enumerate(_iterate(calibration))]
+    if not batches:
+        raise CalibrationError("calibration data is empty")
+    for index, (args, kwargs) in enumerate(batches):
+        if hf:
+            unknown = sorted(set(kwargs) - {"input_ids", "attention_mask"})
+            if args or unknown or "input_ids" not in kwargs:
+                raise CalibrationError(f"calibration batch {index} has keys {sorted(kwargs)}; a causal LM is "
+                                       "calibrated with 'input_ids' and optionally 'attention_mask'")
+        elif model is not None:
+            try:
+                inspect.signature(model.forward).bind(*args, **kwargs)
+            except TypeError as error:
+                raise CalibrationError(f"calibration batch {index} does not match {type(model).__name__}.forward"
+                                       f"{inspect.signature(model.forward)}: {error}") from None
+        for path, leaf in zip(*optree.tree_flatten_with_path((args, kwargs), none_is_leaf=False)[:2]):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
+                raise CalibrationError(f"calibration batch {index} input {path} contains NaN or infinite values")
+        ids = kwargs.get("input_ids")
+        if ids is not None:
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.numel() == 0:
+                raise CalibrationError(f"calibration batch {index}: input_ids must be a non-empty 2-D integer "
+                                       f"tensor [batch, tokens]; got {getattr(ids, 'shape', type(ids).__name__)}")
+            mask = kwargs.get("attention_mask")
+            if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
+                raise CalibrationError(f"calibration batch {index}: attention_mask shape "
+                                       f"{tuple(getattr(mask, 'shape', ()))} does not match input_ids {tuple(ids.shape)}")
+            if hf and mask is None:
+                kwargs["attention_mask"] = torch.ones_like(ids)
+    return batches
+
+
+def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The graph's placeholder values for one call ``gm(*args, **kwargs)``."""
+    signature = inspect.signature(gm.forward)
+    bound = signature.bind(*args, **kwargs).arguments
+    names = list(signature.parameters)
+    spec = gm._in_spec
+    positional = [bound[name] for name in names[: spec.child(0).num_children]]
+    keywords = {key: bound[key] for key in spec.child(1).context}
+    return fx_pytree.tree_flatten_spec((positional, keywords), spec)
+
+
+def pca(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and the orthogonal matrix of eigenvectors of a covariance ``H``."""
+    values, vectors = torch.linalg.eigh(h)
+    order = torch.argsort(values, descending=True)
+    return values[order], vectors[:, order]
+
+
+class _Timed:
+    """``pca`` that adds up the time it spends (reported as ``eigh_s``)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start = time.perf_counter()
+        try:
+            return pca(h)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+class _Sweep:
+    """Runs the graph over every batch, a segment at a time, keeping only values later segments read."""
+
+    def __init__(self, gm: fx.GraphModule, batches: list[Batch], targets: list[fx.Node]):
+        self.gm = gm
+        needed: set = set()
+        stack = list(targets)
+        while stack:
+            node = stack.pop()
+            if node not in needed:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        self.order = [n for n in gm.graph.nodes if n in needed and n.op not in ("placeholder", "get_attr")]
+        position = {n: i for i, n in enumerate(self.order)}
+        self.position = position
+        self.last_use = {n: max((position.get(u, -1) for u in n.users), default=-1) for n in needed}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.envs = [dict(zip(placeholders, flat_inputs(gm, args, kwargs))) for args, kwargs in batches]
+        self.masks = [kwargs.get("attention_mask") for _, kwargs in batches]
+        self.cursor = 0
+
+    def _value(self, node: fx.Node, env: dict):
+        # Parameters are read when used, never cached: apply() replaces them as the sweep goes.
+        return get_tensor(self.gm, node.target) if node.op == "get_attr" else env[node]
+
+    def _run(self, node: fx.Node, env: dict):
+        args = fx.node.map_arg(node.args, lambda n: self._value(n, env))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, env))
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        raise RuntimeError(f"cannot interpret {node.format_node()}")
+
+    @torch.no_grad()
+    def run_until(self, target: fx.Node, observe=None) -> None:
+        """Compute every node up to ``target`` for all batches; ``observe(batch, value)`` sees target."""
+        end = self.position[target]
+        segment = self.order[self.cursor : end + 1]
+        for b, env in enumerate(self.envs):
+            for node in segment:
+                env[node] = self._run(node, env)
+            if observe is not None:
+                observe(b, env[target])
+            for node in [n for n in env if n.op != "placeholder" and self.last_use.get(n, -1) <= end]:
+                del env[node]
+        self.cursor = end + 1
+
+    def transform(self, nodes: frozenset, matrix: torch.Tensor) -> None:
+        """Cached values of ``nodes`` (a state, in its unrotated basis) become ``x @ matrix``."""
+        for env in self.envs:
+            for node in [n for n in env if n in nodes]:
+                x = env[node]
+                compute = torch.promote_types(x.dtype, torch.float32)
+                env[node] = (x.to(compute) @ matrix.to(device=x.device, dtype=compute)).to(x.dtype)
+
+
+class _Covariance:
+    """``Σ xᵀx`` over the real tokens of every batch, in float64 (and ``Σ x̂ᵀx̂`` of unit rows if asked)."""
+
+    def __init__(self, masks: list, normalised: bool = False):
+        self.masks = masks
+        self.h: torch.Tensor | float = 0.0
+        self.unit: torch.Tensor | float = 0.0
+        self.normalised = normalised
+
+    def __call__(self, batch: int, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        mask = self.masks[batch]
+        if mask is not None and mask.numel() == rows.shape[0]:
+            rows = rows[mask.reshape(-1).to(rows.device).bool()]
+        rows = rows.to(torch.float64)
+        self.h = self.h + rows.T @ rows
+        if self.normalised:
+            unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+            self.unit = self.unit + unit.T @ unit
+
+
+class PCARotation:
+    """``RotationSource`` whose Q for each state is the PCA of its activations (SliceGPT).
+
+    Per-state mode runs the sequential sweep described in the module docstring. ``shared=True``
+    accumulates one covariance over every value the norms of a stream read, then rotates the stream once.
+    """
+
+    def __init__(self, batches: list[Batch], shared: bool = False, progress: bool = True):
+        self.batches = batches
+        self.shared = shared
+        self.progress = progress
+        self.pca = _Timed()
+
+    @property
+    def eigh_seconds(self) -> float:
+        return self.pca.seconds
+
+    def losses(self, gm: fx.GraphModule, states: list[State], limit: int = 1) -> list[torch.Tensor]:
+        """For every state, ``loss[k]``: the mean fraction of a token's vector lost when the state keeps ``k``
+        principal directions — what the state's norms see, since they rescale every token to unit RMS.
+
+        Measured on the unsliced model from the first ``limit`` batches (a cheap pre-pass).
+        """
+        sweep = _Sweep(gm, self.batches[:limit], [s.anchor for s in states])
+        result = []
+        for state in tqdm(states, desc="fxslice: measuring spectra", disable=not self.progress, unit="state"):
+            covariance = _Covariance(sweep.masks, normalised=True)
+            sweep.run_until(state.anchor, covariance)
+            _, rotation = self.pca(covariance.h)
+            kept = torch.diagonal(rotation.T @ covariance.unit @ rotation).cumsum(0) / torch.trace(covariance.unit)
+            result.append(torch.cat([torch.ones(1, dtype=kept.dtype), (1.0 - kept).clamp_min(0.0)]))
+        return result
+
+    def run(self, gm: fx.GraphModule, states: list[State], apply) -> None:
+        if self.shared:
+            return self._run_shared(gm, states, apply)
+        sweep = _Sweep(gm, self.batches, [s.anchor for s in states])
+        for state in tqdm(states, desc="fxslice: rotating residual states", disable=not self.progress, unit="state"):
+            covariance = _Covariance(sweep.masks)
+            sweep.run_until(state.anchor, covariance)
+            values, rotation = self.pca(covariance.h)
+            width = apply(state, rotation, values)
+            sweep.transform(state.nodes, rotation[:, :width])
+
+    def _run_shared(self, gm: fx.GraphModule, states: list[State], apply) -> None:
+        reads = {s: sorted({n.input for n in s.norms}, key=list(gm.graph.nodes).index) for s in states}
+        sweep = _Sweep(gm, self.batches, [n for s in states for n in reads[s]])
+        for state in tqdm(states, desc="fxslice: rotating residual streams", disable=not self.progress, unit="stream"):
+            covariance = _Covariance(sweep.masks)
+            for node in reads[state]:
+                sweep.run_until(node, covariance)
+            values, rotation = self.pca(covariance.h)
+            width = apply(state, rotation, values)
+            sweep.transform(state.nodes, rotation[:, :width])

@@ -1,0 +1,146 @@
+"""Model + example inputs -> a GraphModule of ATen ops, through ``torch.export`` (non-strict, dynamic dims).
+
+The result takes the same inputs as the model (the flattening to graph placeholders is done by the
+GraphModule's own pytree code) and returns the same output structure, at any batch and sequence size.
+Hugging Face causal LMs are captured through a thin call that fixes ``use_cache=False``; their inputs are
+``input_ids`` and ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import optree
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from .errors import CaptureError
+from .graph import aten, is_op
+
+__all__ = ["HF_PREFIX", "capture", "export_graph", "is_hf_causal_lm"]
+
+HF_PREFIX = "model."
+"""Hugging Face models are captured inside a wrapper whose attribute is ``model``; reports strip it."""
+
+
+def is_hf_causal_lm(model: Any) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel) and hasattr(model, "get_output_embeddings")
+
+
+class _CausalLMCall(torch.nn.Module):
+    """``model(input_ids, attention_mask, use_cache=False)``: the function a causal LM is captured as."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+def _hf_example_inputs(model, example_inputs) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    if example_inputs is None:
+        vocab = int(getattr(model.config, "vocab_size", 128) or 128)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (2, 16), generator=gen).to(device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = {"input_ids": example_inputs}
+    if not isinstance(example_inputs, dict) or "input_ids" not in example_inputs:
+        raise CaptureError(
+            f"example inputs for {type(model).__name__} must be a dict with 'input_ids' (and optionally "
+            f"'attention_mask'); got {type(example_inputs).__name__}"
+        )
+    ids = example_inputs["input_ids"]
+    mask = example_inputs.get("attention_mask")
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask}
+
+
+def _dynamic_spec(leaf: Any):
+    """Batch and sequence dims (the first two) are dynamic; export specialises any it must."""
+    if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+        return None
+    return {d: Dim.AUTO for d in range(min(leaf.dim(), 2))}
+
+
+def _normalise_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        raise CaptureError(
+            f"{type(model).__name__} is not a Hugging Face causal LM, so fxslice cannot invent inputs for it: "
+            "pass example_inputs=(tensor, ...) or example_inputs={'name': tensor}"
+        )
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    return {name: optree.tree_map(_dynamic_spec, value, none_is_leaf=True) for name, value in bound.arguments.items()}
+
+
+def _drop_metadata_asserts(gm: fx.GraphModule) -> None:
+    """``_assert_tensor_metadata`` pins the capture's dtype and device; it checks nothing fxslice keeps."""
+    for node in list(gm.graph.nodes):
+        if is_op(node, aten._assert_tensor_metadata) and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def capture(model: torch.nn.Module, example_inputs: Any = None) -> fx.GraphModule:
+    """Trace ``model`` into an ATen-level GraphModule with dynamic batch and sequence dimensions.
+
+    ``example_inputs``: a tensor, a tuple of positional inputs or a dict of keyword inputs (nested
+    structures are fine). For Hugging Face causal LMs it may be omitted. The model is traced in eval mode
+    (dropout off) and left in the mode it was in.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"fxslice captures torch.nn.Module objects; got {type(model).__name__}")
+    hf = is_hf_causal_lm(model)
+    if hf:
+        module: torch.nn.Module = _CausalLMCall(model)
+        args, kwargs = (), _hf_example_inputs(model, example_inputs)
+    else:
+        module = model
+        args, kwargs = _normalise_inputs(model, example_inputs)
+    return export_graph(model, module, args, kwargs, _dynamic_shapes(module, args, kwargs), HF_PREFIX if hf else "")
+
+
+def export_graph(model: torch.nn.Module, module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
+                 prefix: str) -> fx.GraphModule:
+    """``torch.export`` ``module`` (which calls ``model``) in eval mode and tidy the result for the passes."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as error:  # torch.export raises many types; all mean "could not capture"
+        first = (str(error).strip().splitlines() or [""])[0][:400]
+        hint = (
+            "check that the model runs on these inputs in eval mode; for Hugging Face models pass "
+            "example_inputs={'input_ids': ..., 'attention_mask': ...}; data-dependent Python control flow "
+            "must be rewritten with torch.cond or removed"
+        )
+        raise CaptureError(
+            f"could not capture {type(model).__name__} with torch.export ({type(error).__name__}: {first}). "
+            f"What to try: {hint}."
+        ) from error
+    finally:
+        model.train(was_training)
+    gm = program.module()
+    _drop_metadata_asserts(gm)
+    gm.meta["fxslice.module_prefix"] = prefix
+    gm.meta["fxslice.model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
+    gm.meta["fxslice.applied"] = []
+    gm.meta["fxslice.log"] = {}
+    return gm

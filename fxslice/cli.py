@@ -1,0 +1,190 @@
+"""``fxslice`` (also ``python -m fxslice``): slice, evaluate, generate with and inspect models.
+
+    fxslice slice MODEL --ratio 0.25 --calibration valid.txt --out sliced/   [--gguf-file NAME]
+    fxslice eval sliced/ --text test.txt [--seq-len 512 --max-windows 64]
+    fxslice generate sliced/ "The capital of France is" [--max-new-tokens 20]
+    fxslice inspect MODEL [--gguf-file NAME]
+
+Bad input (a ratio outside [0, 1), a missing file, a directory that is not a model, a model that cannot be
+captured) prints one line on stderr and exits with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1): the fraction of each residual state to delete; got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"file not found: {path}")
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxslice", description="SliceGPT for any transformer, as graph passes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    s = commands.add_parser("slice", help="compress a model with PCA calibration on a text file")
+    s.add_argument("model", help="a Hugging Face model directory (or a .gguf file, or a directory with --gguf-file)")
+    s.add_argument("--gguf-file", help="GGUF file name inside MODEL")
+    s.add_argument("--ratio", type=_ratio, required=True, help="fraction of each residual state's width to delete")
+    s.add_argument("--calibration", type=_existing_file, required=True, help="text file to calibrate on")
+    s.add_argument("--samples", type=_positive, default=64, help="calibration windows (default 64)")
+    s.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
+    s.add_argument("--batch-size", type=_positive, default=8)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--schedule", choices=["constant", "spectrum"], default="constant")
+    s.add_argument("--shared", action="store_true", help="one rotation per stream: no skip matrices")
+    s.add_argument("--slice-head", action="store_true", help="also slice the states the output head reads")
+    s.add_argument("--out", required=True, help="directory to write the sliced model to")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    e = commands.add_parser("eval", help="perplexity of a saved model on a text file")
+    e.add_argument("directory")
+    e.add_argument("--text", type=_existing_file, required=True)
+    e.add_argument("--seq-len", type=_positive, default=512)
+    e.add_argument("--max-windows", type=_positive)
+    e.add_argument("--batch-size", type=_positive, default=8)
+
+    g = commands.add_parser("generate", help="greedy generation from a saved model")
+    g.add_argument("directory")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=_positive, default=32)
+
+    i = commands.add_parser("inspect", help="the residual states fxslice finds in a model, and what it would skip")
+    i.add_argument("model")
+    i.add_argument("--gguf-file")
+    return parser
+
+
+def _out_directory(path: str, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    return out
+
+
+def _slice(args) -> None:
+    import fxslice
+    from fxslice import Rotate, fuse_norm, slice
+    from fxslice.data import calibration_batches
+    from fxslice.loading import load_causal_lm
+
+    out = _out_directory(args.out, args.overwrite)
+    print(f"loading {args.model}", file=sys.stderr)
+    model, tokenizer = load_causal_lm(args.model, args.gguf_file)
+    batches = calibration_batches(tokenizer, args.calibration, args.samples, args.seq_len, args.batch_size, args.seed)
+    start = time.perf_counter()
+    passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.slice_head)]
+    sliced = fxslice.compile(model, passes, calibration=batches)
+    report = fxslice.report(sliced)
+    fxslice.save(sliced, out, tokenizer=tokenizer, overwrite=args.overwrite)
+    p = report["parameters"]
+    print(f"sliced in {time.perf_counter() - start:.0f} s: {p['before'] / 1e6:.2f}M -> {p['after'] / 1e6:.2f}M parameters "
+          f"({p['ratio']:.3f}x); saved to {out}")
+
+
+def _load(directory: str):
+    import fxslice
+    from transformers import AutoTokenizer
+
+    model = fxslice.load(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise fxslice.UnsupportedGraphError(f"{directory} has no tokenizer files: {error}") from error
+    return model, tokenizer
+
+
+def _eval(args) -> None:
+    from fxslice.eval import perplexity
+
+    model, tokenizer = _load(args.directory)
+    ppl = perplexity(model, tokenizer, args.text, args.seq_len, args.max_windows, args.batch_size, progress=True)
+    print(f"perplexity {ppl:.3f}")
+
+
+def _generate(args) -> None:
+    import torch
+
+    model, tokenizer = _load(args.directory)
+    ids = tokenizer(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+
+
+def _inspect(args) -> None:
+    from fxslice.analysis import bind_parameters, find_regions
+    from fxslice.capture import capture
+    from fxslice.errors import module_path
+    from fxslice.loading import load_causal_lm
+    from fxslice.passes.rotate import _written_by
+
+    model, _ = load_causal_lm(args.model, args.gguf_file)
+    gm = capture(model)
+    prefix = gm.meta.get("fxslice.module_prefix", "")
+    regions = bind_parameters(gm, find_regions(gm))
+    summary = {"model": gm.meta.get("fxslice.model_class"), "regions": []}
+    for region in regions:
+        summary["regions"].append({
+            "region": region.index,
+            "rotatable": region.reason() is None,
+            "reason": region.reason(),
+            "norms": [module_path(n.output, prefix) for n in region.norms],
+            "needs_centring": region.needs_centring,
+            "states": [{"state": s.index, "after": _written_by(s, prefix), "width": s.width,
+                        "sources": len(s.sources), "sinks": len(s.sinks)} for s in region.states],
+            "skip_edges": len(region.skips),
+        })
+    print(json.dumps(summary, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if os.environ.get("FXSLICE_DEBUG"):
+        handlers = ()
+    else:
+        from fxslice.errors import UnsupportedGraphError
+
+        handlers = (UnsupportedGraphError, FileNotFoundError, FileExistsError, ValueError, OSError)
+    warnings.simplefilter("ignore")
+    try:
+        {"slice": _slice, "eval": _eval, "generate": _generate, "inspect": _inspect}[args.command](args)
+    except handlers as error:
+        print(f"fxslice {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""KV-cache decoding through a second captured graph that shares the compressed model's weights.
+
+The decoding graph is the same architecture captured with a static KV cache (``transformers.StaticCache``
+held in buffers the graph updates in place): ``(input_ids [B, T], attention_mask [B, past + T],
+position_ids [B, T], cache_position [T]) -> logits``. The sequence length is dynamic, so the prompt is
+prefilled in one call and each generated token is one call with ``T = 1``. The same structural edits as
+the compressed model's are replayed on it (``fuse_norm``; ``rotate`` keeping the weights; ``slice`` to the
+same widths) and then every weight is the *same tensor* as in the compressed model, so it costs no memory
+but the cache. It is built on the first ``generate`` call for each batch size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+__all__ = ["Session", "build_decoder"]
+
+
+class _CachedCausalLMCall(torch.nn.Module):
+    """``model(...)`` with a static KV cache whose tensors are this module's buffers."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, max_cache_len: int):
+        super().__init__()
+        from transformers import StaticCache
+
+        self.model = model  # the same attribute name as the prefill capture, so weights share names
+        config = model.config.get_text_config()
+        self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.cache.early_initialization(batch_size, kv_heads, head_dim, model.dtype, model.device)
+        for i, layer in enumerate(self.cache.layers):
+            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
+            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
+            self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
+
+    def forward(self, input_ids, attention_mask, position_ids, cache_position):
+        for i, layer in enumerate(self.cache.layers):
+            # Point the cache at this module's buffers on every call: export swaps buffers for fakes, and
+            # the graph must update the buffers, not tensors captured as constants.
+            layer.keys = getattr(self, f"key_cache_{i}")
+            layer.values = getattr(self, f"value_cache_{i}")
+            layer.cumulative_length = getattr(self, f"cumulative_length_{i}")
+            layer.cumulative_length.copy_(cache_position[0])  # rewind: one graph serves every prompt
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=self.cache, use_cache=True).logits
+
+
+def build_decoder(compressed: Any, batch_size: int) -> fx.GraphModule:
+    """The decoding graph for ``compressed`` (a ``SlicedCausalLM``) at ``batch_size``."""
+    from .capture import HF_PREFIX, export_graph
+    from .graph import get_tensor, set_tensor
+    from .io import _tensor_targets, empty_causal_lm, match_buffer_dtypes, replay
+    from .passes.base import LOG, RECIPE
+
+    gm = compressed.graph_module
+    length = compressed.kv_cache_len
+    base = empty_causal_lm(compressed.config, compressed.dtype)
+    match_buffer_dtypes(base, {t: get_tensor(gm, t).dtype for t in _tensor_targets(gm)}, HF_PREFIX)
+    module = _CachedCausalLMCall(base, batch_size, length)
+    example = 5
+    kwargs = {
+        "input_ids": torch.zeros(batch_size, example, dtype=torch.long),
+        "attention_mask": torch.ones(batch_size, example + 1, dtype=torch.long),  # unlike T, so L stays its own
+        "position_ids": torch.arange(example).expand(batch_size, -1).contiguous(),
+        "cache_position": torch.arange(example),
+    }
+    tokens, total = Dim("tokens", min=1, max=length - 1), Dim("total", min=1, max=length - 1)
+    shapes = {"input_ids": {1: tokens}, "attention_mask": {1: total}, "position_ids": {1: tokens},
+              "cache_position": {0: tokens}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoder = export_graph(base, module, (), kwargs, shapes, HF_PREFIX)
+        widths = [s["width_after"] for s in _states(gm.meta.get(LOG, {}))]
+        replay(decoder, gm.meta.get(RECIPE, []), widths)
+    shared = set(_tensor_targets(gm))
+    for target in _tensor_targets(decoder):
+        if target in shared:
+            mine, theirs = get_tensor(decoder, target), get_tensor(gm, target)
+            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+                raise RuntimeError(f"decoding graph disagrees with the compressed model on {target}")
+            set_tensor(decoder, target, theirs)  # the same tensor: no second copy of the weights
+        elif "cache" not in target and "cumulative_length" not in target:
+            raise RuntimeError(f"decoding graph reads {target}, which the compressed model does not have")
+    _verify(decoder, gm, batch_size, compressed.config.vocab_size)
+    return decoder
+
+
+@torch.no_grad()
+def _verify(decoder: fx.GraphModule, gm: fx.GraphModule, batch: int, vocab: int) -> None:
+    """Prefill 6 tokens and decode a 7th through the cache; both must match the compressed graph."""
+    ids = torch.randint(0, vocab, (batch, 7), generator=torch.Generator().manual_seed(0))
+    full = gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    prefill = decoder(input_ids=ids[:, :6], attention_mask=torch.ones_like(ids[:, :6]),
+                      position_ids=torch.arange(6).expand(batch, -1), cache_position=torch.arange(6))
+    step = decoder(input_ids=ids[:, 6:], attention_mask=torch.ones_like(ids), position_ids=torch.full((batch, 1), 6),
+                   cache_position=torch.tensor([6]))
+    tolerance = 1e-4 if full.dtype in (torch.float32, torch.float64) else 3e-2
+    scale = full.abs().max().clamp_min(1e-6)
+    error = max((prefill - full[:, :6]).abs().max() / scale, (step - full[:, 6:]).abs().max() / scale).item()
+    if not error <= tolerance:
+        raise RuntimeError(f"the cached decoding graph does not reproduce the model (relative error {error:.2g})")
+
+
+def _states(log: dict) -> list[dict]:
+    states: dict[int, dict] = {}
+    for name in ("rotate", "slice"):
+        for entry in log.get(name, {}).get("states", []):
+            states.setdefault(entry["state"], {}).update(entry)
+    return [states[i] for i in sorted(states)]
+
+
+class Session:
+    """One ``generate`` call: prefill the prompt, then feed one token per step through the cache.
+
+    ``forward`` sees the whole sequence at every step (``prepare_inputs_for_generation``); when it is
+    the previous sequence plus one token, only that token runs. Anything else (a longer sequence than the
+    cache holds, reordered beams) falls back to recomputing the whole sequence with the compressed graph.
+    """
+
+    def __init__(self, compressed: Any):
+        self.compressed = compressed
+        self.seen: torch.Tensor | None = None
+        self.decoder: fx.GraphModule | None = None
+
+    def _decoder(self, batch: int) -> fx.GraphModule | None:
+        decoders = self.compressed._decoders
+        if batch not in decoders:
+            try:
+                decoders[batch] = build_decoder(self.compressed, batch)
+            except Exception as error:  # decoding still works without a cache; say so once
+                warnings.warn(f"fxslice: no KV-cache decoding for this model ({type(error).__name__}: {error}); "
+                              "generate() recomputes the whole sequence at every step", stacklevel=4)
+                decoders[batch] = None
+        return decoders[batch]
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        batch, length = input_ids.shape
+        if length >= self.compressed.kv_cache_len or attention_mask.shape != input_ids.shape:
+            self.seen = None
+            return None
+        device = input_ids.device
+        follows = (self.seen is not None and self.decoder is not None and length == self.seen.shape[1] + 1
+                   and torch.equal(input_ids[:, :-1], self.seen))
+        if follows:
+            position = attention_mask.long().sum(-1, keepdim=True) - 1
+            logits = self.decoder(input_ids=input_ids[:, -1:], attention_mask=attention_mask,
+                                  position_ids=position, cache_position=torch.tensor([length - 1], device=device))
+        else:
+            self.decoder = self._decoder(batch)
+            if self.decoder is None:
+                return None
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            logits = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                  cache_position=torch.arange(length, device=device))
+        self.seen = input_ids
+        return logits

@@ -1,0 +1,61 @@
+"""Perplexity over non-overlapping windows, as SliceGPT evaluates."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import tokenize_text
+
+__all__ = ["perplexity"]
+
+
+@torch.no_grad()
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    text_or_path: str | os.PathLike,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> float:
+    """exp(mean next-token NLL) over the first ``max_windows`` non-overlapping ``seq_len``-token windows.
+
+    Each window is scored on its own (tokens 2..seq_len predicted from their prefix in the window); the
+    mean is over all predicted tokens. Works for any callable returning ``.logits`` (or a logits tensor).
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2; got {seq_len}")
+    tokens = tokenize_text(tokenizer, text_or_path)
+    count = tokens.numel() // seq_len
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise ValueError(f"the text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
+    windows = tokens[: count * seq_len].view(count, seq_len)
+    device = _device(model)
+    total, n = 0.0, 0
+    for start in tqdm(range(0, count, batch_size), desc="perplexity", disable=not progress, unit="batch"):
+        ids = windows[start : start + batch_size].to(device)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        logits = out.logits if hasattr(out, "logits") else out
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total += nll.item()
+        n += ids[:, 1:].numel()
+    return math.exp(total / n)
+
+
+def _device(model: Any) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")

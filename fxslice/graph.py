@@ -1,0 +1,171 @@
+"""Small, shared operations on captured GraphModules: parameters, constants, dead code and shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+__all__ = [
+    "INSERTED",
+    "add_parameter",
+    "constant_value",
+    "eliminate_dead_code",
+    "get_tensor",
+    "is_op",
+    "refresh_shapes",
+    "remove_unused_attributes",
+    "set_tensor",
+    "unique_parameters",
+    "val",
+]
+
+INSERTED = "fxslice_inserted"
+"""Submodule of the GraphModule that holds every parameter fxslice adds (skip, bridge and norm matrices)."""
+
+aten = torch.ops.aten
+
+
+def is_op(node: Any, *packets) -> bool:
+    """True when ``node`` calls one of the ATen overload packets (``aten.view`` …) or plain callables."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    target = node.target
+    packet = getattr(target, "overloadpacket", target)
+    return packet in packets or target in packets
+
+
+def val(node: Any):
+    """The FakeTensor (or SymInt) recorded for ``node`` by export / shape propagation, else None."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def set_tensor(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> None:
+    """Replace the parameter or buffer at ``target`` (keeps its kind; parameters never require grad)."""
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if name in owner._buffers:
+        owner._buffers[name] = tensor
+    else:
+        if name in owner._parameters:
+            del owner._parameters[name]
+        owner.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def add_parameter(gm: fx.GraphModule, hint: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register ``tensor`` under ``fxslice_inserted.<hint>[_N]`` and return a get_attr node for it."""
+    if not hasattr(gm, INSERTED):
+        gm.add_submodule(INSERTED, torch.nn.Module())
+    holder = getattr(gm, INSERTED)
+    base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint).strip("_") or "param"
+    name, n = base, 1
+    while hasattr(holder, name):
+        n += 1
+        name = f"{base}_{n}"
+    holder.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(f"{INSERTED}.{name}")
+    node.meta["val"] = tensor
+    return node
+
+
+def unique_parameters(module: torch.nn.Module) -> int:
+    """Number of parameter elements, counting tensors that share storage (tied weights) once."""
+    seen: set[tuple[int, int, tuple]] = set()
+    total = 0
+    for _, p in module.named_parameters(remove_duplicate=False):
+        key = (p.untyped_storage().data_ptr() if p.device.type != "meta" else id(p), p.storage_offset(), tuple(p.shape))
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+_CONST_SAFE = {
+    aten.to, aten._to_copy, aten.type_as, aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.view,
+    aten.reshape, aten.unsqueeze, aten.squeeze, aten.expand, aten.clone, aten.detach, aten.alias,
+    aten.lift_fresh_copy, aten.slice, aten.select, aten.t, aten.transpose, aten.permute, aten.contiguous,
+    aten.sqrt, aten.rsqrt, aten.pow, aten.exp, aten.scalar_tensor, aten.tensor,
+}
+
+
+def constant_value(node: Any, _memo: dict | None = None) -> torch.Tensor | float | int | None:
+    """Evaluate ``node`` if it depends only on parameters, buffers and literals; otherwise None."""
+    if not isinstance(node, fx.Node):
+        return node if isinstance(node, (int, float, bool)) or node is None else None
+    memo = {} if _memo is None else _memo
+    if node in memo:
+        return memo[node]
+    result = None
+    if node.op == "get_attr":
+        obj = get_tensor(node.graph.owning_module, node.target)
+        result = obj.detach() if isinstance(obj, torch.Tensor) else None
+    elif node.op == "call_function" and getattr(node.target, "overloadpacket", None) in _CONST_SAFE:
+        ok = True
+
+        def fold(a):
+            nonlocal ok
+            if isinstance(a, fx.Node):
+                v = constant_value(a, memo)
+                if v is None:
+                    ok = False
+                return v
+            return a
+
+        args = fx.node.map_aggregate(node.args, fold)
+        kwargs = fx.node.map_aggregate(node.kwargs, fold)
+        if ok:
+            with torch.no_grad():
+                result = node.target(*args, **kwargs)
+    memo[node] = result
+    return result
+
+
+def _keep(node: fx.Node) -> bool:
+    return node.op in ("placeholder", "output", "call_module") or node.is_impure()
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Remove unused pure nodes but keep guards and other call_module / impure nodes."""
+    gm.graph.eliminate_dead_code(is_impure_node=_keep)
+
+
+def remove_unused_attributes(gm: fx.GraphModule) -> None:
+    """Drop parameters and buffers that no get_attr node reads any more (folded norm weights …)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            owner_path, _, leaf = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            owner._parameters.pop(leaf, None)
+            owner._buffers.pop(leaf, None)
+
+
+def refresh_shapes(gm: fx.GraphModule) -> None:
+    """Re-run fake-tensor shape propagation so every ``node.meta['val']`` matches the current weights.
+
+    This is also the graph's shape check: a width that disagrees anywhere raises here, naming the node.
+    Propagation runs at the captured example sizes (static shapes): the analysis reads only feature
+    widths, which are static, and it is several times faster than symbolic propagation (which also
+    fails on some meta kernels, e.g. ``baddbmm``). The graph itself stays dynamic in batch and sequence.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        inputs = [_concrete_like(n.meta.get("val")) for n in placeholders]
+    FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
+
+
+def _concrete_like(v):
+    if not isinstance(v, torch.Tensor):
+        return v
+    shape = [s if isinstance(s, int) else int(s.node.hint) for s in v.shape]
+    return torch.zeros(shape, dtype=v.dtype, device=v.device)

@@ -1,0 +1,244 @@
+"""Saving and loading compressed models: safetensors weights plus a JSON recipe, never pickle.
+
+A saved directory holds
+
+* ``model.safetensors``: every tensor the graph reads (parameters, buffers, constants), by attribute path;
+* ``fxslice.json``: format version, library versions, the model class, the passes with their options, the
+  width of every residual state, a fingerprint of the rewritten graph and the compile report;
+* for Hugging Face models, ``config.json`` (and the tokenizer's files when one is given).
+
+``load`` rebuilds the original architecture from ``config.json`` with uninitialised weights, captures it,
+replays the structural edits (``fuse_norm``; ``rotate`` with ``KeepWeights``, so no rotation is computed;
+``slice`` with the saved widths), checks the fingerprint and assigns the saved tensors. No calibration
+data or PCA is needed and the logits are bitwise identical to the saved model's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .api import PARAMETERS_BEFORE, report
+from .capture import HF_PREFIX, capture
+from .errors import UnsupportedGraphError
+from .graph import get_tensor, set_tensor
+from .model import SlicedCausalLM, graph_module
+from .passes import FuseNorm, Rotate, Slice
+from .passes.base import LOG, RECIPE, run_passes
+from .passes.rotate import KeepWeights
+
+__all__ = ["empty_causal_lm", "load", "match_buffer_dtypes", "replay", "save"]
+
+FORMAT = 1
+RECIPE_FILE = "fxslice.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def fingerprint(gm: fx.GraphModule) -> str:
+    """sha256 of the generated code and of every tensor's name, shape and dtype."""
+    digest = hashlib.sha256(gm.code.encode())
+    for target in sorted(_tensor_targets(gm)):
+        tensor = get_tensor(gm, target)
+        digest.update(f"{target}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+    return digest.hexdigest()
+
+
+def _tensor_targets(gm: fx.GraphModule) -> list[str]:
+    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    return sorted(t for t in targets if isinstance(get_tensor(gm, t), torch.Tensor))
+
+
+def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
+    """Write ``model`` (as returned by ``fxslice.compile``) to ``directory``, atomically.
+
+    Everything is written to a temporary directory beside the target and moved into place at the end,
+    so a failure leaves no half-written directory. An existing directory is replaced only with
+    ``overwrite=True``.
+    """
+    gm = graph_module(model)
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    tensors, aliases = {}, {}
+    seen: dict[tuple, str] = {}
+    for target in _tensor_targets(gm):
+        tensor = get_tensor(gm, target).detach()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in seen:
+            aliases[target] = seen[key]  # a tied weight is stored once
+            continue
+        seen[key] = target
+        tensors[target] = tensor.to("cpu").contiguous()
+    from . import __version__
+    import transformers
+
+    recipe = {
+        "format": FORMAT,
+        "versions": {"fxslice": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "kind": "causal_lm" if isinstance(model, SlicedCausalLM) else "module",
+        "model_class": gm.meta.get("fxslice.model_class"),
+        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        "passes": gm.meta.get(RECIPE, []),
+        "widths": [s["width_after"] for s in report(model)["states"]],
+        "aliases": aliases,
+        "dtypes": {target: str(get_tensor(gm, target).dtype).removeprefix("torch.") for target in _tensor_targets(gm)},
+        "fingerprint": fingerprint(gm),
+        "parameters_before": gm.meta.get(PARAMETERS_BEFORE),
+        "log": gm.meta.get(LOG, {}),
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", "fxslice": str(FORMAT)})
+        (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
+        if isinstance(model, SlicedCausalLM):
+            model.config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _read_recipe(directory: Path) -> dict:
+    path = directory / RECIPE_FILE
+    if not directory.is_dir():
+        raise UnsupportedGraphError(f"{directory} is not a directory saved by fxslice.save")
+    if not path.is_file():
+        raise UnsupportedGraphError(f"{directory} is not an fxslice model: {path} is missing")
+    try:
+        recipe = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnsupportedGraphError(f"{path} is corrupted: {error}") from error
+    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
+        raise UnsupportedGraphError(f"{path} has format {recipe.get('format') if isinstance(recipe, dict) else '?'}; "
+                                    f"this fxslice reads format {FORMAT}")
+    return recipe
+
+
+def _replay(recipe: dict) -> list:
+    options = {p["name"]: p for p in recipe["passes"]}
+    passes: list = []
+    if "fuse_norm" in options:
+        passes.append(FuseNorm())
+    if "rotate" in options:
+        passes.append(Rotate(shared=bool(options["rotate"].get("shared")), rotation=KeepWeights(), progress=False))
+    if "slice" in options:
+        passes.append(Slice(widths=dict(enumerate(recipe["widths"]))))
+    return passes
+
+
+def _rebuild_causal_lm(directory: Path, dtype: torch.dtype):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise UnsupportedGraphError(f"{directory / 'config.json'} cannot be read: {error}") from error
+    return empty_causal_lm(config, dtype), config
+
+
+def empty_causal_lm(config: Any, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The architecture of ``config`` with uninitialised weights (allocated, never randomly initialised)."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model.to_empty(device=device).eval()
+    model.tie_weights()  # to_empty gives every parameter fresh storage; restore the config's ties
+    return model
+
+
+def match_buffer_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype], prefix: str) -> None:
+    """Give ``model``'s buffers the dtypes the saved graph read them in (e.g. float32 rotary tables in a
+    float64 model), so the graph captured from it is the same graph."""
+    for name, buffer in list(model.named_buffers()):
+        dtype = dtypes.get(prefix + name)
+        if dtype is not None and buffer.dtype != dtype:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            module._buffers[leaf] = buffer.to(dtype)
+
+
+def replay(gm: fx.GraphModule, specs: list[dict], widths: list[int]) -> None:
+    """Rebuild on ``gm`` the structure the passes in ``specs`` produced, without computing rotations."""
+    run_passes(gm, _replay({"passes": specs, "widths": widths}))
+
+
+def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, example_inputs: Any = None) -> torch.nn.Module:
+    """Load a directory written by ``fxslice.save``.
+
+    A Hugging Face causal LM is rebuilt from its ``config.json``. For any other module pass ``model``, an
+    instance of the original architecture (its weights do not matter), and the ``example_inputs`` it was
+    compiled with.
+    """
+    directory = Path(directory)
+    recipe = _read_recipe(directory)
+    dtype = getattr(torch, recipe.get("dtype", "float32"))
+    config = None
+    if recipe["kind"] == "causal_lm":
+        model, config = _rebuild_causal_lm(directory, dtype)
+        match_buffer_dtypes(model, {k: getattr(torch, v) for k, v in recipe.get("dtypes", {}).items()}, HF_PREFIX)
+    elif model is None:
+        raise UnsupportedGraphError(f"{directory} holds a compiled {recipe.get('model_class')}; pass model=<an "
+                                    "instance of that class> and example_inputs=... to fxslice.load")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            gm = capture(model, example_inputs)
+            run_passes(gm, _replay(recipe))
+        except UnsupportedGraphError as error:
+            source = directory / "config.json" if config is not None else f"the {type(model).__name__} passed in"
+            raise UnsupportedGraphError(f"cannot rebuild the saved graph from {source}: {error}") from error
+    weights_path = directory / WEIGHTS_FILE
+    try:
+        tensors = load_file(weights_path)
+    except (OSError, SafetensorError, ValueError) as error:
+        raise UnsupportedGraphError(f"{weights_path} is missing or corrupted: {error}") from error
+    for target, source in recipe.get("aliases", {}).items():
+        if source in tensors:
+            tensors[target] = tensors[source]
+    if fingerprint(gm) != recipe.get("fingerprint"):
+        raise UnsupportedGraphError(
+            f"the graph rebuilt from {directory} differs from the one saved (fingerprint mismatch); it was saved "
+            f"with {recipe.get('versions')} — load it with those versions of torch and transformers"
+        )
+    expected = _tensor_targets(gm)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise UnsupportedGraphError(f"{weights_path} lacks {len(missing)} tensors the rebuilt graph needs, e.g. {missing[:3]}")
+    for target in expected:
+        old, new = get_tensor(gm, target), tensors[target]
+        if tuple(old.shape) != tuple(new.shape):
+            raise UnsupportedGraphError(f"{weights_path}: {target} has shape {tuple(new.shape)}, the rebuilt graph "
+                                        f"needs {tuple(old.shape)}")
+    shared: dict[str, torch.Tensor] = {}
+    for target in expected:
+        source = recipe.get("aliases", {}).get(target, target)
+        shared.setdefault(source, tensors[target])
+        set_tensor(gm, target, shared[source])
+    gm.meta[LOG] = recipe.get("log", {})
+    gm.meta[PARAMETERS_BEFORE] = recipe.get("parameters_before")
+    return SlicedCausalLM(gm, config) if config is not None else gm
+

@@ -1,0 +1,107 @@
+"""What ``compile`` hands back for a Hugging Face causal LM: a module that still behaves like one.
+
+``SlicedCausalLM`` wraps the rewritten GraphModule and keeps the original ``config``: ``forward`` takes
+``input_ids`` (and an optional ``attention_mask``) and returns ``CausalLMOutputWithPast``; ``generate()``
+is transformers' own (``GenerationMixin``), and lm-eval's ``HFLM(pretrained=model, tokenizer=tok)`` accepts
+it. Inside ``generate`` the model decodes with a KV cache through a second graph (see ``fxslice.decode``):
+the prompt is prefilled once and each new token costs one single-token step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.fx as fx
+from transformers import GenerationConfig, GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+__all__ = ["SlicedCausalLM", "graph_module"]
+
+
+class SlicedCausalLM(torch.nn.Module, GenerationMixin):
+    """A compressed causal LM: the rewritten graph plus the original model's config."""
+
+    main_input_name = "input_ids"
+    _is_stateful = False
+
+    def __init__(self, graph: fx.GraphModule, config: Any):
+        super().__init__()
+        self.graph_module = graph
+        self.config = config
+        self.generation_config = GenerationConfig.from_model_config(config)
+        self.name_or_path = getattr(config, "_name_or_path", "")
+        self.kv_cache_len = 1024  # tokens (prompt + generated) the decoding graph holds; longer runs recompute
+        self._decoders: dict[int, Any] = {}
+        self._session = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.graph_module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.graph_module.parameters() if p.is_floating_point()).dtype
+
+    def train(self, mode: bool = True):
+        # The graph was captured in eval mode and cannot switch; only the flag is kept (lm-eval calls eval()).
+        self.training = mode
+        return self
+
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Weights tied in the original stay tied in the graph; nothing to do (called by lm-eval)."""
+
+    def num_parameters(self, *args, **kwargs) -> int:
+        from .graph import unique_parameters
+
+        return unique_parameters(self.graph_module)
+
+    def get_experts_implementation(self) -> dict:
+        return {}
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the KV cache lives in fxslice's decoding graph, not in a transformers Cache
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self._session is not None:
+            logits = self._session.step(input_ids, attention_mask)
+            if logits is not None:
+                return CausalLMOutputWithPast(logits=logits)
+        out = self.graph_module(input_ids=input_ids, attention_mask=attention_mask)
+        return CausalLMOutputWithPast(logits=out.logits if hasattr(out, "logits") else out[0])
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``, run with fxslice's KV-cache decoding graph where it applies."""
+        with self._incremental():
+            return super().generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _incremental(self):
+        from .decode import Session
+
+        previous, self._session = self._session, Session(self)
+        try:
+            yield
+        finally:
+            self._session = previous
+
+
+def graph_module(model: torch.nn.Module) -> fx.GraphModule:
+    """The GraphModule inside whatever ``compile`` returned."""
+    if isinstance(model, SlicedCausalLM):
+        return model.graph_module
+    if isinstance(model, fx.GraphModule):
+        return model
+    raise TypeError(f"expected a model returned by fxslice.compile; got {type(model).__name__}")

@@ -1,0 +1,187 @@
+"""fuse_norm: make every norm on a residual stream a weightless RMS norm, exactly.
+
+* LayerNorm → RMSNorm: centring is the projection ``C = I − 11ᵀ/d``; folded into every source
+  (``W_out ← W_out C``) it makes the stream zero-mean, and on a zero-mean stream LayerNorm is RMSNorm.
+* ``γ`` and ``β`` move into the linears that read the norm: ``W_in ← diag(γ) W_in``, ``b ← b + βW_in``.
+  Offset norms (``1 + w``) are the same fold, since ``γ`` is whatever constant multiplies the output.
+* A linear whose weight is shared with another op (a head tied to the embedding) keeps its weight: a
+  small linear carrying ``diag(γ)`` and ``β`` is inserted in front of it (the *bridge*, which rotate later
+  turns into ``Q_Lᵀ diag(γ) Q_0``). When the stream must be centred, the shared weight becomes ``EC``
+  and a rank-1 correction restores the mean it lost (see ``FuseNorm._bridge``): the head stays tied.
+* A norm written *into* the stream (post-norm) becomes weightless, followed by an inserted linear
+  ``diag(γ)``, ``β``: a source like any other.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..analysis.norms import Norm
+from ..analysis.ops import WeightUse, weight_use
+from ..analysis.regions import Region, Source, find_regions, parameter_uses
+from ..errors import UnsupportedGraphError, module_path
+from ..graph import add_parameter, aten, get_tensor, set_tensor, val
+from ..rewrite import emit_norm, insert_linear, multiply_axis, scale_axis
+from .base import FxslicePass, skipped_regions
+
+__all__ = ["FuseNorm", "fuse_norm"]
+
+
+def _centring(width: int) -> torch.Tensor:
+    return torch.eye(width, dtype=torch.float64) - torch.full((width, width), 1.0 / width, dtype=torch.float64)
+
+
+def _uses_by_tensor(gm: fx.GraphModule) -> dict[str, list[WeightUse]]:
+    """Weight uses per target, merging targets that name the same tensor (weights tied by aliasing)."""
+    uses = parameter_uses(gm)
+    groups: dict[int, list[WeightUse]] = defaultdict(list)
+    for target, target_uses in uses.items():
+        groups[id(get_tensor(gm, target))].extend(target_uses)
+    return {target: groups[id(get_tensor(gm, target))] for target in uses}
+
+
+def _add_bias(gm: fx.GraphModule, use: WeightUse, shift: torch.Tensor) -> None:
+    """``b ← b + shift`` on the output side of ``use``, creating the bias if it has none."""
+    if use.bias is not None:
+        bias = get_tensor(gm, use.bias)
+        set_tensor(gm, use.bias, (bias.detach().to(torch.float64) + shift).to(bias.dtype))
+        return
+    dtype = get_tensor(gm, use.weight).dtype
+    node = add_parameter(gm, f"bias_{_where(use.node)}", shift.to(dtype), before=use.node)
+    if use.kind == "linear":
+        use.node.args = (use.node.args[0], use.node.args[1], node)
+        return
+    with gm.graph.inserting_after(use.node):
+        added = gm.graph.call_function(aten.add.Tensor, (use.node, node))
+    use.node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
+
+
+def _fold(gm: fx.GraphModule, use: WeightUse, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> None:
+    side = use.input_side()
+    if beta is not None:
+        weight = get_tensor(gm, use.weight).detach().to(torch.float64)
+        if weight.dim() != 2:
+            raise UnsupportedGraphError(f"cannot fold a norm's bias into the {weight.dim()}-D weight of "
+                                        f"{use.node.format_node()}")
+        # (x + β)W = xW + βW: contract β with the weight's input axis.
+        _add_bias(gm, use, torch.movedim(weight, side.axis, -1) @ beta)
+    if gamma is not None:
+        scale_axis(gm, side, gamma)  # (x·diag(γ))W = x(diag(γ)W)
+
+
+@dataclass(frozen=True)
+class FuseNorm(FxslicePass):
+    """Fold every residual-stream norm's affine parameters into its neighbours (exact)."""
+
+    strict: bool = False
+    name = "fuse_norm"
+
+    def run(self, gm: fx.GraphModule) -> dict[str, Any]:
+        regions = find_regions(gm)
+        skipped = skipped_regions(regions, self.strict, "fuse_norm")
+        uses = _uses_by_tensor(gm)
+        record: dict[str, Any] = {"regions": [], "skipped": skipped}
+        for region in regions:
+            if region.reason():
+                continue
+            record["regions"].append(self._fuse(gm, region, uses))
+        return record
+
+    def _fuse(self, gm: fx.GraphModule, region: Region, uses: dict) -> dict[str, Any]:
+        prefix = gm.meta.get("fxslice.module_prefix", "")
+        entry: dict[str, Any] = {"region": region.index, "centred": region.needs_centring, "norms": len(region.norms),
+                                 "bridges": [], "post_norms": []}
+        conflict = _centring_conflict(region, uses)
+        if conflict:
+            entry["skipped"] = conflict
+            return entry
+        centred_sides = {side for source in region.sources for side in source.sides()}
+        for norm in region.norms:
+            for sink in (s for s in region.sinks if s.norm is norm):
+                use = sink.use
+                if len(uses.get(use.weight, ())) > 1:
+                    # The shared weight is centred only if it is also a source of this stream.
+                    self._bridge(gm, norm, use, region.needs_centring and use.input_side() in centred_sides)
+                    entry["bridges"].append(module_path(use.node, prefix))
+                    continue
+                _fold(gm, use, norm.weight, norm.bias)
+            out = emit_norm(gm, norm, "rms")
+            norm.output.replace_all_uses_with(out)
+        sources = [s for s in region.sources if s.norm is None]
+        for source in region.sources:
+            if source.norm is not None:
+                sources.append(self._post_norm(gm, source.norm))
+                entry["post_norms"].append(module_path(source.node, prefix))
+        if region.needs_centring:
+            centring = _centring(region.width)
+            for side in {side for source in sources for side in source.sides()}:
+                multiply_axis(gm, side, centring)  # W_out ← W_out C: every write to the stream is zero-mean
+        return entry
+
+    @staticmethod
+    def _bridge(gm: fx.GraphModule, norm: Norm, use: WeightUse, centred: bool) -> None:
+        """Keep a shared weight ``E`` (a tied head) and put the norm's ``γ``, ``β`` in front of it.
+
+        Without centring: ``(n∘γ + β) Eᵀ = bridge(n) Eᵀ`` with ``bridge = diag(γ)``, bias ``β``. With
+        centring the shared weight becomes ``EC``; since ``C + 11ᵀ/d = I``,
+        ``(n∘γ + β) Eᵀ = (n∘γ)(EC)ᵀ + (n·γ/d)(E1)ᵀ + βEᵀ``: the bridge carries ``diag(γ)`` and a rank-1
+        correction (``d + 2V`` parameters instead of untying ``V × d``) adds the rest.
+        """
+        width = norm.width
+        gamma = norm.weight if norm.weight is not None else torch.ones(width, dtype=torch.float64)
+        dtype = get_tensor(gm, use.weight).dtype
+        bias = norm.bias.to(dtype) if norm.bias is not None and not centred else None
+        normed = use.input
+        bridge = insert_linear(gm, normed, torch.diag(gamma).to(dtype), bias, f"bridge_{_where(use.node)}", use.node)
+        use.node.replace_input_with(normed, bridge)
+        if not centred:
+            return
+        shared = torch.movedim(get_tensor(gm, use.weight).detach().to(torch.float64), use.in_axis, -1)  # [V, d]
+        offset = shared @ norm.bias if norm.bias is not None else None
+        scale = insert_linear(gm, normed, (gamma / width).unsqueeze(0).to(dtype), None,
+                              f"mean_{_where(use.node)}", use.node)  # n ↦ n·γ/d
+        correction = insert_linear(gm, scale, shared.sum(-1, keepdim=True).to(dtype),
+                                   None if offset is None else offset.to(dtype), f"rank1_{_where(use.node)}", use.node)
+        with gm.graph.inserting_after(use.node):
+            total = gm.graph.call_function(aten.add.Tensor, (use.node, correction))
+        use.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+
+    @staticmethod
+    def _post_norm(gm: fx.GraphModule, norm: Norm) -> Source:
+        width = norm.width
+        out = emit_norm(gm, norm, norm.kind, reader=False)
+        gamma = norm.weight if norm.weight is not None else torch.ones(width, dtype=torch.float64)
+        dtype = val(norm.output).dtype
+        bias = norm.bias.to(dtype) if norm.bias is not None else None
+        linear = insert_linear(gm, out, torch.diag(gamma).to(dtype), bias, f"post_norm_{_where(norm.output)}", norm.output)
+        norm.output.replace_all_uses_with(linear)
+        return Source(linear, use=weight_use(linear))
+
+
+def _where(node: fx.Node) -> str:
+    """Inserted parameters are named after the module they serve, so every capture names them alike."""
+    return module_path(node, node.graph.owning_module.meta.get("fxslice.module_prefix", ""))
+
+
+def _centring_conflict(region: Region, uses: dict) -> str | None:
+    """Centring changes a source's weight; any other reader of that weight must be a sink we bridge."""
+    if not region.needs_centring:
+        return None
+    own = {s.node for s in region.sources} | {s.use.node for s in region.sinks if s.norm is not None}
+    for source in region.sources:
+        if source.use is None:
+            continue
+        for use in uses.get(source.use.weight, ()):
+            if use.node not in own:
+                return (f"the weight {source.use.weight} of a stream source is also read by {use.node.format_node()}, "
+                        "so the stream cannot be centred")
+    return None
+
+
+fuse_norm = FuseNorm()
+"""The ready-made instance: ``compile(model, passes=[fuse_norm, ...])``."""

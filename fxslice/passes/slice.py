@@ -1,0 +1,186 @@
+"""slice: keep the first ``k`` columns of each residual state's rotation.
+
+Sources lose output columns, sinks lose input rows, skip matrices shrink to ``k_i × k_j`` and every width
+written into the graph follows; norms keep dividing by the unsliced width. On a rotation from PCA the
+first columns are the principal directions, so what is deleted is the stream's least-used subspace.
+
+``slice(0.25)`` keeps ``k = (1 − 0.25)·d`` rounded down to a multiple of 8 in every state (SliceGPT's
+constant schedule) except those the output head reads, which keep ``d`` as in SliceGPT (``head=True``
+slices them too); ``slice(widths={state: k})`` or ``slice(widths=lambda index, d: k)`` chooses per
+state; ``slice(0.25, schedule="spectrum")`` spends the parameter budget of ``slice(0.25)`` where the PCA
+spectrum says it matters (``Slice.plan``; needs calibration data).
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.fx as fx
+
+from ..analysis.ops import weight_use
+from ..analysis.regions import State, bind_parameters, find_regions, output_heads
+from ..errors import UnsupportedGraphError
+from ..graph import get_tensor
+from ..rewrite import slice_state
+from .base import FxslicePass
+from .rotate import ROTATED_STATE, ROTATION, Rotate
+
+__all__ = ["Slice", "slice"]
+
+Widths = Mapping[int, int] | Callable[[int, int], int]
+SCHEDULES = ("constant", "spectrum")
+
+
+@dataclass(frozen=True)
+class Slice(FxslicePass):
+    """Delete the least important directions of every rotated residual state."""
+
+    ratio: float | None = None
+    widths: Widths | None = field(default=None, compare=False)
+    multiple_of: int = 8
+    schedule: str = "constant"
+    head: bool = False
+    name = "slice"
+    requires = (Rotate,)
+
+    def __post_init__(self):
+        if (self.ratio is None) == (self.widths is None):
+            raise ValueError("slice needs exactly one of ratio=… (e.g. slice(0.25)) or widths=…")
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or math.isnan(self.ratio):
+                raise ValueError(f"slice ratio must be a number in [0, 1); got {self.ratio!r}")
+            if not 0.0 <= self.ratio < 1.0:
+                raise ValueError(f"slice ratio must be in [0, 1): the fraction of each state's width to delete; "
+                                 f"got {self.ratio}")
+        if self.widths is not None and not (callable(self.widths) or isinstance(self.widths, Mapping)):
+            raise ValueError("slice widths must be a dict {state index: width} or a callable (index, width) -> width")
+        if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise ValueError(f"multiple_of must be a positive integer; got {self.multiple_of!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.schedule == "spectrum" and self.ratio is None:
+            raise ValueError("schedule='spectrum' spends the budget of a ratio: give slice(ratio, schedule='spectrum')")
+
+    def width(self, index: int, d: int) -> int:
+        """The width state ``index`` (of unsliced width ``d``) keeps."""
+        if self.widths is not None:
+            k = self.widths(index, d) if callable(self.widths) else self.widths.get(index, d)
+        elif self.ratio == 0:
+            k = d
+        else:
+            # Round down to a multiple (fast matmuls), but never below one multiple (or d, if smaller).
+            m = self.multiple_of
+            k = builtins.max(math.floor((1.0 - self.ratio) * d / m) * m, builtins.min(m, d))
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
+            raise UnsupportedGraphError(f"slice: width {k!r} for state {index} is not an integer in [1, {d}]")
+        return k
+
+    def plan(self, gm: fx.GraphModule, states: list[State], losses: list[torch.Tensor] | None = None) -> dict[int, int]:
+        """The width of every state (by index in graph order).
+
+        Unless ``head=True``, the states the output head reads keep their full width, as in SliceGPT, whose
+        head is never sliced: the state feeding the head and, for a head tied to the embedding, the
+        embedding's state (a sliced embedding would project the head onto the subspace of frequent
+        tokens). With ``schedule="spectrum"``, ``losses[i][k]`` is the fraction of state ``i``'s signal lost
+        when it keeps ``k`` directions (measured on calibration data). Starting from every state unsliced,
+        the planner repeatedly narrows (by ``multiple_of``) the state that will lose least after the cut,
+        until the parameters bound to the states (skip matrices ``k_i × k_j`` included, counted exactly)
+        are no more than with the constant schedule: it equalises the loss across states (minimising the
+        largest), instead of equalising the widths. (Minimising the *sum* of losses per parameter saved
+        was measured too and did worse on the real model of benchmarks/quality.py; see the README.)
+        """
+        pinned = set() if self.head or self.widths is not None else head_states(gm, states)
+        if len(pinned) == len(states):
+            pinned = set()  # one rotation for the whole stream (shared): the head's state is every state
+        goal = [s.width if i in pinned else self.width(i, s.width) for i, s in enumerate(states)]
+        if self.schedule == "constant":
+            return dict(enumerate(goal))
+        if losses is None:
+            raise UnsupportedGraphError(f"slice(schedule={self.schedule!r}) needs calibration data")
+        m = self.multiple_of
+        bound: dict[tuple[str, int], int] = {}
+        for i, state in enumerate(states):
+            for side, _ in state.param_axes():
+                bound[(side.target, side.axis)] = i
+        shapes = {target: tuple(get_tensor(gm, target).shape) for target, _ in bound}
+        touching: dict[int, list[str]] = {i: [] for i in range(len(states))}
+        for target, shape in shapes.items():
+            for i in {bound[(target, a)] for a in range(len(shape)) if (target, a) in bound}:
+                touching[i].append(target)
+
+        def numel(target: str, widths: list[int]) -> int:
+            return math.prod(widths[bound[(target, a)]] if (target, a) in bound else n
+                             for a, n in enumerate(shapes[target]))
+
+        widths = [s.width for s in states]
+        budget = sum(numel(t, goal) for t in shapes)
+        current = sum(numel(t, widths) for t in shapes)
+        while current > budget:
+            best = None
+            for i, k in enumerate(widths):
+                narrower = (k - 1) // m * m
+                if i in pinned or narrower < builtins.min(m, states[i].width):
+                    continue
+                trial = widths[:i] + [narrower] + widths[i + 1:]
+                saved = sum(numel(t, widths) - numel(t, trial) for t in touching[i])
+                if saved > 0:
+                    score = float(losses[i][narrower])
+                    if best is None or score < best[0]:
+                        best = (score, i, narrower, saved)
+            if best is None:
+                break
+            _, i, widths[i], saved = best
+            current -= saved
+        return dict(enumerate(widths))
+
+    def run(self, gm: fx.GraphModule) -> dict[str, Any]:
+        rotation = gm.meta.get(ROTATION, {})
+        if rotation.get("sliced_by"):
+            # A calibrated rotate already sliced each state as it went (its widths came from this pass).
+            return {"modified": False, "states": [], "note": "sliced during calibration"}
+        if self.schedule != "constant":
+            raise UnsupportedGraphError(f"slice(schedule={self.schedule!r}) reads the activations' spectrum: pass "
+                                        "calibration data to fxslice.compile (or Rotate(calibration=..., slicing=...))")
+        regions = bind_parameters(gm, find_regions(gm, shared=rotation.get("shared", False)))
+        states = _rotated_states(regions)
+        widths = self.plan(gm, states)
+        record = []
+        for index, state in enumerate(states):
+            k = widths[index]
+            record.append({"state": index, "width_before": state.width, "width_after": k})
+            slice_state(gm, state, k)
+        return {"states": record, "ratio": self.ratio}
+
+
+def _rotated_states(regions) -> list[State]:
+    states = [s for r in regions if not r.reason() for s in r.states if ROTATED_STATE in s.anchor.meta]
+    return sorted(states, key=lambda s: s.anchor.meta[ROTATED_STATE]["index"])
+
+
+def slice(  # noqa: A001
+    ratio: float | None = None,
+    *,
+    widths: Widths | None = None,
+    multiple_of: int = 8,
+    schedule: str = "constant",
+    head: bool = False,
+) -> Slice:
+    """``slice(0.25)``: the ``Slice`` pass (exported under this name and as the class ``Slice``)."""
+    return Slice(ratio=ratio, widths=widths, multiple_of=multiple_of, schedule=schedule, head=head)
+
+
+def head_states(gm: fx.GraphModule, states: list[State]) -> set[int]:
+    """Indices of the states the output head reads: through its input, or through a weight it shares."""
+    heads = output_heads(gm)
+    weights = {weight_use(h).weight for h in heads}
+    pinned = set()
+    for i, state in enumerate(states):
+        nodes = [s.node for s in state.sources] + [s.use.node for s in state.sinks]
+        if any(side.target in weights for side, _ in state.param_axes()) or any(u in heads for n in nodes for u in n.users):
+            pinned.add(i)
+    return pinned
+

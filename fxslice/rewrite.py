@@ -1,0 +1,153 @@
+"""Graph and weight edits shared by the passes. Weight math runs in float64 and is cast back.
+
+Every edit of a weight acts on one axis of one parameter (a ``ParamAxis``), which is what makes the
+passes independent of the op that reads the weight: a linear's output side is axis 0 of ``[out, in]``,
+a Conv1D's output side is axis 1 of ``[in, out]``, an embedding's is axis 1 of ``[vocab, d]``, and
+``P ×ₐ M`` (multiply axis ``a`` of ``P`` on the right by ``M``) is the one operation they all need:
+
+* output side, ``W ← WQ`` in the math's row-vector convention, is ``P ×ₐ Q`` on the output axis;
+* input side, ``W ← QᵀW``, is ``P ×ₐ Q`` on the input axis as well, since ``(xQ)(QᵀW) = xW``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from .analysis.norms import FUSED_NORM, FusedNorm, Norm
+from .analysis.ops import ParamAxis, WeightUse
+from .analysis.regions import State
+from .errors import UnsupportedGraphError
+from .graph import add_parameter, aten, get_tensor, is_op, set_tensor, val
+
+__all__ = [
+    "emit_norm",
+    "insert_linear",
+    "multiply_axis",
+    "narrow_axis",
+    "rotate_state",
+    "scale_axis",
+    "slice_state",
+    "strip_casts",
+]
+
+
+def multiply_axis(gm: fx.GraphModule, side: ParamAxis, matrix: torch.Tensor) -> None:
+    """``P ×ₐ M``: axis ``a`` of the parameter (size m) becomes ``(… m) @ M`` (size ``M.shape[1]``)."""
+    tensor = get_tensor(gm, side.target)
+    wide = torch.movedim(tensor.detach().to(torch.float64), side.axis, -1) @ matrix.to(torch.float64)
+    set_tensor(gm, side.target, torch.movedim(wide, -1, side.axis).to(tensor.dtype).contiguous())
+
+
+def scale_axis(gm: fx.GraphModule, side: ParamAxis, vector: torch.Tensor) -> None:
+    """``P ×ₐ diag(v)``, without building the diagonal matrix."""
+    tensor = get_tensor(gm, side.target)
+    shape = [1] * tensor.dim()
+    shape[side.axis] = -1
+    scaled = tensor.detach().to(torch.float64) * vector.to(torch.float64).reshape(shape)
+    set_tensor(gm, side.target, scaled.to(tensor.dtype).contiguous())
+
+
+def narrow_axis(gm: fx.GraphModule, side: ParamAxis, width: int) -> None:
+    """Keep the first ``width`` entries of the axis: the principal directions after rotation."""
+    tensor = get_tensor(gm, side.target)
+    set_tensor(gm, side.target, tensor.detach().narrow(side.axis, 0, width).clone())
+
+
+def strip_casts(node: fx.Node) -> fx.Node:
+    """The value before any dtype casts, so fxslice never computes a norm in a lower precision."""
+    while is_op(node, aten.to, aten._to_copy, aten.type_as) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _copy_meta(new: fx.Node, like: fx.Node) -> None:
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            new.meta[key] = like.meta[key]
+
+
+def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype, like: fx.Node) -> fx.Node:
+    if val(node) is not None and val(node).dtype == dtype:
+        return node
+    cast = graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+    _copy_meta(cast, like)
+    return cast
+
+
+def emit_norm(gm: fx.GraphModule, norm: Norm, kind: str, reader: bool = True) -> fx.Node:
+    """Insert the weightless form of ``norm`` before its output and return the new output node.
+
+    ``kind="rms"``: ``x / sqrt(Σx²/d + eps)``, tagged with the width ``d`` it must keep dividing by once
+    the stream is sliced (``reader``: it reads a residual stream). ``kind="layer"``: ``layer_norm`` without affine parameters. Computed in at least
+    float32 and at least the precision of the stream itself; cast to the original output dtype.
+    """
+    graph = gm.graph
+    source = strip_casts(norm.input)
+    compute = torch.promote_types(val(source).dtype, torch.float32)
+    with graph.inserting_before(norm.output):
+        x = _cast(graph, source, compute, norm.output)
+        if kind == "rms":
+            y = graph.call_function(aten.rms_norm.default, (x, [norm.width], None, norm.eps))
+            if reader:
+                y.meta[FUSED_NORM] = FusedNorm(norm.width, norm.eps)
+        else:
+            y = graph.call_function(aten.layer_norm.default, (x, [norm.width], None, None, norm.eps))
+        _copy_meta(y, norm.output)
+        out = _cast(graph, y, val(norm.output).dtype, norm.output)
+    return out
+
+
+def insert_linear(
+    gm: fx.GraphModule, x: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None, hint: str, like: fx.Node
+) -> fx.Node:
+    """Insert ``linear(x, weight, bias)`` right after ``x``'s definition point, before ``like``."""
+    w = add_parameter(gm, hint + "_weight", weight, before=like)
+    b = add_parameter(gm, hint + "_bias", bias, before=like) if bias is not None else None
+    with gm.graph.inserting_before(like):
+        node = gm.graph.call_function(aten.linear.default, (x, w) if b is None else (x, w, b))
+    _copy_meta(node, like)
+    return node
+
+
+def rotate_state(gm: fx.GraphModule, state: State, rotation: torch.Tensor) -> None:
+    """Fold ``Q`` into every weight axis bound to ``state``: sources ``W ← WQ``, sinks ``W ← QᵀW``."""
+    for side, _ in state.param_axes():
+        multiply_axis(gm, side, rotation)
+
+
+def slice_state(gm: fx.GraphModule, state: State, width: int) -> None:
+    """Keep the first ``width`` directions of a rotated state.
+
+    Sources lose output columns and sinks input rows; widths written into the graph follow. Each norm
+    that reads the state keeps dividing by the unsliced width ``d``: with ``rms_k`` over ``k`` features,
+    ``x / sqrt(Σx²/d + eps) = sqrt(d/k) · rms_k(x; eps·d/k)``, so the norm gets ``eps·d/k`` and its sinks
+    absorb the factor ``sqrt(d/k)``.
+    """
+    if width == state.width:
+        return
+    for side, _ in state.param_axes():
+        narrow_axis(gm, side, width)
+    for literal in state.literals:
+        args = list(literal.node.args)
+        shape = list(args[literal.arg])
+        shape[literal.index] = width
+        args[literal.arg] = shape
+        literal.node.args = tuple(args)
+    scaled = set()
+    for norm in state.norms:
+        if norm.fused is None:
+            raise UnsupportedGraphError(f"cannot slice a stream read by a norm that fuse_norm has not rewritten: "
+                                        f"{norm.output.format_node()}")
+        (node,) = norm.readers
+        node.args = (node.args[0], [width], None, norm.fused.eps * norm.fused.width / width)
+        for sink in state.sinks:
+            side = sink.use.input_side()
+            if sink.norm is norm and side not in scaled:
+                scaled.add(side)
+                tensor = get_tensor(gm, side.target)
+                # rms over d = sqrt(d/k) · rms over k (with eps·d/k): the sink takes the factor.
+                scale_axis(gm, side, torch.full((tensor.shape[side.axis],), math.sqrt(norm.fused.width / width),
+                                                dtype=torch.float64))

@@ -1,0 +1,167 @@
+"""Calibration: PCA rotations are exact at slice(0), sequential (each state's final activations are
+decorrelated), mask-aware, dtype-agnostic; bad calibration input fails before any work."""
+
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+import fxslice
+from conftest import relative_error
+from fxslice import CalibrationError, Rotate, fuse_norm, rotate, slice
+from fxslice.calibrate import check_calibration, flat_inputs
+from fxslice.passes.rotate import ROTATED_STATE
+from hf_zoo import tiny_model
+from strategies import Arch, TinyLM, example_ids
+
+ARCH = Arch(width=32, heads=4, kv_heads=2, depth=2, norm="layer", bias=True, tied=True, learned_pos=True)
+
+
+def batches(arch=ARCH, n=3, batch=4, length=12):
+    return [{"input_ids": example_ids(arch, batch, length, seed=10 + i)} for i in range(n)]
+
+
+def compile_quietly(model, passes, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxslice.compile(model, passes, **kwargs)
+
+
+@pytest.mark.parametrize("passes", [[fuse_norm, rotate, slice(0.0)], [fuse_norm, Rotate(shared=True)]], ids=["per-state", "shared"])
+def test_pca_rotation_without_slicing_is_exact(passes):
+    model = TinyLM(ARCH).double().eval()
+    compiled = compile_quietly(model, passes, example_inputs=(example_ids(ARCH),), calibration=batches())
+    ids = example_ids(ARCH, 3, 9, seed=99)
+    assert relative_error(compiled(ids), model(ids)) <= 1e-9
+    report = fxslice.report(compiled)
+    assert report["rotation"]["q"] == "pca"
+    assert all(s["kept_variance"] == pytest.approx(1.0) for s in report["states"])
+
+
+def anchor_values(gm, data):
+    """The value at every rotated state's anchor, per calibration batch, in the final model."""
+    anchors = {n: n.meta[ROTATED_STATE]["index"] for n in gm.graph.nodes if ROTATED_STATE in n.meta}
+    seen = {i: [] for i in anchors.values()}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in anchors:
+                seen[anchors[n]].append(out.detach())
+            return out
+
+    for batch in data:
+        Recorder(gm).run(*flat_inputs(gm, (), batch))
+    return seen
+
+
+def test_calibration_is_sequential_each_final_state_is_decorrelated():
+    # If every state's Q came from the activations of the model as it finally is (earlier states
+    # already rotated and sliced), the final activations at each state are exactly decorrelated with
+    # descending variances: QₖᵀHQₖ = diag(λ₁ … λₖ).
+    model = TinyLM(ARCH).double().eval()
+    data = batches()
+    compiled = compile_quietly(model, [fuse_norm, rotate, slice(0.25)], example_inputs=(example_ids(ARCH),),
+                               calibration=data)
+    values = anchor_values(compiled, data)
+    assert len(values) == 5
+    for index, xs in values.items():
+        x = torch.cat([v.reshape(-1, v.shape[-1]) for v in xs]).double()
+        h = x.T @ x
+        diagonal = torch.diagonal(h)
+        assert h.shape[0] == 24 or index in (0, 4)  # the head's states keep their width
+        off = (h - torch.diag(diagonal)).abs().max()
+        assert off <= 1e-8 * diagonal.max(), f"state {index}: off-diagonal {off:.3g} vs {diagonal.max():.3g}"
+        assert torch.all(diagonal[:-1] >= diagonal[1:] * (1 - 1e-9)), f"state {index}: variances not descending"
+
+
+def test_padding_tokens_do_not_change_the_rotation():
+    model = tiny_model("llama", torch.float64)
+    # Enough real tokens (8 × 40) for a full-rank covariance of width 64, so the PCA is well defined.
+    ids = torch.randint(0, 100, (8, 40), generator=torch.Generator().manual_seed(1))
+    plain = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    junk = torch.randint(0, 100, (8, 6), generator=torch.Generator().manual_seed(2))
+    padded_ids = torch.cat([ids, junk], dim=1)  # right padding: causal attention keeps real tokens intact
+    padded = [{"input_ids": padded_ids, "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros_like(junk)], 1)}]
+    test = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(3))
+    a = compile_quietly(model, [fuse_norm, rotate, slice(0.25)], calibration=plain)(input_ids=test).logits
+    b = compile_quietly(model, [fuse_norm, rotate, slice(0.25)], calibration=padded)(input_ids=test).logits
+    assert relative_error(b, a) <= 1e-6
+    unmasked = [{"input_ids": padded_ids}]
+    c = compile_quietly(model, [fuse_norm, rotate, slice(0.25)], calibration=unmasked)(input_ids=test).logits
+    assert relative_error(c, a) > 1e-3, "the junk tokens should change the rotation when they are not masked"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_models_calibrate(dtype):
+    model = tiny_model("llama", dtype)
+    data = [{"input_ids": torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    exact = compile_quietly(model, [fuse_norm, rotate, slice(0.0)], calibration=data)
+    sliced = compile_quietly(model, [fuse_norm, rotate, slice(0.25)], calibration=data)
+    test = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(9))
+    reference = model(input_ids=test).logits
+    out = exact(input_ids=test).logits
+    assert out.dtype == dtype and torch.isfinite(sliced(input_ids=test).logits).all()
+    assert relative_error(out, reference) <= (1e-4 if dtype == torch.float32 else 5e-2)
+    assert next(sliced.graph_module.parameters()).dtype == dtype
+
+
+def test_dataset_and_dataloader_calibration_give_the_same_result():
+    model = TinyLM(ARCH).double().eval()
+    data = batches(n=2)
+    rows = torch.cat([b["input_ids"] for b in data])
+    dataset = Dataset.from_dict({"input_ids": rows.tolist()})
+    loader = DataLoader([{"input_ids": r} for r in rows], batch_size=4)
+    ids = example_ids(ARCH, 2, 5, seed=7)
+    results = [compile_quietly(model, [fuse_norm, rotate, slice(0.25)], example_inputs=(example_ids(ARCH),),
+                               calibration=c)(ids) for c in (data, dataset, loader)]
+    assert relative_error(results[1], results[0]) <= 1e-9 and relative_error(results[2], results[0]) <= 1e-9
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([], "empty"),
+        ([{"ids": torch.zeros(2, 4, dtype=torch.long)}], "keys"),
+        ([{"input_ids": torch.zeros(4, dtype=torch.long)}], "2-D integer"),
+        ([{"input_ids": torch.zeros(2, 4)}], "2-D integer"),
+        ([{"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.full((2, 4), float("nan"))}], "NaN"),
+        ([{"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 3)}], "does not match"),
+        ("some text", "calibration_batches"),
+    ],
+)
+def test_bad_calibration_fails_before_any_work(bad, message):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CalibrationError, match=message):
+        fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=bad)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_plain_module_batches_are_checked_against_its_signature():
+    with pytest.raises(CalibrationError, match="does not match"):
+        check_calibration([{"tokens": torch.zeros(1, 2, dtype=torch.long)}], TinyLM(ARCH))
+    assert check_calibration([example_ids(ARCH)], TinyLM(ARCH))[0][0][0].shape == (2, 7)
+
+
+def test_spectrum_schedule_keeps_the_budget_and_the_head_states():
+    model = TinyLM(Arch(width=64, heads=4, depth=3, tied=True)).eval()
+    data = [{"input_ids": example_ids(Arch(), 8, 32, seed=s)} for s in range(2)]
+    results = {}
+    for schedule in ("constant", "spectrum"):
+        compiled = compile_quietly(model, [fuse_norm, rotate, slice(0.25, schedule=schedule)],
+                                   example_inputs=(example_ids(Arch()),), calibration=data)
+        results[schedule] = fxslice.report(compiled)
+    constant, spectrum = results["constant"], results["spectrum"]
+    assert spectrum["parameters"]["after"] <= constant["parameters"]["after"]
+    widths = [s["width_after"] for s in spectrum["states"]]
+    assert widths[0] == widths[-1] == 64  # the embedding and the final state feed the (tied) head
+    assert all(w % 8 == 0 and 8 <= w <= 64 for w in widths)
+
+
+def test_spectrum_schedule_without_calibration_is_an_error():
+    with pytest.raises(fxslice.UnsupportedGraphError, match="calibration"):
+        compile_quietly(TinyLM(ARCH), [fuse_norm, rotate, slice(0.25, schedule="spectrum")],
+                        example_inputs=(example_ids(ARCH),))

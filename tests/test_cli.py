@@ -1,0 +1,66 @@
+"""The command line: slice, eval, generate, inspect; bad input is one line on stderr and nothing written."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+VALID = pathlib.Path(__file__).resolve().parent.parent / "data" / "wikitext-2" / "valid.txt"
+
+
+def fxslice(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "fxslice", *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def sliced_dir(tiny_hf_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "sliced"
+    result = fxslice("slice", tiny_hf_dir, "--ratio", "0.25", "--calibration", VALID, "--samples", "8",
+                     "--seq-len", "32", "--out", out)
+    assert "saved to" in result.stdout
+    return out
+
+
+def test_slice_writes_a_loadable_directory_with_tokenizer(sliced_dir):
+    names = {p.name for p in sliced_dir.iterdir()}
+    assert {"fxslice.json", "model.safetensors", "config.json", "tokenizer.json"} <= names
+
+
+def test_eval_prints_a_perplexity(sliced_dir):
+    result = fxslice("eval", sliced_dir, "--text", VALID, "--seq-len", "32", "--max-windows", "4")
+    assert float(result.stdout.split()[-1]) > 1.0
+
+
+def test_generate_continues_the_prompt(sliced_dir):
+    result = fxslice("generate", sliced_dir, "the first", "--max-new-tokens", "5")
+    assert result.stdout.startswith("the first") and len(result.stdout.split()) == 7
+
+
+def test_inspect_lists_states_and_skips(tiny_hf_dir):
+    summary = json.loads(fxslice("inspect", tiny_hf_dir).stdout)
+    (region,) = summary["regions"]
+    assert region["rotatable"] and len(region["states"]) == 9 and region["skip_edges"] == 8
+    assert region["states"][0]["after"] == "model.embed_tokens"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["slice", "{model}", "--ratio", "1.5", "--calibration", VALID, "--out", "{out}"], "must be in [0, 1)"),
+    (["slice", "{model}", "--ratio", "0.25", "--calibration", "missing.txt", "--out", "{out}"], "file not found"),
+    (["slice", "{tmp}", "--ratio", "0.25", "--calibration", VALID, "--out", "{out}"], "not a model directory"),
+    (["eval", "{tmp}", "--text", VALID], "not an fxslice model"),
+    (["generate", "{model}", "hello"], "not an fxslice model"),
+    (["inspect", "{tmp}/nowhere"], "not found"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, arguments, message):
+    out = tmp_path / "out"
+    filled = [str(a).format(model=tiny_hf_dir, out=out, tmp=tmp_path) for a in arguments]
+    result = fxslice(*filled, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2  # argparse adds a usage line
+    assert not out.exists()

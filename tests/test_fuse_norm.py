@@ -1,0 +1,79 @@
+"""fuse_norm is exact: LayerNorm → RMSNorm by centring, γ/β folded into the linears that read the norm."""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given
+
+import fxslice
+from fxslice import fuse_norm
+from fxslice.analysis import find_norms
+from helpers import compile_and_compare, ops
+from strategies import Arch, architectures
+
+aten = torch.ops.aten
+
+
+@given(architectures())
+def test_fuse_norm_preserves_logits(arch):
+    _, error = compile_and_compare(arch, [fuse_norm])
+    assert error <= 1e-9, f"relative logit error {error:.3g} after fuse_norm on {arch}"
+
+
+@given(architectures())
+def test_every_stream_norm_becomes_weightless_rms(arch):
+    gm, _ = compile_and_compare(arch, [fuse_norm])
+    norms = find_norms(gm)
+    readers = [n for n in norms if n.fused is not None]
+    # Pre-norms of each block (2 per block) and the final norm read the stream.
+    assert len(readers) == 2 * arch.depth + 1
+    assert all(n.kind == "rms" and n.weight is None and n.bias is None for n in readers)
+    if arch.norm == "layer" and not arch.post_norms and not arch.embed_norm:
+        assert not ops(gm, aten.layer_norm), "a LayerNorm survived on the stream"
+    # Post-norms stay weightless norms of their own input, each followed by one inserted linear.
+    post = [n for n in norms if n.fused is None]
+    assert len(post) == (2 * arch.depth if arch.post_norms else 0) + arch.embed_norm
+    assert all(n.weight is None and n.bias is None for n in post)
+
+
+@given(architectures())
+def test_fuse_norm_with_a_tied_head_and_a_norm_on_the_embeddings(arch):
+    # The shared embedding is then not a stream source: it must not be treated as centred.
+    arch = dataclasses.replace(arch, tied=True, embed_norm=True)
+    _, error = compile_and_compare(arch, [fuse_norm])
+    assert error <= 1e-9, f"relative logit error {error:.3g} after fuse_norm on {arch}"
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_tied_head_stays_tied_behind_a_bridge(norm):
+    # With LayerNorm the shared embedding is centred (E ← EC); a rank-1 correction keeps the head exact.
+    arch = Arch(norm=norm, tied=True, bias=True)
+    gm, error = compile_and_compare(arch, [fuse_norm])
+    report = fxslice.report(gm)
+    entry = report["fuse_norm"]["regions"][0]
+    assert error <= 1e-9 and entry["bridges"] == ["head"] and entry["centred"] == (norm == "layer")
+    (embedding,) = ops(gm, aten.embedding)
+    head = [n for n in ops(gm, aten.linear) if n.args[1].target == embedding.args[0].target]
+    assert len(head) == 1, "the head no longer shares the embedding's weight"
+    # bridge d×d (+ d bias), and for LayerNorm the correction: d + V weights and V biases.
+    added = arch.width ** 2 + (arch.width + 2 * arch.vocab if norm == "layer" else arch.width)
+    removed = (4 if norm == "layer" else 2) * arch.depth * arch.width + 2 * arch.width
+    assert report["parameters"]["after"] - report["parameters"]["before"] <= added - removed + 4 * arch.width * arch.depth
+
+
+def test_norm_weights_are_removed_from_the_module():
+    arch = Arch(norm="layer", bias=True)
+    gm, _ = compile_and_compare(arch, [fuse_norm])
+    names = [name for name, _ in gm.named_parameters()]
+    assert not [n for n in names if "norm" in n], names
+
+
+def test_fuse_norm_does_not_modify_the_original_model():
+    from helpers import tiny
+
+    model = tiny(Arch(norm="layer", bias=True, tied=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fxslice.compile(model, [fuse_norm], example_inputs=(torch.zeros(2, 4, dtype=torch.long),))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -1,0 +1,83 @@
+"""A compressed causal LM is still a Hugging Face model: generate() (with the KV-cache graph) and lm-eval."""
+
+import warnings
+
+import pytest
+import torch
+
+import fxslice
+from conftest import word_tokenizer
+from fxslice import fuse_norm, rotate, slice
+from hf_zoo import tiny_model
+
+CALIBRATION = [{"input_ids": torch.randint(0, 100, (4, 24), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+
+
+def compressed(name="llama", dtype=torch.float64, passes=(fuse_norm, rotate, slice(0.25))):
+    model = tiny_model(name, dtype)
+    model.generation_config.eos_token_id = None  # generate the full length
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, fxslice.compile(model, list(passes), calibration=CALIBRATION)
+
+
+def argmax_chain(model, ids, steps):
+    for _ in range(steps):
+        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_greedy_generate_is_the_argmax_chain_of_its_own_logits(name):
+    _, sliced = compressed(name)
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3))
+    out = sliced.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, argmax_chain(sliced, ids, 10))
+    assert sliced._decoders.get(1) is not None, "generate did not use the KV-cache decoding graph"
+
+
+def test_generate_with_left_padding_and_a_batch():
+    _, sliced = compressed()
+    ids = torch.randint(2, 100, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    out = sliced.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    for row in range(2):  # each row as if alone and unpadded
+        alone = ids[row : row + 1, mask[row].bool()]
+        assert torch.equal(out[row, -5:], argmax_chain(sliced, alone, 5)[0, -5:])
+
+
+def test_generate_matches_the_original_when_nothing_is_sliced():
+    model, rotated = compressed(passes=(fuse_norm, rotate))
+    ids = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(rotated.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
+def test_model_keeps_config_device_dtype_and_counts_parameters():
+    model, sliced = compressed()
+    assert sliced.config is model.config and sliced.device.type == "cpu" and sliced.dtype == torch.float64
+    assert sliced.num_parameters() == fxslice.report(sliced)["parameters"]["after"]
+    assert sliced.eval() is sliced  # lm-eval calls eval(); the graph is always in eval mode
+
+
+def test_lm_eval_hflm_scores_like_the_original():
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -e '.[eval]'")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    tokenizer = word_tokenizer(128)
+    model, rotated = compressed(passes=(fuse_norm, rotate))
+    model.config.eos_token_id = rotated.config.eos_token_id = 1
+    requests = [Instance("loglikelihood", {}, ("the cat", " of the"), 0),
+                Instance("loglikelihood", {}, ("in a", " new"), 1)]
+    generation = [Instance("generate_until", {}, ("the first", {"until": ["<eos>"], "max_gen_toks": 6}), 0)]
+    results = {}
+    for name, m in (("original", model), ("fxslice", rotated)):
+        lm = HFLM(pretrained=m, tokenizer=tokenizer, batch_size=2)
+        results[name] = (lm.loglikelihood(requests), lm.generate_until(generation))
+    for (a, _), (b, _) in zip(results["original"][0], results["fxslice"][0]):
+        assert a == pytest.approx(b, abs=1e-6)
+    assert results["original"][1] == results["fxslice"][1]
+    assert lm_eval is not None

@@ -1,0 +1,111 @@
+"""save / load: safetensors + JSON recipe, atomic writes, bitwise-identical reload in a fresh process."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fxslice
+from fxslice import UnsupportedGraphError, fuse_norm, rotate, slice
+from hf_zoo import tiny_model
+from strategies import Arch, TinyLM, example_ids
+
+CALIBRATION = [{"input_ids": torch.randint(0, 100, (4, 24), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = tiny_model("gpt2")  # LayerNorm, tied head, Conv1D: the most rewriting
+    compiled = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=CALIBRATION)
+    directory = tmp_path_factory.mktemp("saved") / "model"
+    fxslice.save(compiled, directory)
+    torch.save(compiled(input_ids=IDS).logits, directory.parent / "logits.pt")  # reference for the child process
+    return compiled, directory
+
+
+def test_directory_holds_weights_recipe_and_config_and_no_pickle(saved):
+    _, directory = saved
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "fxslice.json", "model.safetensors"]
+    recipe = json.loads((directory / "fxslice.json").read_text())
+    assert [p["name"] for p in recipe["passes"]] == ["fuse_norm", "rotate", "slice"]
+    assert len(recipe["widths"]) == 9 and recipe["kind"] == "causal_lm" and len(recipe["fingerprint"]) == 64
+    assert not list(directory.parent.glob(".model.partial-*")), "a staging directory was left behind"
+
+
+def test_reload_in_a_fresh_process_is_bitwise_identical_without_calibration(saved):
+    _, directory = saved
+    code = textwrap.dedent(f"""
+        import torch, fxslice
+        model = fxslice.load({str(directory)!r})
+        ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(5))
+        assert torch.equal(model(input_ids=ids).logits, torch.load({str(directory.parent / 'logits.pt')!r}))
+        assert fxslice.report(model)["rotation"]["q"] == "pca"
+        print("identical")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "identical" in result.stdout, result.stderr[-2000:]
+
+
+def test_loaded_model_reports_the_same(saved):
+    compiled, directory = saved
+    loaded = fxslice.load(directory)
+    assert fxslice.report(loaded)["states"] == fxslice.report(compiled)["states"]
+    assert fxslice.report(loaded)["parameters"] == fxslice.report(compiled)["parameters"]
+
+
+def test_existing_directory_is_kept_unless_overwrite(saved, tmp_path):
+    compiled, _ = saved
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        fxslice.save(compiled, target)
+    assert (target / "keep.txt").read_text() == "mine"
+    fxslice.save(compiled, target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "fxslice.json").exists()
+
+
+def test_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):
+    compiled, _ = saved
+    import fxslice.io
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fxslice.io, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        fxslice.save(compiled, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "model.safetensors"),
+    (lambda d: (d / "fxslice.json").write_text("{not json"), "fxslice.json is corrupted"),
+    (lambda d: (d / "fxslice.json").unlink(), "fxslice.json is missing"),
+    (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32})), "differs|config"),
+])
+def test_damaged_directories_name_the_file(saved, tmp_path, damage, message):
+    import shutil
+
+    _, directory = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    damage(copy)
+    with pytest.raises(UnsupportedGraphError, match=message):
+        fxslice.load(copy)
+
+
+def test_plain_module_needs_its_class_to_load(tmp_path):
+    arch = Arch(width=32, heads=4, depth=2, tied=True)
+    model = TinyLM(arch).eval()
+    compiled = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], example_inputs=(example_ids(arch),))
+    fxslice.save(compiled, tmp_path / "m")
+    with pytest.raises(UnsupportedGraphError, match="pass model="):
+        fxslice.load(tmp_path / "m")
+    loaded = fxslice.load(tmp_path / "m", model=TinyLM(arch, seed=7), example_inputs=(example_ids(arch),))
+    ids = example_ids(arch, 3, 5, seed=2)
+    assert torch.equal(loaded(ids), compiled(ids))

@@ -1,0 +1,58 @@
+"""rotate is exact: per-state and shared rotations, skip matrices Q_iᵀQ_j, orthogonal Q."""
+
+import pytest
+import torch
+from hypothesis import given
+
+import fxslice
+from fxslice import Rotate, fuse_norm, rotate
+from fxslice.graph import INSERTED
+from fxslice.passes import random_orthogonal
+from helpers import compile_and_compare
+from strategies import Arch, architectures
+
+
+@given(architectures())
+def test_rotate_preserves_logits(arch):
+    _, error = compile_and_compare(arch, [fuse_norm, rotate])
+    assert error <= 1e-9, f"relative logit error {error:.3g} after rotate on {arch}"
+
+
+@given(architectures())
+def test_shared_rotation_preserves_logits_and_inserts_no_skip(arch):
+    gm, error = compile_and_compare(arch, [fuse_norm, Rotate(shared=True, seed=5)])
+    assert error <= 1e-9, f"relative logit error {error:.3g} after shared rotate on {arch}"
+    report = fxslice.report(gm)
+    assert report["rotation"]["skip_matrices"] == 0 and len(report["states"]) == 1
+
+
+@pytest.mark.parametrize("width", [3, 4, 17, 64])
+def test_random_rotation_is_orthogonal(width):
+    q = random_orthogonal(width, seed=3)
+    assert torch.allclose(q.T @ q, torch.eye(width, dtype=torch.float64), atol=1e-12)
+    assert not torch.allclose(q, torch.eye(width, dtype=torch.float64))
+
+
+def test_skip_matrices_are_products_of_orthogonal_matrices():
+    arch = Arch(depth=3, width=16, heads=2)
+    gm, error = compile_and_compare(arch, [fuse_norm, rotate])
+    skips = {n: p for n, p in getattr(gm, INSERTED).named_parameters() if n.startswith("skip")}
+    # Sequential blocks: one skip per residual add, two adds per block.
+    assert len(skips) == 2 * arch.depth and error <= 1e-9
+    for name, s in skips.items():
+        s = s.double()
+        assert torch.allclose(s @ s.T, torch.eye(16, dtype=torch.float64), atol=1e-12), name
+        assert not torch.allclose(s, torch.eye(16, dtype=torch.float64)), f"{name} was never rotated"
+
+
+def test_states_follow_the_residual_adds():
+    sequential = fxslice.report(compile_and_compare(Arch(depth=2), [fuse_norm, rotate])[0])
+    parallel = fxslice.report(compile_and_compare(Arch(depth=2, parallel=True), [fuse_norm, rotate])[0])
+    # Embedding + one state per add (sequential) or per block (parallel: x + attn + mlp is one state).
+    assert len(sequential["states"]) == 5 and sequential["rotation"]["skip_matrices"] == 4
+    assert len(parallel["states"]) == 3 and parallel["rotation"]["skip_matrices"] == 2
+
+
+def test_rotate_in_float32_is_close():
+    _, error = compile_and_compare(Arch(norm="layer", bias=True, depth=3), [fuse_norm, rotate], dtype=torch.float32)
+    assert error <= 1e-4, error
