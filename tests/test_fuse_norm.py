@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 
 import fxslice
-from fxslice import fuse_norm
+from fxslice import fuse_norm, rotate, slice
 from fxslice.analysis import find_norms
 from helpers import compile_and_compare, ops
 from strategies import Arch, architectures
@@ -26,14 +26,16 @@ def test_every_stream_norm_becomes_weightless_rms(arch):
     gm, _ = compile_and_compare(arch, [fuse_norm])
     norms = find_norms(gm)
     readers = [n for n in norms if n.fused is not None]
-    # Pre-norms of each block (2 per block) and the final norm read the stream.
-    assert len(readers) == 2 * arch.depth + 1
+    # Pre-norms of each block (2 per block) and the final norm read the stream; a norm on the sum of token
+    # and position embeddings reads a stream too (that sum is a residual add).
+    embeddings_stream = arch.embed_norm and arch.learned_pos
+    assert len(readers) == 2 * arch.depth + 1 + embeddings_stream
     assert all(n.kind == "rms" and n.weight is None and n.bias is None for n in readers)
     if arch.norm == "layer" and not arch.post_norms and not arch.embed_norm:
         assert not ops(gm, aten.layer_norm), "a LayerNorm survived on the stream"
     # Post-norms stay weightless norms of their own input, each followed by one inserted linear.
     post = [n for n in norms if n.fused is None]
-    assert len(post) == (2 * arch.depth if arch.post_norms else 0) + arch.embed_norm
+    assert len(post) == (2 * arch.depth if arch.post_norms else 0) + (arch.embed_norm and not embeddings_stream)
     assert all(n.weight is None and n.bias is None for n in post)
 
 
@@ -77,3 +79,15 @@ def test_fuse_norm_does_not_modify_the_original_model():
     fxslice.compile(model, [fuse_norm], example_inputs=(torch.zeros(2, 4, dtype=torch.long),))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_norm_on_summed_embeddings_reads_one_stream_and_writes_the_next(tied):
+    # embed + pos is a residual add, so the embedding norm reads stream 0 and writes stream 1: both are
+    # centred and rotated; a tied head (a sink of stream 1) shares the weight centred in stream 0.
+    arch = Arch(width=8, heads=2, depth=2, norm="layer", learned_pos=True, embed_norm=True, tied=tied)
+    gm, error = compile_and_compare(arch, [fuse_norm, rotate, slice(0.0)])
+    assert error <= 1e-9, f"relative logit error {error:.3g}"
+    entries = fxslice.report(gm)["fuse_norm"]["regions"]
+    assert [e["centred"] for e in entries] == [True, True]
+    assert entries[1]["bridges"] == (["head"] if tied else [])

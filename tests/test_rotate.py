@@ -23,7 +23,9 @@ def test_shared_rotation_preserves_logits_and_inserts_no_skip(arch):
     gm, error = compile_and_compare(arch, [fuse_norm, Rotate(shared=True, seed=5)])
     assert error <= 1e-9, f"relative logit error {error:.3g} after shared rotate on {arch}"
     report = fxslice.report(gm)
-    assert report["rotation"]["skip_matrices"] == 0 and len(report["states"]) == 1
+    # One state per residual stream (an embedding norm starts a second stream after the embeddings).
+    assert report["rotation"]["skip_matrices"] == 0
+    assert len(report["states"]) == len(report["fuse_norm"]["regions"]) == 1 + (arch.embed_norm and arch.learned_pos)
 
 
 @pytest.mark.parametrize("width", [3, 4, 17, 64])

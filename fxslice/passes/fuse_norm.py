@@ -8,8 +8,10 @@
   small linear carrying ``diag(γ)`` and ``β`` is inserted in front of it (the *bridge*, which rotate later
   turns into ``Q_Lᵀ diag(γ) Q_0``). When the stream must be centred, the shared weight becomes ``EC``
   and a rank-1 correction restores the mean it lost (see ``FuseNorm._bridge``): the head stays tied.
-* A norm written *into* the stream (post-norm) becomes weightless, followed by an inserted linear
-  ``diag(γ)``, ``β``: a source like any other.
+* A norm written *into* the stream (a post-norm, or a norm on the embeddings) becomes weightless,
+  followed by an inserted linear ``diag(γ)``, ``β``: a source like any other. This runs first, to a
+  fixed point, because that linear is also what lets the stream the norm *reads* be fused: its output
+  then goes only into a linear.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import torch
 import torch.fx as fx
 
 from ..analysis.norms import Norm
-from ..analysis.ops import WeightUse, weight_use
-from ..analysis.regions import Region, Source, find_regions, parameter_uses
+from ..analysis.ops import WeightUse
+from ..analysis.regions import Region, find_regions, parameter_uses
 from ..errors import UnsupportedGraphError, module_path
-from ..graph import add_parameter, aten, get_tensor, set_tensor, val
+from ..graph import add_parameter, aten, eliminate_dead_code, get_tensor, refresh_shapes, set_tensor, val
 from ..rewrite import emit_norm, insert_linear, multiply_axis, scale_axis
 from .base import FxslicePass, skipped_regions
 
@@ -82,46 +84,49 @@ class FuseNorm(FxslicePass):
     name = "fuse_norm"
 
     def run(self, gm: fx.GraphModule) -> dict[str, Any]:
+        post_norms = self._norm_sources_to_linears(gm)
         regions = find_regions(gm)
         skipped = skipped_regions(regions, self.strict, "fuse_norm")
         uses = _uses_by_tensor(gm)
-        record: dict[str, Any] = {"regions": [], "skipped": skipped}
-        for region in regions:
-            if region.reason():
-                continue
-            record["regions"].append(self._fuse(gm, region, uses))
+        record: dict[str, Any] = {"regions": [], "skipped": skipped, "post_norms": post_norms}
+        fusable = [r for r in regions if not r.reason()]
+        bridged = {s.use.node for r in fusable for s in r.sinks if s.norm is not None}
+        conflicts = {r.index: _centring_conflict(r, uses, bridged) for r in fusable}
+        fused = [r for r in fusable if not conflicts[r.index]]
+        # Every weight axis that centring changes; a shared weight read through a bridge needs the
+        # rank-1 correction when *any* stream centres it (an embedding tied to the head of a later stream).
+        centred_sides = {side for r in fused if r.needs_centring for source in r.sources for side in source.sides()}
+        prefix = gm.meta.get("fxslice.module_prefix", "")
+        for region in fusable:
+            entry = {"region": region.index, "centred": region.needs_centring and region in fused,
+                     "norms": len(region.norms), "bridges": []}
+            if conflicts[region.index]:
+                entry["skipped"] = conflicts[region.index]
+            else:
+                entry["bridges"] = [module_path(node, prefix) for node in self._fold_norms(gm, region, uses, centred_sides)]
+            record["regions"].append(entry)
+        # Centring last: the bridges above read the shared weights before ``C`` changes them.
+        for region in fused:
+            if region.needs_centring:
+                centring = _centring(region.width)
+                for side in {side for source in region.sources for side in source.sides()}:
+                    multiply_axis(gm, side, centring)  # W_out ← W_out C: every write to the stream is zero-mean
         return record
 
-    def _fuse(self, gm: fx.GraphModule, region: Region, uses: dict) -> dict[str, Any]:
-        prefix = gm.meta.get("fxslice.module_prefix", "")
-        entry: dict[str, Any] = {"region": region.index, "centred": region.needs_centring, "norms": len(region.norms),
-                                 "bridges": [], "post_norms": []}
-        conflict = _centring_conflict(region, uses)
-        if conflict:
-            entry["skipped"] = conflict
-            return entry
-        centred_sides = {side for source in region.sources for side in source.sides()}
+    def _fold_norms(self, gm: fx.GraphModule, region: Region, uses: dict, centred_sides: set) -> list[fx.Node]:
+        """Fold each norm's γ, β into the linears reading it (or bridge a shared one); return the bridged."""
+        bridged = []
         for norm in region.norms:
             for sink in (s for s in region.sinks if s.norm is norm):
                 use = sink.use
                 if len(uses.get(use.weight, ())) > 1:
-                    # The shared weight is centred only if it is also a source of this stream.
-                    self._bridge(gm, norm, use, region.needs_centring and use.input_side() in centred_sides)
-                    entry["bridges"].append(module_path(use.node, prefix))
+                    self._bridge(gm, norm, use, use.input_side() in centred_sides)
+                    bridged.append(use.node)
                     continue
                 _fold(gm, use, norm.weight, norm.bias)
             out = emit_norm(gm, norm, "rms")
             norm.output.replace_all_uses_with(out)
-        sources = [s for s in region.sources if s.norm is None]
-        for source in region.sources:
-            if source.norm is not None:
-                sources.append(self._post_norm(gm, source.norm))
-                entry["post_norms"].append(module_path(source.node, prefix))
-        if region.needs_centring:
-            centring = _centring(region.width)
-            for side in {side for source in sources for side in source.sides()}:
-                multiply_axis(gm, side, centring)  # W_out ← W_out C: every write to the stream is zero-mean
-        return entry
+        return bridged
 
     @staticmethod
     def _bridge(gm: fx.GraphModule, norm: Norm, use: WeightUse, centred: bool) -> None:
@@ -151,8 +156,23 @@ class FuseNorm(FxslicePass):
             total = gm.graph.call_function(aten.add.Tensor, (use.node, correction))
         use.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
 
+    def _norm_sources_to_linears(self, gm: fx.GraphModule) -> list[str]:
+        """Give every norm written into a transformable stream its linear; repeat until none is left."""
+        prefix = gm.meta.get("fxslice.module_prefix", "")
+        done: list[str] = []
+        while True:
+            pending = [s.norm for r in find_regions(gm) if not r.reason() for s in r.sources if s.norm is not None]
+            if not pending:
+                return done
+            for norm in pending:
+                done.append(module_path(norm.output, prefix))
+                self._post_norm(gm, norm)
+            eliminate_dead_code(gm)
+            gm.recompile()
+            refresh_shapes(gm)  # the analysis reads every node's shape and dtype
+
     @staticmethod
-    def _post_norm(gm: fx.GraphModule, norm: Norm) -> Source:
+    def _post_norm(gm: fx.GraphModule, norm: Norm) -> None:
         width = norm.width
         out = emit_norm(gm, norm, norm.kind, reader=False)
         gamma = norm.weight if norm.weight is not None else torch.ones(width, dtype=torch.float64)
@@ -160,7 +180,6 @@ class FuseNorm(FxslicePass):
         bias = norm.bias.to(dtype) if norm.bias is not None else None
         linear = insert_linear(gm, out, torch.diag(gamma).to(dtype), bias, f"post_norm_{_where(norm.output)}", norm.output)
         norm.output.replace_all_uses_with(linear)
-        return Source(linear, use=weight_use(linear))
 
 
 def _where(node: fx.Node) -> str:
@@ -168,11 +187,11 @@ def _where(node: fx.Node) -> str:
     return module_path(node, node.graph.owning_module.meta.get("fxslice.module_prefix", ""))
 
 
-def _centring_conflict(region: Region, uses: dict) -> str | None:
+def _centring_conflict(region: Region, uses: dict, bridged: set) -> str | None:
     """Centring changes a source's weight; any other reader of that weight must be a sink we bridge."""
     if not region.needs_centring:
         return None
-    own = {s.node for s in region.sources} | {s.use.node for s in region.sinks if s.norm is not None}
+    own = {s.node for s in region.sources} | bridged
     for source in region.sources:
         if source.use is None:
             continue

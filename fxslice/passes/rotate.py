@@ -14,6 +14,7 @@ data), each state is sliced right after its rotation, so the next state's PCA se
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -21,7 +22,7 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.fx as fx
 
-from ..analysis.regions import SKIP_EDGE, State, bind_parameters, find_regions
+from ..analysis.regions import SKIP_EDGE, Blocker, Region, State, bind_parameters, find_regions
 from ..errors import UnsupportedGraphError, module_path
 from ..graph import refresh_shapes, val
 from ..rewrite import insert_linear, rotate_state, slice_state
@@ -97,13 +98,16 @@ class Rotate(FxslicePass):
 
         return PCARotation(self.calibration, shared=self.shared, progress=self.progress)
 
+    def _regions(self, gm: fx.GraphModule) -> list[Region]:
+        return bind_parameters(gm, [_require_fused(r) for r in find_regions(gm, shared=self.shared)])
+
     def run(self, gm: fx.GraphModule) -> dict[str, Any]:
-        regions = bind_parameters(gm, find_regions(gm, shared=self.shared))
+        regions = self._regions(gm)
         skipped = skipped_regions(regions, self.strict, "rotate")
         skips = 0 if self.shared else _insert_skips(gm, [r for r in regions if not r.reason()])
         if skips:
             refresh_shapes(gm)
-            regions = bind_parameters(gm, find_regions(gm, shared=self.shared))
+            regions = self._regions(gm)
         states = sorted((s for r in regions if not r.reason() for s in r.states), key=_graph_order(gm))
         index = {state: i for i, state in enumerate(states)}
         prefix = gm.meta.get("fxslice.module_prefix", "")
@@ -176,3 +180,14 @@ def _insert_skips(gm: fx.GraphModule, regions) -> int:
 
 rotate = Rotate()
 """The ready-made instance: ``compile(model, passes=[fuse_norm, rotate, ...])``."""
+
+
+def _require_fused(region: Region) -> Region:
+    """A stream is rotated only if fuse_norm made all its norms weightless RMS norms: ``rms(xQ) = rms(x)Q``."""
+    unfused = [n for n in region.norms if n.fused is None]
+    if region.reason() or not unfused:
+        return region
+    blocker = Blocker(unfused[0].output, "this stream's norm still has its own scale or subtracts the mean, so it "
+                      "does not commute with a rotation", "run fuse_norm before rotate; its log says why it left "
+                      "this stream unchanged")
+    return dataclasses.replace(region, blockers=region.blockers + (blocker,))
