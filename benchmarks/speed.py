@@ -1,7 +1,7 @@
 """Speed and size of sliced SmolLM2-135M-Instruct against the dense model, on this machine's CPU.
 
     python benchmarks/speed.py                       # the table in the README (about 15 minutes on 2 cores)
-    python benchmarks/speed.py --rows dense 0.25 --no-compile
+    python benchmarks/speed.py --rows dense 0.25 --compile-rows
 
 Per row: total parameters (every one, inserted matrices included), prefill latency for 1×512 and 8×128
 tokens (median of --repeats runs after one warm-up), greedy decode tokens/s (batch 1, a 32-token prompt,
@@ -65,7 +65,7 @@ def measure(spec: str, model, tokenizer, args) -> dict:
            for shape in ((1, 512), (8, 128))}
     row: dict = {"row": spec, "parameters": parameters(model)}
     for shape, x in ids.items():
-        row[f"prefill_{shape[0]}x{shape[1]}_s"] = median_seconds(lambda: model(input_ids=x), args.repeats)
+        row[f"prefill_{shape[0]}x{shape[1]}_s"] = median_seconds(lambda: model(input_ids=x, use_cache=False), args.repeats)
     prompt = ids[(1, 512)][:, :32]
 
     def decode():
@@ -73,11 +73,12 @@ def measure(spec: str, model, tokenizer, args) -> dict:
                        min_new_tokens=args.new_tokens, do_sample=False)
 
     row["decode_tok_s"] = args.new_tokens / median_seconds(decode, max(1, args.repeats // 2))
-    if args.compile:
+    if spec in args.compile_rows:
         forward = model.graph_module if hasattr(model, "graph_module") else model
+        dense_only = {} if hasattr(model, "graph_module") else {"use_cache": False}
         compiled = torch.compile(forward, dynamic=False)
         for shape, x in ids.items():
-            call = (lambda x=x: compiled(input_ids=x, attention_mask=torch.ones_like(x)))
+            call = (lambda x=x: compiled(input_ids=x, attention_mask=torch.ones_like(x), **dense_only))
             start = time.perf_counter()
             call()
             row[f"compile_{shape[0]}x{shape[1]}_s"] = time.perf_counter() - start
@@ -90,7 +91,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=ROWS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile-rows", nargs="*", default=["dense", "0.25"],
+                        help="rows also measured after torch.compile (inductor compiles for minutes on 2 cores)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -106,11 +108,13 @@ def main() -> None:
         return "" if dense is None or r is dense else f" ({r[key] / dense[key]:.2f}×)"
 
     command = "python benchmarks/speed.py" + ("" if args.rows == ROWS else " --rows " + " ".join(repr(r) for r in args.rows))
-    command += "" if args.compile else " --no-compile"
+    if args.compile_rows != ["dense", "0.25"]:
+        command += " --compile-rows " + " ".join(repr(r) for r in args.compile_rows)
+    compiled = bool(args.compile_rows)
     print(f"<!-- {machine()}, CPU, command: {command} -->")
     header = "| configuration | parameters | prefill 1×512 | prefill 8×128 | decode tokens/s |"
     line = "|---|---|---|---|---|"
-    if args.compile:
+    if compiled:
         header += " compiled prefill 1×512 | compiled prefill 8×128 |"
         line += "---|---|"
     print(header)
@@ -120,9 +124,9 @@ def main() -> None:
         for key in ("prefill_1x512_s", "prefill_8x128_s"):
             cells.append(f"{r[key] * 1e3:.0f} ms{vs(r, key)}")
         cells.append(f"{r['decode_tok_s']:.1f}{vs(r, 'decode_tok_s')}")
-        if args.compile:
+        if compiled:
             for key in ("compiled_prefill_1x512_s", "compiled_prefill_8x128_s"):
-                cells.append(f"{r[key] * 1e3:.0f} ms{vs(r, key)}")
+                cells.append(f"{r[key] * 1e3:.0f} ms{vs(r, key)}" if key in r else "not measured")
         print("| " + " | ".join(cells) + " |")
 
 

@@ -34,11 +34,26 @@ __all__ = [
 ]
 
 
+_CHUNK = 1 << 22
+"""Elements of float64 work per step of ``multiply_axis``: bounds the transient memory of big weights
+(a 49152 × 576 embedding is 226 MB in float64; rotating it whole would hold two such copies at once)."""
+
+
 def multiply_axis(gm: fx.GraphModule, side: ParamAxis, matrix: torch.Tensor) -> None:
-    """``P ×ₐ M``: axis ``a`` of the parameter (size m) becomes ``(… m) @ M`` (size ``M.shape[1]``)."""
-    tensor = get_tensor(gm, side.target)
-    wide = torch.movedim(tensor.detach().to(torch.float64), side.axis, -1) @ matrix.to(torch.float64)
-    set_tensor(gm, side.target, torch.movedim(wide, -1, side.axis).to(tensor.dtype).contiguous())
+    """``P ×ₐ M``: axis ``a`` of the parameter (size m) becomes ``(… m) @ M`` (size ``M.shape[1]``).
+
+    Computed in float64, a block of rows at a time, and stored in the parameter's dtype.
+    """
+    tensor = get_tensor(gm, side.target).detach()
+    moved = torch.movedim(tensor, side.axis, -1)
+    rows = moved.reshape(-1, moved.shape[-1])
+    wide = matrix.to(device=tensor.device, dtype=torch.float64)
+    out = torch.empty(rows.shape[0], wide.shape[1], dtype=tensor.dtype, device=tensor.device)
+    step = max(1, _CHUNK // max(wide.shape))
+    for start in range(0, rows.shape[0], step):
+        out[start : start + step] = rows[start : start + step].to(torch.float64) @ wide
+    result = out.reshape(*moved.shape[:-1], wide.shape[1])
+    set_tensor(gm, side.target, torch.movedim(result, -1, side.axis).contiguous())
 
 
 def scale_axis(gm: fx.GraphModule, side: ParamAxis, vector: torch.Tensor) -> None:
