@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
-__all__ = ["Session", "build_decoder"]
+__all__ = ["Session", "build_decoder", "cache_length"]
 
 
 class _CachedCausalLMCall(torch.nn.Module):
@@ -51,15 +51,26 @@ class _CachedCausalLMCall(torch.nn.Module):
                           past_key_values=self.cache, use_cache=True).logits
 
 
-def build_decoder(compressed: Any, batch_size: int) -> fx.GraphModule:
-    """The decoding graph for ``compressed`` (a ``SlicedCausalLM``) at ``batch_size``."""
+def cache_length(needed: int, limit: int) -> int:
+    """The static cache to build for ``needed`` tokens: a power of two from 128, at most ``limit``.
+
+    Every decoding step attends over the whole static cache, so a cache sized to the generation (not to
+    the limit) keeps short generations fast; powers of two bound how many graphs are built.
+    """
+    length = 128
+    while length < needed + 1:
+        length *= 2
+    return min(length, limit)
+
+
+def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModule:
+    """The decoding graph for ``compressed`` (a ``SlicedCausalLM``) at ``batch_size``, caching ``length`` tokens."""
     from .capture import HF_PREFIX, export_graph
     from .graph import get_tensor, set_tensor
     from .io import _tensor_targets, empty_causal_lm, match_buffer_dtypes, replay
     from .passes.base import LOG, RECIPE
 
     gm = compressed.graph_module
-    length = compressed.kv_cache_len
     base = empty_causal_lm(compressed.config, compressed.dtype)
     match_buffer_dtypes(base, {t: get_tensor(gm, t).dtype for t in _tensor_targets(gm)}, HF_PREFIX)
     module = _CachedCausalLMCall(base, batch_size, length)
@@ -123,26 +134,29 @@ class Session:
     cache holds, reordered beams) falls back to recomputing the whole sequence with the compressed graph.
     """
 
-    def __init__(self, compressed: Any):
+    def __init__(self, compressed: Any, needed: int | None = None):
         self.compressed = compressed
+        limit = compressed.kv_cache_len
+        self.length = cache_length(needed, limit) if needed is not None else limit
         self.seen: torch.Tensor | None = None
         self.decoder: fx.GraphModule | None = None
 
     def _decoder(self, batch: int) -> fx.GraphModule | None:
         decoders = self.compressed._decoders
-        if batch not in decoders:
+        key = (batch, self.length)
+        if key not in decoders:
             try:
-                decoders[batch] = build_decoder(self.compressed, batch)
+                decoders[key] = build_decoder(self.compressed, batch, self.length)
             except Exception as error:  # decoding still works without a cache; say so once
                 warnings.warn(f"fxslice: no KV-cache decoding for this model ({type(error).__name__}: {error}); "
                               "generate() recomputes the whole sequence at every step", stacklevel=4)
-                decoders[batch] = None
-        return decoders[batch]
+                decoders[key] = None
+        return decoders[key]
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         batch, length = input_ids.shape
-        if length >= self.compressed.kv_cache_len or attention_mask.shape != input_ids.shape:
+        if length >= self.length or attention_mask.shape != input_ids.shape:
             self.seen = None
             return None
         device = input_ids.device

@@ -32,8 +32,8 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
         self.config = config
         self.generation_config = GenerationConfig.from_model_config(config)
         self.name_or_path = getattr(config, "_name_or_path", "")
-        self.kv_cache_len = 1024  # tokens (prompt + generated) the decoding graph holds; longer runs recompute
-        self._decoders: dict[int, Any] = {}
+        self.kv_cache_len = 1024  # most tokens (prompt + generated) a decoding graph holds; longer runs recompute
+        self._decoders: dict[tuple[int, int], Any] = {}  # (batch, cache length) -> decoding graph
         self._session = None
 
     @property
@@ -84,18 +84,31 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
     @torch.no_grad()
     def generate(self, *args, **kwargs):
         """transformers' ``generate``, run with fxslice's KV-cache decoding graph where it applies."""
-        with self._incremental():
+        with self._incremental(_tokens_needed(self, args, kwargs)):
             return super().generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _incremental(self):
+    def _incremental(self, needed: int | None):
         from .decode import Session
 
-        previous, self._session = self._session, Session(self)
+        previous, self._session = self._session, Session(self, needed)
         try:
             yield
         finally:
             self._session = previous
+
+
+def _tokens_needed(model: SlicedCausalLM, args: tuple, kwargs: dict) -> int | None:
+    """Prompt plus new tokens of a ``generate`` call, when it says (None: use the largest cache)."""
+    ids = args[0] if args else kwargs.get("input_ids")
+    config = kwargs.get("generation_config") or model.generation_config
+    if not isinstance(ids, torch.Tensor):
+        return None
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is not None:
+        return ids.shape[-1] + int(new)
+    total = kwargs.get("max_length", getattr(config, "max_length", None))
+    return int(total) if total is not None else None
 
 
 def graph_module(model: torch.nn.Module) -> fx.GraphModule:
