@@ -96,14 +96,13 @@ class FuseNorm(FxslicePass):
         # Every weight axis that centring changes; a shared weight read through a bridge needs the
         # rank-1 correction when *any* stream centres it (an embedding tied to the head of a later stream).
         centred_sides = {side for r in fused if r.needs_centring for source in r.sources for side in source.sides()}
-        prefix = gm.meta.get("fxslice.module_prefix", "")
         for region in fusable:
             entry = {"region": region.index, "centred": region.needs_centring and region in fused,
                      "norms": len(region.norms), "bridges": []}
             if conflicts[region.index]:
                 entry["skipped"] = conflicts[region.index]
             else:
-                entry["bridges"] = [module_path(node, prefix) for node in self._fold_norms(gm, region, uses, centred_sides)]
+                entry["bridges"] = [_where(node) for node in self._fold_norms(gm, region, uses, centred_sides)]
             record["regions"].append(entry)
         # Centring last: the bridges above read the shared weights before ``C`` changes them.
         for region in fused:
@@ -158,14 +157,13 @@ class FuseNorm(FxslicePass):
 
     def _norm_sources_to_linears(self, gm: fx.GraphModule) -> list[str]:
         """Give every norm written into a transformable stream its linear; repeat until none is left."""
-        prefix = gm.meta.get("fxslice.module_prefix", "")
         done: list[str] = []
         while True:
             pending = [s.norm for r in find_regions(gm) if not r.reason() for s in r.sources if s.norm is not None]
             if not pending:
                 return done
             for norm in pending:
-                done.append(module_path(norm.output, prefix))
+                done.append(_where(norm.output))
                 self._post_norm(gm, norm)
             eliminate_dead_code(gm)
             gm.recompile()
