@@ -1,14 +1,16 @@
 """Quality, size, time and memory of slicing a real model: SmolLM2-135M-Instruct on WikiText-2.
 
-    python benchmarks/quality.py                 # the whole table (about 25 minutes on 2 cores)
+    python benchmarks/quality.py                 # the whole table (about an hour on 2 cores)
     python benchmarks/quality.py --rows dense "0.25 constant"
 
 Protocol (issue 3): calibration on 64 windows × 512 tokens drawn from valid.txt with seed 42; evaluation on
 the first 64 non-overlapping 512-token windows of test.txt; float32 weights, PCA in float64, widths
-rounded down to multiples of 8. Every row runs in its own process, so its peak memory is its own. Rows
-run with MALLOC_MMAP_THRESHOLD_=1048576: glibc then returns freed tensors to the OS at once, so the
-peak RSS measures memory in use rather than what the allocator kept after frees (with the default,
-the 0.25 row shows about 1.0 GiB added instead of 0.8 GiB).
+rounded down to multiples of 8. Every row runs in two processes of its own. The first, with the
+allocator's defaults, times the compression and measures perplexity. The second only compresses, with
+MALLOC_MMAP_THRESHOLD_=1048576, and measures the peak RSS: glibc then returns freed tensors to the OS at
+once, so the peak is memory in use rather than what the allocator kept after frees (with the default the
+0.25 row shows about 1.0 GiB added instead of 0.8 GiB). That setting costs every large allocation fresh
+page faults, which slows compression by about a third, so it is kept out of the timed run.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class PeakRSS:
         self.peak = max(self.peak, self.now())
 
 
-def one_row(spec: str, samples: int, seq_len: int, windows: int) -> dict:
+def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = False) -> dict:
+    """One row: time and perplexity, or (``memory``) only the peak RSS of the compression."""
     import torch
 
     import fxslice
@@ -94,17 +97,19 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int) -> dict:
     ratio, schedule = float(words[0]), words[1]
     rotation = Rotate(shared="shared" in words, progress=False)
     passes = [fuse_norm, rotation, slice(ratio, schedule=schedule, head="head" in words)]
-    before = PeakRSS.now()
+    if memory:
+        before = PeakRSS.now()
+        with PeakRSS() as rss:
+            compressed = fxslice.compile(model, passes, calibration=calibration)
+        row["peak_rss_added"] = rss.peak - before
+        row["compressed_weight_bytes"] = sum(p.numel() * p.element_size() for p in compressed.parameters())
+        row["residual_activation_bytes"] = samples * seq_len * model.config.hidden_size * 4
+        return row
     start = time.perf_counter()
-    with PeakRSS() as rss:
-        compressed = fxslice.compile(model, passes, calibration=calibration)
+    compressed = fxslice.compile(model, passes, calibration=calibration)
     row["compress_s"] = time.perf_counter() - start
     report = fxslice.report(compressed)
     row["eigh_s"] = report["rotation"]["eigh_s"]
-    row["peak_rss_added"] = rss.peak - before
-    row["compressed_weight_bytes"] = sum(p.numel() * p.element_size() for p in compressed.parameters())
-    d = model.config.hidden_size
-    row["residual_activation_bytes"] = samples * seq_len * d * 4
     row["parameters"] = report["parameters"]["after"]
     row["widths"] = [s["width_after"] for s in report["states"]]
     row["perplexity"] = perplexity(compressed, tokenizer, TEST, seq_len, max_windows=windows)
@@ -118,17 +123,22 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_row(args.one, args.samples, args.seq_len, args.windows)), flush=True)
+        print(json.dumps(one_row(args.one, args.samples, args.seq_len, args.windows, args.memory)), flush=True)
         return
+
+    def run(spec: str, memory: bool) -> dict:
+        command = [sys.executable, __file__, "--one", spec, "--samples", str(args.samples),
+                   "--seq-len", str(args.seq_len), "--windows", str(args.windows)] + (["--memory"] if memory else [])
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"} if memory else dict(os.environ)
+        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
     results = []
     for spec in args.rows:
-        command = [sys.executable, __file__, "--one", spec, "--samples", str(args.samples),
-                   "--seq-len", str(args.seq_len), "--windows", str(args.windows)]
-        env = {"MALLOC_MMAP_THRESHOLD_": "1048576", **os.environ}
-        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        results.append(run(spec, memory=False) | ({} if spec == "dense" else run(spec, memory=True)))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     dense = next((r for r in results if r["row"] == "dense"), None)
     print(f"<!-- {machine()}, CPU, "

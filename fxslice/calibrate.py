@@ -26,8 +26,14 @@ from tqdm.auto import tqdm
 from .analysis.regions import State
 from .errors import CalibrationError
 from .graph import get_tensor
+from .rewrite import scale_normed_sinks
 
-__all__ = ["Batch", "PCARotation", "check_calibration", "flat_inputs", "pca"]
+__all__ = ["RESCALE_EXPONENT", "Batch", "PCARotation", "check_calibration", "flat_inputs", "pca"]
+
+RESCALE_EXPONENT = 8.0
+"""After a state is sliced, the sinks of the norms reading it are multiplied by ``mean(r)^-8``, where
+``r = ‖x Q_k‖ / ‖x‖`` per calibration token (``slice(..., rescale=True)``; 8 was the best of
+0, 1, 2, 4, 8, 11, 16 on validation text: README, "Rescaling")."""
 
 Batch = tuple[tuple, dict]
 """One calibration batch as positional and keyword model inputs."""
@@ -185,13 +191,25 @@ class _Sweep:
                 del env[node]
         self.cursor = end + 1
 
-    def transform(self, nodes: frozenset, matrix: torch.Tensor) -> None:
-        """Cached values of ``nodes`` (a state, in its unrotated basis) become ``x @ matrix``."""
-        for env in self.envs:
+    def transform(self, nodes: frozenset, matrix: torch.Tensor, anchor: fx.Node | None = None) -> float:
+        """Cached values of ``nodes`` (a state, in its unrotated basis) become ``x @ matrix``.
+
+        Returns the mean over real tokens of ``‖x @ matrix‖ / ‖x‖`` at ``anchor`` (1.0 if it is not cached).
+        """
+        kept, tokens = 0.0, 0
+        for env, mask in zip(self.envs, self.masks):
             for node in [n for n in env if n in nodes]:
                 x = env[node]
                 compute = torch.promote_types(x.dtype, torch.float32)
-                env[node] = (x.to(compute) @ matrix.to(device=x.device, dtype=compute)).to(x.dtype)
+                y = x.to(compute) @ matrix.to(device=x.device, dtype=compute)
+                if node is anchor:
+                    ratio = (y.norm(dim=-1) / x.to(compute).norm(dim=-1).clamp_min(torch.finfo(compute).tiny)).reshape(-1)
+                    if mask is not None and mask.numel() == ratio.numel():
+                        ratio = ratio[mask.reshape(-1).to(ratio.device).bool()]
+                    kept += float(ratio.double().sum())
+                    tokens += ratio.numel()
+                env[node] = y.to(x.dtype)
+        return kept / tokens if tokens else 1.0
 
 
 class _Covariance:
@@ -222,10 +240,12 @@ class PCARotation:
     accumulates one covariance over every value the norms of a stream read, then rotates the stream once.
     """
 
-    def __init__(self, batches: list[Batch], shared: bool = False, progress: bool = True):
+    def __init__(self, batches: list[Batch], shared: bool = False, progress: bool = True, rescale: float = 0.0):
         self.batches = batches
         self.shared = shared
         self.progress = progress
+        self.rescale = rescale
+        self.gains: dict[State, float] = {}
         self.pca = _Timed()
 
     @property
@@ -257,7 +277,12 @@ class PCARotation:
             sweep.run_until(state.anchor, covariance)
             values, rotation = self.pca(covariance.h)
             width = apply(state, rotation, values)
-            sweep.transform(state.nodes, rotation[:, :width])
+            kept = sweep.transform(state.nodes, rotation[:, :width], state.anchor)
+            if self.rescale and width < state.width:
+                # The norms now see x Q_k, each token with a fraction r = ‖x Q_k‖ / ‖x‖ of its length;
+                # their sinks are multiplied by mean(r)^-RESCALE_EXPONENT (see fxslice.passes.slice).
+                self.gains[state] = kept**-self.rescale
+                scale_normed_sinks(gm, state, self.gains[state])
 
     def _run_shared(self, gm: fx.GraphModule, states: list[State], apply) -> None:
         reads = {s: sorted({n.input for n in s.norms}, key=list(gm.graph.nodes).index) for s in states}

@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--schedule", choices=["constant", "spectrum"], default="constant")
     s.add_argument("--shared", action="store_true", help="one rotation per stream: no skip matrices")
     s.add_argument("--slice-head", action="store_true", help="also slice the states the output head reads")
+    s.add_argument("--no-rescale", action="store_true", help="do not rescale the norms' sinks after slicing "
+                   "(slice(..., rescale=False); SliceGPT's behaviour)")
     s.add_argument("--out", required=True, help="directory to write the sliced model to")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
@@ -111,7 +113,8 @@ def _slice(args) -> None:
     print(f"loaded {args.model}; calibrating on {args.samples} windows of {args.seq_len} tokens", file=sys.stderr)
     batches = calibration_batches(tokenizer, args.calibration, args.samples, args.seq_len, args.batch_size, args.seed)
     start = time.perf_counter()
-    passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.slice_head)]
+    passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.slice_head,
+                                                             rescale=not args.no_rescale)]
     sliced = fxslice.compile(model, passes, calibration=batches)
     report = fxslice.report(sliced)
     fxslice.save(sliced, out, tokenizer=tokenizer, overwrite=args.overwrite)

@@ -29,6 +29,7 @@ __all__ = [
     "narrow_axis",
     "rotate_state",
     "scale_axis",
+    "scale_normed_sinks",
     "slice_state",
     "strip_casts",
 ]
@@ -151,18 +152,23 @@ def slice_state(gm: fx.GraphModule, state: State, width: int) -> None:
         shape[literal.index] = width
         args[literal.arg] = shape
         literal.node.args = tuple(args)
-    scaled = set()
     for norm in state.norms:
         if norm.fused is None:
             raise UnsupportedGraphError(f"cannot slice a stream read by a norm that fuse_norm has not rewritten: "
                                         f"{norm.output.format_node()}")
         (node,) = norm.readers
         node.args = (node.args[0], [width], None, norm.fused.eps * norm.fused.width / width)
-        for sink in state.sinks:
-            side = sink.use.input_side()
-            if sink.norm is norm and side not in scaled:
-                scaled.add(side)
-                tensor = get_tensor(gm, side.target)
-                # rms over d = sqrt(d/k) · rms over k (with eps·d/k): the sink takes the factor.
-                scale_axis(gm, side, torch.full((tensor.shape[side.axis],), math.sqrt(norm.fused.width / width),
-                                                dtype=torch.float64))
+        # rms over d = sqrt(d/k) · rms over k (with eps·d/k): the norm's sinks take the factor.
+        scale_normed_sinks(gm, state, math.sqrt(norm.fused.width / width), norm)
+
+
+def scale_normed_sinks(gm: fx.GraphModule, state: State, factor: float, norm: Norm | None = None) -> None:
+    """Multiply the input side of every sink that reads ``state`` through a norm (only ``norm``'s, if
+    given) by ``factor``: the same as scaling that norm's output."""
+    scaled = set()
+    for sink in state.sinks:
+        side = sink.use.input_side()
+        if sink.norm is not None and (norm is None or sink.norm is norm) and side not in scaled:
+            scaled.add(side)
+            tensor = get_tensor(gm, side.target)
+            scale_axis(gm, side, torch.full((tensor.shape[side.axis],), factor, dtype=torch.float64))

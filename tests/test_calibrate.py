@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 import fxslice
 from conftest import relative_error
 from fxslice import CalibrationError, Rotate, fuse_norm, rotate, slice
-from fxslice.calibrate import check_calibration, flat_inputs
+from fxslice.calibrate import RESCALE_EXPONENT, check_calibration, flat_inputs
 from fxslice.passes.rotate import ROTATED_STATE
 from hf_zoo import tiny_model
 from strategies import Arch, TinyLM, example_ids
@@ -165,3 +165,30 @@ def test_spectrum_schedule_without_calibration_is_an_error():
     with pytest.raises(fxslice.UnsupportedGraphError, match="calibration"):
         compile_quietly(TinyLM(ARCH), [fuse_norm, rotate, slice(0.25, schedule="spectrum")],
                         example_inputs=(example_ids(ARCH),))
+
+
+def test_rescale_multiplies_the_first_sliced_states_normed_sinks_by_its_gain():
+    # State 0 (embedding, read by the tied head) keeps its width, so state 1 is the first one sliced and
+    # gets the same Q with or without rescaling. Its norm's sinks (block 0's MLP) differ by exactly the
+    # reported gain, and the gain is mean(r)^-RESCALE_EXPONENT with r = ‖x Q_k‖ / ‖x‖ per token, measured from
+    # the final activations of an unsliced (‖x Q‖ = ‖x‖) and a sliced compilation.
+    model = TinyLM(ARCH).double().eval()
+    data = batches()
+    compiled = {name: compile_quietly(model, [fuse_norm, rotate, s], example_inputs=(example_ids(ARCH),), calibration=data)
+                for name, s in [("full", slice(0.0)), ("plain", slice(0.25, rescale=False)), ("rescaled", slice(0.25))]}
+    states = fxslice.report(compiled["rescaled"])["states"]
+    assert [s["state"] for s in states if "norm_gain" in s] == [1, 2, 3]  # the sliced ones
+    assert all("norm_gain" not in s for s in fxslice.report(compiled["plain"])["states"])
+    full, sliced = anchor_values(compiled["full"], data)[1], anchor_values(compiled["plain"], data)[1]
+    r = torch.cat([(s.norm(dim=-1) / f.norm(dim=-1)).reshape(-1) for s, f in zip(sliced, full)])
+    gain = states[1]["norm_gain"]
+    assert gain == pytest.approx(float(r.mean()) ** -RESCALE_EXPONENT, rel=1e-9)
+    assert gain > 1.0
+    plain, rescaled = compiled["plain"].state_dict(), compiled["rescaled"].state_dict()
+    for name in [n for n in plain if n.endswith(("blocks.0.mlp.up.weight", "blocks.0.mlp.gate.weight"))] or [None]:
+        assert name is not None, sorted(plain)
+        torch.testing.assert_close(rescaled[name], gain * plain[name], rtol=1e-12, atol=0)
+    upstream = [n for n in plain if ".blocks.0.attn." in "." + n]
+    assert upstream
+    for name in upstream:
+        torch.testing.assert_close(rescaled[name], plain[name], rtol=0, atol=0)  # upstream of state 1

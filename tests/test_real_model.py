@@ -25,7 +25,7 @@ DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "wikitext-2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SEQ_LEN, WINDOWS = 256, 16
 DENSE_RANGE = (34.0, 38.5)  # measured 36.14 on this protocol (2026-11-23)
-SLICED_25_MAX = 67.0  # measured 63.69 on this protocol (2026-11-23): a 5% margin
+SLICED_25_MAX = 63.5  # measured 62.12 on this protocol (2026-11-23; 63.69 without rescale): a 2% margin
 
 
 @pytest.fixture(scope="module")

@@ -94,9 +94,10 @@ class Rotate(FxslicePass):
             return self.rotation
         if self.calibration is None:
             return RandomRotation(self.seed)
-        from ..calibrate import PCARotation
+        from ..calibrate import RESCALE_EXPONENT, PCARotation
 
-        return PCARotation(self.calibration, shared=self.shared, progress=self.progress)
+        rescale = RESCALE_EXPONENT if getattr(self.slicing, "rescale", False) else 0.0
+        return PCARotation(self.calibration, shared=self.shared, progress=self.progress, rescale=rescale)
 
     def _regions(self, gm: fx.GraphModule) -> list[Region]:
         return bind_parameters(gm, [_require_fused(r) for r in find_regions(gm, shared=self.shared)])
@@ -134,6 +135,10 @@ class Rotate(FxslicePass):
         start = time.perf_counter()
         source.run(gm, states, apply)
         seconds = time.perf_counter() - start
+        for entry in record:
+            gain = getattr(source, "gains", {}).get(states[entry["state"]])
+            if gain is not None:
+                entry["norm_gain"] = gain
         kind = type(source).__name__
         gm.meta[ROTATION] = {"shared": self.shared, "q": {"PCARotation": "pca", "RandomRotation": "random"}.get(kind, kind),
                              "sliced_by": "rotate" if self.slicing is not None else None}
