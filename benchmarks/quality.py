@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--table", metavar="ROWS.jsonl", help="only print the table of rows a run already measured "
+                        "(the JSON lines it writes to stderr, e.g. from a run stopped before its last rows)")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one_row(args.one, args.samples, args.seq_len, args.windows, args.memory)), flush=True)
@@ -137,7 +139,11 @@ def main() -> None:
         return json.loads(out.strip().splitlines()[-1])
 
     results = []
-    for spec in args.rows:
+    if args.table:
+        with open(args.table) as rows:
+            results = [json.loads(line) for line in rows if line.strip()]
+        args.rows = [r["row"] for r in results]
+    for spec in [] if args.table else args.rows:
         results.append(run(spec, memory=False) | ({} if spec == "dense" else run(spec, memory=True)))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     dense = next((r for r in results if r["row"] == "dense"), None)

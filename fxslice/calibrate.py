@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 from tqdm.auto import tqdm
 
-from .analysis.regions import State
+from .analysis.regions import State, output_heads
 from .errors import CalibrationError
 from .graph import get_tensor
 from .rewrite import scale_normed_sinks
@@ -272,6 +272,9 @@ class PCARotation:
         if self.shared:
             return self._run_shared(gm, states, apply)
         sweep = _Sweep(gm, self.batches, [s.anchor for s in states])
+        heads = output_heads(gm)
+        # The head, and what feeds it directly (the bridge in front of a tied head): never rescaled.
+        heads = frozenset(heads | {n for n in gm.graph.nodes if any(u in heads for u in n.users)})
         for state in tqdm(states, desc="fxslice: rotating residual states", disable=not self.progress, unit="state"):
             covariance = _Covariance(sweep.masks)
             sweep.run_until(state.anchor, covariance)
@@ -281,8 +284,9 @@ class PCARotation:
             if self.rescale and width < state.width:
                 # The norms now see x Q_k, each token with a fraction r = ‖x Q_k‖ / ‖x‖ of its length;
                 # their sinks are multiplied by mean(r)^-RESCALE_EXPONENT (see fxslice.passes.slice).
-                self.gains[state] = kept**-self.rescale
-                scale_normed_sinks(gm, state, self.gains[state])
+                # Not at the output head: there the gain would only change the logits' temperature.
+                if scale_normed_sinks(gm, state, kept**-self.rescale, skip=heads):
+                    self.gains[state] = kept**-self.rescale
 
     def _run_shared(self, gm: fx.GraphModule, states: list[State], apply) -> None:
         reads = {s: sorted({n.input for n in s.norms}, key=list(gm.graph.nodes).index) for s in states}

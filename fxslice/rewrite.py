@@ -162,13 +162,16 @@ def slice_state(gm: fx.GraphModule, state: State, width: int) -> None:
         scale_normed_sinks(gm, state, math.sqrt(norm.fused.width / width), norm)
 
 
-def scale_normed_sinks(gm: fx.GraphModule, state: State, factor: float, norm: Norm | None = None) -> None:
+def scale_normed_sinks(gm: fx.GraphModule, state: State, factor: float, norm: Norm | None = None,
+                       skip: frozenset = frozenset()) -> int:
     """Multiply the input side of every sink that reads ``state`` through a norm (only ``norm``'s, if
-    given) by ``factor``: the same as scaling that norm's output."""
+    given; none whose node is in ``skip``) by ``factor``: the same as scaling that norm's output.
+    Returns how many weights were scaled."""
     scaled = set()
     for sink in state.sinks:
         side = sink.use.input_side()
-        if sink.norm is not None and (norm is None or sink.norm is norm) and side not in scaled:
+        if sink.norm is not None and (norm is None or sink.norm is norm) and sink.use.node not in skip and side not in scaled:
             scaled.add(side)
             tensor = get_tensor(gm, side.target)
             scale_axis(gm, side, torch.full((tensor.shape[side.axis],), factor, dtype=torch.float64))
+    return len(scaled)

@@ -192,3 +192,14 @@ def test_rescale_multiplies_the_first_sliced_states_normed_sinks_by_its_gain():
     assert upstream
     for name in upstream:
         torch.testing.assert_close(rescaled[name], plain[name], rtol=0, atol=0)  # upstream of state 1
+
+
+def test_rescale_leaves_the_output_head_alone():
+    # With head=True the final state is sliced too. Its norm feeds only the tied head (through a bridge
+    # and the centring correction), where a gain would only change the logits' temperature: no gain.
+    model = TinyLM(ARCH).double().eval()
+    compiled = compile_quietly(model, [fuse_norm, rotate, slice(0.25, head=True)], example_inputs=(example_ids(ARCH),),
+                               calibration=batches())
+    states = fxslice.report(compiled)["states"]
+    assert all(s["width_after"] < s["width_before"] for s in states)
+    assert [s["state"] for s in states if "norm_gain" in s] == [0, 1, 2, 3]

@@ -64,3 +64,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, argumen
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()
+
+
+def test_no_rescale_is_recorded_and_leaves_the_norms_alone(tiny_hf_dir, sliced_dir, tmp_path):
+    out = tmp_path / "plain"
+    fxslice("slice", tiny_hf_dir, "--ratio", "0.25", "--calibration", VALID, "--samples", "8", "--seq-len", "32",
+            "--no-rescale", "--out", out)
+    for directory, rescaled in [(sliced_dir, True), (out, False)]:
+        recipe = json.loads((directory / "fxslice.json").read_text())
+        assert {p["name"]: p for p in recipe["passes"]}["slice"]["rescale"] is rescaled
+        assert ('"norm_gain"' in json.dumps(recipe["log"])) is rescaled
