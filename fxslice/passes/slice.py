@@ -13,10 +13,10 @@ spectrum says it matters (``Slice.plan``; needs calibration data).
 ``rescale`` (on by default; calibrated slicing with one rotation per state): a sliced state's tokens keep
 a fraction ``r = ‖xQ_k‖ / ‖x‖`` of their length and the norms reading it renormalise what is left, so
 each token loses the deleted directions' share of every dot product its norm's sinks compute. Those
-sinks are then multiplied by ``mean(r)^-8`` over the calibration tokens (``RESCALE_EXPONENT``; a gain of
-about 1.01 to 1.08 on SmolLM2 at 25%), which sharpens attention and gating back. The same gain makes the
-dense model worse, so it corrects the slicing; the exponent was chosen on validation text, not on the
-evaluation text (README, "Rescaling").
+sinks (never the output head) are then multiplied by ``mean(r)^-8`` over the calibration tokens
+(``RESCALE_EXPONENT``; gains of 1.002 to 1.072 on the 135M model of benchmarks/quality.py at 25%), which
+sharpens attention and gating back. The same gain makes the dense model worse, so it corrects the
+slicing; the exponent was chosen on validation text, not on the evaluation text (README, "Rescaling").
 """
 
 from __future__ import annotations
