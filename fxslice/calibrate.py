@@ -201,9 +201,10 @@ class _Sweep:
             for node in [n for n in env if n in nodes]:
                 x = env[node]
                 compute = torch.promote_types(x.dtype, torch.float32)
-                y = x.to(compute) @ matrix.to(device=x.device, dtype=compute)
+                wide = x.to(compute)
+                y = wide @ matrix.to(device=x.device, dtype=compute)
                 if node is anchor:
-                    ratio = (y.norm(dim=-1) / x.to(compute).norm(dim=-1).clamp_min(torch.finfo(compute).tiny)).reshape(-1)
+                    ratio = (y.norm(dim=-1) / wide.norm(dim=-1).clamp_min(torch.finfo(compute).tiny)).reshape(-1)
                     if mask is not None and mask.numel() == ratio.numel():
                         ratio = ratio[mask.reshape(-1).to(ratio.device).bool()]
                     kept += float(ratio.double().sum())
@@ -280,13 +281,15 @@ class PCARotation:
             sweep.run_until(state.anchor, covariance)
             values, rotation = self.pca(covariance.h)
             width = apply(state, rotation, values)
-            kept = sweep.transform(state.nodes, rotation[:, :width], state.anchor)
-            if self.rescale and width < state.width:
+            rescaling = bool(self.rescale) and width < state.width
+            kept = sweep.transform(state.nodes, rotation[:, :width], state.anchor if rescaling else None)
+            if rescaling:
                 # The norms now see x Q_k, each token with a fraction r = ‖x Q_k‖ / ‖x‖ of its length;
                 # their sinks are multiplied by mean(r)^-RESCALE_EXPONENT (see fxslice.passes.slice).
                 # Not at the output head: there the gain would only change the logits' temperature.
-                if scale_normed_sinks(gm, state, kept**-self.rescale, skip=heads):
-                    self.gains[state] = kept**-self.rescale
+                gain = kept**-self.rescale
+                if scale_normed_sinks(gm, state, gain, skip=heads):
+                    self.gains[state] = gain
 
     def _run_shared(self, gm: fx.GraphModule, states: list[State], apply) -> None:
         reads = {s: sorted({n.input for n in s.norms}, key=list(gm.graph.nodes).index) for s in states}
