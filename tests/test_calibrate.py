@@ -6,12 +6,14 @@ import warnings
 import pytest
 import torch
 from datasets import Dataset
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 import fxslice
 from conftest import relative_error
 from fxslice import CalibrationError, Rotate, fuse_norm, rotate, slice
-from fxslice.calibrate import RESCALE_EXPONENT, check_calibration, flat_inputs
+from fxslice.calibrate import RESCALE_EXPONENT, check_calibration, first_tokens, flat_inputs, gram
 from fxslice.passes.rotate import ROTATED_STATE
 from hf_zoo import tiny_model
 from strategies import Arch, TinyLM, example_ids
@@ -144,6 +146,23 @@ def test_plain_module_batches_are_checked_against_its_signature():
     with pytest.raises(CalibrationError, match="does not match"):
         check_calibration([{"tokens": torch.zeros(1, 2, dtype=torch.long)}], TinyLM(ARCH))
     assert check_calibration([example_ids(ARCH)], TinyLM(ARCH))[0][0][0].shape == (2, 7)
+
+
+@given(st.integers(1, 40), st.integers(1, 30), st.integers(1, 7), st.integers(0, 2**31 - 1))
+def test_gram_by_block_rows_is_x_transpose_x(n, d, blocks, seed):
+    x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    assert torch.allclose(gram(x, blocks), x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_first_tokens_cuts_the_last_batch_it_needs_to_whole_rows():
+    data = [((), {"input_ids": torch.arange(48).reshape(4, 12) + 100 * i, "attention_mask": torch.ones(4, 12)})
+            for i in range(3)]
+    taken = first_tokens(data, 60)  # 48 tokens of the first batch, then one row (12 tokens) of the second
+    assert [b[1]["input_ids"].shape for b in taken] == [(4, 12), (1, 12)]
+    assert taken[1][1]["attention_mask"].shape == (1, 12)
+    assert torch.equal(taken[1][1]["input_ids"], data[1][1]["input_ids"][:1])
+    assert [b[1]["input_ids"].shape[0] for b in first_tokens(data, 97)] == [4, 4, 1]
+    assert len(first_tokens(data, 10**6)) == 3 and first_tokens(data, 48)[0] is data[0]
 
 
 def test_spectrum_schedule_keeps_the_budget_and_the_head_states():
