@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 from tqdm.auto import tqdm
 
-from .analysis.regions import State, output_heads
+from .analysis.regions import SKIP_EDGE, State, output_heads
 from .errors import CalibrationError
 from .graph import get_tensor
 from .rewrite import scale_normed_sinks
@@ -186,8 +186,10 @@ class _Timed:
 class _Sweep:
     """Runs the graph over every batch, a segment at a time, keeping only values later segments read."""
 
-    def __init__(self, gm: fx.GraphModule, batches: list[Batch], targets: list[fx.Node]):
+    def __init__(self, gm: fx.GraphModule, batches: list[Batch], targets: list[fx.Node],
+                 identities: frozenset = frozenset()):
         self.gm = gm
+        self.identities = identities  # linear nodes whose weight is the identity: x·I = x, not computed
         needed: set = set()
         stack = list(targets)
         while stack:
@@ -209,6 +211,8 @@ class _Sweep:
         return get_tensor(self.gm, node.target) if node.op == "get_attr" else env[node]
 
     def _run(self, node: fx.Node, env: dict):
+        if node in self.identities:
+            return env[node.args[0]]
         args = fx.node.map_arg(node.args, lambda n: self._value(n, env))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, env))
         if node.op == "call_function":
@@ -253,6 +257,11 @@ class _Sweep:
                     tokens += ratio.numel()
                 env[node] = y.to(x.dtype)
         return kept / tokens if tokens else 1.0
+
+
+def _is_identity(weight: torch.Tensor) -> bool:
+    return weight.dim() == 2 and weight.shape[0] == weight.shape[1] and torch.equal(
+        weight, torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device))
 
 
 class _Covariance:
@@ -301,7 +310,10 @@ class PCARotation:
 
         Measured on the unsliced model from the first ``tokens`` calibration tokens (a cheap pre-pass).
         """
-        sweep = _Sweep(gm, first_tokens(self.batches, tokens), [s.anchor for s in states])
+        # Before any rotation the skip matrices rotate inserted are identities: the pre-pass skips them.
+        identities = frozenset(n for n in gm.graph.nodes if n.meta.get(SKIP_EDGE) and len(n.args) == 2
+                               and n.args[1].op == "get_attr" and _is_identity(get_tensor(gm, n.args[1].target)))
+        sweep = _Sweep(gm, first_tokens(self.batches, tokens), [s.anchor for s in states], identities)
         result = []
         for state in tqdm(states, desc="fxslice: measuring spectra", disable=not self.progress, unit="state"):
             covariance = _Covariance(sweep.masks, normalised=True)

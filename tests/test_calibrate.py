@@ -180,6 +180,37 @@ def test_spectrum_schedule_keeps_the_budget_and_the_head_states():
     assert all(w % 8 == 0 and 8 <= w <= 64 for w in widths)
 
 
+def test_spectrum_pre_pass_skipping_the_identity_skip_matrices_changes_nothing(monkeypatch):
+    import fxslice.calibrate as calibrate
+    from fxslice.analysis.regions import SKIP_EDGE
+    from fxslice.graph import get_tensor
+
+    model = TinyLM(Arch(width=64, heads=4, depth=3, tied=True)).eval()
+    data = [{"input_ids": example_ids(Arch(), 8, 32, seed=s)} for s in range(2)]
+    seen = {}
+    original = calibrate.PCARotation.losses
+
+    def record(self, gm, states, *args):
+        skips = [n for n in gm.graph.nodes if n.meta.get(SKIP_EDGE)]
+        seen.setdefault("identities", []).append(sum(calibrate._is_identity(get_tensor(gm, n.args[1].target))
+                                                     for n in skips))
+        seen.setdefault("losses", []).append(original(self, gm, states, *args))
+        return seen["losses"][-1]
+
+    monkeypatch.setattr(calibrate.PCARotation, "losses", record)
+    reports = []
+    for bypass in (True, False):
+        if not bypass:
+            monkeypatch.setattr(calibrate, "_is_identity", lambda weight: False)
+        compiled = compile_quietly(model, [fuse_norm, rotate, slice(0.25, schedule="spectrum")],
+                                   example_inputs=(example_ids(Arch()),), calibration=data)
+        reports.append([s["width_after"] for s in fxslice.report(compiled)["states"]])
+    assert seen["identities"] == [6, 0]  # 3 blocks, 2 skips each: bypassed in the first run only
+    fast, slow = seen["losses"]
+    assert len(fast) == len(slow) == len(reports[0]) and reports[0] == reports[1]
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
 def test_spectrum_schedule_without_calibration_is_an_error():
     with pytest.raises(fxslice.UnsupportedGraphError, match="calibration"):
         compile_quietly(TinyLM(ARCH), [fuse_norm, rotate, slice(0.25, schedule="spectrum")],
