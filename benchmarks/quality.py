@@ -1,6 +1,6 @@
 """Quality, size, time and memory of slicing a real model: SmolLM2-135M-Instruct on WikiText-2.
 
-    python benchmarks/quality.py                 # the whole table (about an hour on 2 cores)
+    python benchmarks/quality.py                 # the whole table (about 75 minutes on 2 cores)
     python benchmarks/quality.py --rows dense "0.25 constant"
 
 Protocol (issue 3): calibration on 64 windows × 512 tokens drawn from valid.txt with seed 42; evaluation on
