@@ -1,0 +1,61 @@
+"""Spectrum-schedule variants scored on *validation* text against the constant schedule.
+
+    python benchmarks/schedules.py                    # about 11 minutes on 2 cores
+
+SmolLM2-135M-Instruct calibrated with the protocol of benchmarks/quality.py (64 windows × 512 tokens of
+valid.txt, seed 42) and scored on the first 32 non-overlapping 512-token windows of valid.txt, never
+test.txt. ``spectrum 2048`` plans from a pre-pass of 2048 calibration tokens instead of
+``SPECTRUM_TOKENS`` (4096).
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+from common import VALID, load_smollm2, machine
+
+ROWS = ["0.10 constant", "0.10 spectrum", "0.10 spectrum 2048", "0.25 constant", "0.25 spectrum"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=ROWS)
+    parser.add_argument("--windows", type=int, default=32)
+    args = parser.parse_args()
+
+    import fxslice
+    from fxslice import Rotate, fuse_norm, slice
+    from fxslice.calibrate import RESCALE_EXPONENT, SPECTRUM_TOKENS, PCARotation, check_calibration
+    from fxslice.data import calibration_batches
+    from fxslice.eval import perplexity
+
+    class FewerTokens(PCARotation):
+        """PCA calibration whose spectrum pre-pass reads ``tokens`` calibration tokens."""
+
+        def __init__(self, batches, tokens: int):
+            super().__init__(batches, progress=False, rescale=RESCALE_EXPONENT)
+            self.tokens = tokens
+
+        def losses(self, gm, states, tokens=SPECTRUM_TOKENS):
+            return super().losses(gm, states, self.tokens)
+
+    warnings.simplefilter("ignore")
+    model, tokenizer = load_smollm2()
+    calibration = calibration_batches(tokenizer, VALID, n_samples=64, seq_len=512, batch_size=8, seed=42)
+    batches = check_calibration(calibration, model, hf=True)
+    print(f"<!-- {machine()}, CPU, command: python benchmarks/schedules.py"
+          f"{'' if args.rows == ROWS else ' --rows ' + ' '.join(repr(r) for r in args.rows)} --windows {args.windows} -->")
+    print("| configuration | validation perplexity | parameters |")
+    print("|---|---|---|")
+    for spec in args.rows:
+        ratio, schedule, *tokens = spec.split()
+        rotation = Rotate(rotation=FewerTokens(batches, int(tokens[0]))) if tokens else Rotate(progress=False)
+        sliced = fxslice.compile(model, [fuse_norm, rotation, slice(float(ratio), schedule=schedule)],
+                                 calibration=calibration)
+        ppl = perplexity(sliced, tokenizer, VALID, 512, max_windows=args.windows)
+        print(f"| {spec} | {ppl:.2f} | {fxslice.report(sliced)['parameters']['after'] / 1e6:.2f}M |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
