@@ -5,7 +5,9 @@
 SmolLM2-135M-Instruct calibrated with the protocol of benchmarks/quality.py (64 windows × 512 tokens of
 valid.txt, seed 42) and scored on the first 32 non-overlapping 512-token windows of valid.txt, never
 test.txt. ``spectrum 2048`` plans from a pre-pass of 2048 calibration tokens instead of
-``SPECTRUM_TOKENS`` (4096).
+``SPECTRUM_TOKENS`` (4096); ``spectrum in-sample`` measures each state's losses on the same pre-pass tokens
+its principal directions were fitted to, instead of holding half of the sequences out
+(``PCARotation.held_out``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import warnings
 
 from common import VALID, load_smollm2, machine
 
-ROWS = ["0.10 constant", "0.10 spectrum", "0.10 spectrum 2048", "0.25 constant", "0.25 spectrum"]
+ROWS = ["0.10 constant", "0.10 spectrum", "0.10 spectrum in-sample", "0.10 spectrum 2048", "0.25 constant",
+        "0.25 spectrum"]
 
 
 def main() -> None:
@@ -30,12 +33,13 @@ def main() -> None:
     from fxslice.data import calibration_batches
     from fxslice.eval import perplexity
 
-    class FewerTokens(PCARotation):
-        """PCA calibration whose spectrum pre-pass reads ``tokens`` calibration tokens."""
+    class Variant(PCARotation):
+        """PCA calibration whose spectrum pre-pass reads ``tokens`` calibration tokens, held out or not."""
 
-        def __init__(self, batches, tokens: int):
+        def __init__(self, batches, tokens: int, held_out: bool):
             super().__init__(batches, progress=False, rescale=RESCALE_EXPONENT)
             self.tokens = tokens
+            self.held_out = held_out
 
         def losses(self, gm, states, tokens=SPECTRUM_TOKENS):
             return super().losses(gm, states, self.tokens)
@@ -49,8 +53,12 @@ def main() -> None:
     print("| configuration | validation perplexity | parameters |")
     print("|---|---|---|")
     for spec in args.rows:
-        ratio, schedule, *tokens = spec.split()
-        rotation = Rotate(rotation=FewerTokens(batches, int(tokens[0]))) if tokens else Rotate(progress=False)
+        ratio, schedule, *variant = spec.split()
+        if variant:
+            tokens = int(variant[0]) if variant[0].isdigit() else SPECTRUM_TOKENS
+            rotation = Rotate(rotation=Variant(batches, tokens, held_out="in-sample" not in variant))
+        else:
+            rotation = Rotate(progress=False)
         sliced = fxslice.compile(model, [fuse_norm, rotation, slice(float(ratio), schedule=schedule)],
                                  calibration=calibration)
         ppl = perplexity(sliced, tokenizer, VALID, 512, max_windows=args.windows)

@@ -29,7 +29,7 @@ from .graph import get_tensor
 from .rewrite import scale_normed_sinks
 
 __all__ = ["RESCALE_EXPONENT", "SPECTRUM_TOKENS", "Batch", "PCARotation", "check_calibration", "flat_inputs",
-           "first_tokens", "gram", "pca"]
+           "first_tokens", "gram", "lost_fraction", "pca"]
 
 RESCALE_EXPONENT = 8.0
 """After a state is sliced, the sinks of the norms reading it are multiplied by ``mean(r)^-8``, where
@@ -264,25 +264,60 @@ def _is_identity(weight: torch.Tensor) -> bool:
         weight, torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device))
 
 
-class _Covariance:
-    """``Σ xᵀx`` over the real tokens of every batch, in float64 (and ``Σ x̂ᵀx̂`` of unit rows if asked)."""
+def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (tokens) of ``x`` the attention mask keeps, and each one's sequence in the batch (0 when
+    ``x`` has no batch axis)."""
+    rows = x.reshape(-1, x.shape[-1])
+    sequence = torch.arange(x.shape[0] if x.dim() > 2 else 1, device=rows.device)
+    sequence = sequence.repeat_interleave(rows.shape[0] // sequence.numel())
+    if mask is not None and mask.numel() == rows.shape[0]:
+        keep = mask.reshape(-1).to(rows.device).bool()
+        rows, sequence = rows[keep], sequence[keep]
+    return rows, sequence
 
-    def __init__(self, masks: list, normalised: bool = False):
+
+class _Covariance:
+    """``Σ xᵀx`` over the real tokens of every batch, in float64."""
+
+    def __init__(self, masks: list):
         self.masks = masks
         self.h: torch.Tensor | float = 0.0
-        self.unit: torch.Tensor | float = 0.0
-        self.normalised = normalised
 
     def __call__(self, batch: int, x: torch.Tensor) -> None:
-        rows = x.reshape(-1, x.shape[-1])
-        mask = self.masks[batch]
-        if mask is not None and mask.numel() == rows.shape[0]:
-            rows = rows[mask.reshape(-1).to(rows.device).bool()]
+        rows, _ = _real_rows(x, self.masks[batch])
+        self.h = self.h + gram(rows.to(torch.float64))
+
+
+class _HalfCovariances:
+    """``Σ xᵀx`` and ``Σ x̂ᵀx̂`` (tokens scaled to unit length) over real tokens, in float64, separately
+    for the even and the odd calibration sequences (counted across batches)."""
+
+    def __init__(self, masks: list):
+        self.masks = masks
+        self.h: list = [0.0, 0.0]
+        self.unit: list = [0.0, 0.0]
+        self.tokens = [0, 0]
+        self.sequences = 0
+
+    def __call__(self, batch: int, x: torch.Tensor) -> None:
+        rows, sequence = _real_rows(x, self.masks[batch])
+        half = (sequence + self.sequences) % 2
+        self.sequences += x.shape[0] if x.dim() > 2 else 1
         rows = rows.to(torch.float64)
-        self.h = self.h + gram(rows)
-        if self.normalised:
-            unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-            self.unit = self.unit + gram(unit)
+        unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        for i in (0, 1):
+            self.tokens[i] += int((half == i).sum())
+            self.h[i] = self.h[i] + gram(rows[half == i])
+            self.unit[i] = self.unit[i] + gram(unit[half == i])
+
+
+def lost_fraction(fitted: torch.Tensor, unit: torch.Tensor, pca=pca) -> torch.Tensor:
+    """``loss[k]`` for ``k = 0 … d``: the mean fraction of a token's squared length outside the first ``k``
+    principal directions of the covariance ``fitted``, over the tokens whose unit-length covariance is
+    ``unit``: ``1 − Σ_{j<k} q_jᵀ Û q_j / tr Û``."""
+    _, rotation = pca(fitted)
+    kept = torch.diagonal(rotation.T @ unit @ rotation).cumsum(0) / torch.trace(unit)
+    return torch.cat([torch.ones(1, dtype=kept.dtype), (1.0 - kept).clamp_min(0.0)])
 
 
 class PCARotation:
@@ -304,11 +339,19 @@ class PCARotation:
     def eigh_seconds(self) -> float:
         return self.pca.seconds
 
+    held_out = True
+    """``losses`` fits each half of the pre-pass sequences and measures the other (in-sample if False)."""
+
     def losses(self, gm: fx.GraphModule, states: list[State], tokens: int = SPECTRUM_TOKENS) -> list[torch.Tensor]:
         """For every state, ``loss[k]``: the mean fraction of a token's vector lost when the state keeps ``k``
         principal directions — what the state's norms see, since they rescale every token to unit RMS.
 
-        Measured on the unsliced model from the first ``tokens`` calibration tokens (a cheap pre-pass).
+        Measured on the unsliced model from the first ``tokens`` calibration tokens (a cheap pre-pass), and
+        held out: the principal directions are fitted on the even sequences and the loss is measured on
+        the odd ones, and the other way round (the mean of the two). Measured on the tokens it was fitted
+        to, a spectrum looks lower-rank than it is, the more so the fewer distinct tokens a state has seen
+        (the early ones): on SmolLM2 at slice(0.10) the held-out plan scores 23.17 on validation text
+        against 23.77 in-sample and 23.59 for the constant schedule (README, "Schedules").
         """
         # Before any rotation the skip matrices rotate inserted are identities: the pre-pass skips them.
         identities = frozenset(n for n in gm.graph.nodes if n.meta.get(SKIP_EDGE) and len(n.args) == 2
@@ -316,11 +359,13 @@ class PCARotation:
         sweep = _Sweep(gm, first_tokens(self.batches, tokens), [s.anchor for s in states], identities)
         result = []
         for state in tqdm(states, desc="fxslice: measuring spectra", disable=not self.progress, unit="state"):
-            covariance = _Covariance(sweep.masks, normalised=True)
-            sweep.run_until(state.anchor, covariance)
-            _, rotation = self.pca(covariance.h)
-            kept = torch.diagonal(rotation.T @ covariance.unit @ rotation).cumsum(0) / torch.trace(covariance.unit)
-            result.append(torch.cat([torch.ones(1, dtype=kept.dtype), (1.0 - kept).clamp_min(0.0)]))
+            halves = _HalfCovariances(sweep.masks)
+            sweep.run_until(state.anchor, halves)
+            (h0, h1), (u0, u1) = halves.h, halves.unit
+            if self.held_out and min(halves.tokens) > 0:
+                result.append((lost_fraction(h0, u1, self.pca) + lost_fraction(h1, u0, self.pca)) / 2)
+            else:  # a single sequence has nothing to hold out
+                result.append(lost_fraction(h0 + h1, u0 + u1, self.pca))
         return result
 
     def run(self, gm: fx.GraphModule, states: list[State], apply) -> None:

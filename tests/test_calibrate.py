@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 import fxslice
 from conftest import relative_error
 from fxslice import CalibrationError, Rotate, fuse_norm, rotate, slice
-from fxslice.calibrate import RESCALE_EXPONENT, check_calibration, first_tokens, flat_inputs, gram
+from fxslice.calibrate import (RESCALE_EXPONENT, _HalfCovariances, check_calibration, first_tokens, flat_inputs,
+                               gram, lost_fraction)
 from fxslice.passes.rotate import ROTATED_STATE
 from hf_zoo import tiny_model
 from strategies import Arch, TinyLM, example_ids
@@ -209,6 +210,38 @@ def test_spectrum_pre_pass_skipping_the_identity_skip_matrices_changes_nothing(m
     fast, slow = seen["losses"]
     assert len(fast) == len(slow) == len(reports[0]) and reports[0] == reports[1]
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_half_covariances_split_real_tokens_by_sequence_across_batches():
+    xs = [torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)]
+    masks = [torch.ones(3, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)]
+    masks[1][0, 3:] = 0  # sequence 3 (odd) has two padding tokens
+    halves = _HalfCovariances(masks)
+    for b, x in enumerate(xs):
+        halves(b, x)
+    sequences = [xs[0][0], xs[0][1], xs[0][2], xs[1][0, :3], xs[1][1]]  # real tokens, sequences 0-4
+    for i in (0, 1):
+        rows = torch.cat(sequences[i::2])
+        unit = rows / rows.norm(dim=-1, keepdim=True)
+        assert torch.allclose(halves.h[i], rows.T @ rows) and torch.allclose(halves.unit[i], unit.T @ unit)
+    assert halves.tokens == [15, 8] and halves.sequences == 5
+
+
+def test_held_out_loss_sees_what_a_few_tokens_do_not_span():
+    # 24 tokens in 64 dimensions with a flat spectrum: fitted and measured on the same tokens, 24
+    # directions lose nothing; on tokens the fit has not seen they lose about 1 − 24/64 of each token.
+    generator = torch.Generator().manual_seed(0)
+    fit, held = (torch.randn(24, 64, generator=generator, dtype=torch.float64) for _ in range(2))
+
+    def unit_gram(x):
+        x = x / x.norm(dim=-1, keepdim=True)
+        return x.T @ x
+
+    in_sample = lost_fraction(fit.T @ fit, unit_gram(fit))
+    held_out = lost_fraction(fit.T @ fit, unit_gram(held))
+    assert in_sample[0] == held_out[0] == 1 and in_sample[24] < 1e-9 and held_out[64] < 1e-9
+    assert 0.5 < held_out[24] < 0.75
+    assert bool((held_out[1:] <= held_out[:-1] + 1e-12).all())
 
 
 def test_spectrum_schedule_without_calibration_is_an_error():
