@@ -7,7 +7,7 @@ valid.txt, seed 42) and scored on the first 32 non-overlapping 512-token windows
 test.txt. ``spectrum 2048`` plans from a pre-pass of 2048 calibration tokens instead of
 ``SPECTRUM_TOKENS`` (4096); ``spectrum in-sample`` measures each state's losses on the same pre-pass tokens
 its principal directions were fitted to, instead of holding half of the sequences out
-(``PCARotation.held_out``).
+(``PCARotation.folds = 1`` instead of 2).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ def main() -> None:
     from fxslice.eval import perplexity
 
     class Variant(PCARotation):
-        """PCA calibration whose spectrum pre-pass reads ``tokens`` calibration tokens, held out or not."""
+        """PCA calibration whose spectrum pre-pass reads ``tokens`` calibration tokens in ``folds`` folds."""
 
-        def __init__(self, batches, tokens: int, held_out: bool):
+        def __init__(self, batches, tokens: int, folds: int):
             super().__init__(batches, progress=False, rescale=RESCALE_EXPONENT)
             self.tokens = tokens
-            self.held_out = held_out
+            self.folds = folds
 
         def losses(self, gm, states, tokens=SPECTRUM_TOKENS):
             return super().losses(gm, states, self.tokens)
@@ -56,7 +56,7 @@ def main() -> None:
         ratio, schedule, *variant = spec.split()
         if variant:
             tokens = int(variant[0]) if variant[0].isdigit() else SPECTRUM_TOKENS
-            rotation = Rotate(rotation=Variant(batches, tokens, held_out="in-sample" not in variant))
+            rotation = Rotate(rotation=Variant(batches, tokens, folds=1 if "in-sample" in variant else 2))
         else:
             rotation = Rotate(progress=False)
         sliced = fxslice.compile(model, [fuse_norm, rotation, slice(float(ratio), schedule=schedule)],

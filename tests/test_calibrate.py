@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 import fxslice
 from conftest import relative_error
 from fxslice import CalibrationError, Rotate, fuse_norm, rotate, slice
-from fxslice.calibrate import (RESCALE_EXPONENT, _HalfCovariances, check_calibration, first_tokens, flat_inputs,
+from fxslice.calibrate import (RESCALE_EXPONENT, _FoldCovariances, check_calibration, first_tokens, flat_inputs,
                                gram, lost_fraction)
 from fxslice.passes.rotate import ROTATED_STATE
 from hf_zoo import tiny_model
@@ -212,19 +212,19 @@ def test_spectrum_pre_pass_skipping_the_identity_skip_matrices_changes_nothing(m
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
 
 
-def test_half_covariances_split_real_tokens_by_sequence_across_batches():
+def test_fold_covariances_split_real_tokens_by_sequence_across_batches():
     xs = [torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)]
     masks = [torch.ones(3, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)]
     masks[1][0, 3:] = 0  # sequence 3 (odd) has two padding tokens
-    halves = _HalfCovariances(masks)
+    folds = _FoldCovariances(masks, 2)
     for b, x in enumerate(xs):
-        halves(b, x)
+        folds(b, x)
     sequences = [xs[0][0], xs[0][1], xs[0][2], xs[1][0, :3], xs[1][1]]  # real tokens, sequences 0-4
     for i in (0, 1):
         rows = torch.cat(sequences[i::2])
         unit = rows / rows.norm(dim=-1, keepdim=True)
-        assert torch.allclose(halves.h[i], rows.T @ rows) and torch.allclose(halves.unit[i], unit.T @ unit)
-    assert halves.tokens == [15, 8] and halves.sequences == 5
+        assert torch.allclose(folds.h[i], rows.T @ rows) and torch.allclose(folds.unit[i], unit.T @ unit)
+    assert folds.tokens == [15, 8] and folds.sequences == 5
 
 
 def test_held_out_loss_sees_what_a_few_tokens_do_not_span():

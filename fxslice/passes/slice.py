@@ -95,12 +95,13 @@ class Slice(FxslicePass):
         head is never sliced: the state feeding the head and, for a head tied to the embedding, the
         embedding's state (a sliced embedding would project the head onto the subspace of frequent
         tokens). With ``schedule="spectrum"``, ``losses[i][k]`` is the fraction of state ``i``'s signal lost
-        when it keeps ``k`` directions (measured on calibration data). Starting from every state unsliced,
-        the planner repeatedly narrows (by ``multiple_of``) the state that will lose least after the cut,
-        until the parameters bound to the states (skip matrices ``k_i × k_j`` included, counted exactly)
-        are no more than with the constant schedule: it equalises the loss across states (minimising the
-        largest), instead of equalising the widths. (Minimising the *sum* of losses per parameter saved
-        was measured too and did worse on the real model of benchmarks/quality.py; see the README.)
+        when it keeps ``k`` directions (measured on calibration tokens held out from the fit:
+        ``PCARotation.losses``). Starting from every state unsliced, the planner repeatedly narrows (by
+        ``multiple_of``) the state that will lose least after the cut, until the parameters bound to the
+        states (skip matrices ``k_i × k_j`` included, counted exactly) are no more than with the constant
+        schedule: it equalises the loss across states (minimising the largest), instead of equalising the
+        widths. (Minimising the *sum* of losses per parameter saved was measured too and did worse on the
+        real model of benchmarks/quality.py; see the README.)
         """
         pinned = set() if self.head or self.widths is not None else head_states(gm, states)
         if len(pinned) == len(states):
