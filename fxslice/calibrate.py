@@ -39,8 +39,7 @@ RESCALE_EXPONENT = 8.0
 SPECTRUM_TOKENS = 4096
 """``slice(..., schedule="spectrum")`` plans from the spectra of the unsliced model measured on the first
 4096 calibration tokens (``PCARotation.losses``): a pre-pass of 1/16 of the protocol's calibration tokens.
-Fewer tokens bias the spectra: with 2048, the early states looked lower-rank, the plan narrowed them, and
-validation perplexity at slice(0.10) went from 23.77 to 24.78 (benchmarks/schedules.py)."""
+With 2048, validation perplexity at slice(0.10) went from 23.22 to 23.41 (benchmarks/schedules.py)."""
 
 Batch = tuple[tuple, dict]
 """One calibration batch as positional and keyword model inputs."""
