@@ -351,9 +351,9 @@ class PCARotation:
         held out: with the default two folds, the principal directions are fitted on the even sequences
         and the loss is measured on the odd ones, and the other way round (the token-weighted mean).
         Measured on the tokens it was fitted to, a spectrum looks lower-rank than it is, the more so the
-        fewer distinct tokens a state has seen (the early ones): on SmolLM2 at slice(0.10) the held-out
-        plan scores 23.22 on validation text against 23.77 in-sample and 23.59 for the constant schedule
-        (README, "Schedules").
+        fewer distinct tokens a state has seen (the early ones): on the 135M model of
+        benchmarks/quality.py at slice(0.10) the held-out plan scores 23.22 on validation text against
+        23.77 in-sample and 23.59 for the constant schedule (README, "Schedules").
         """
         # Before any rotation the skip matrices rotate inserted are identities: the pre-pass skips them.
         identities = frozenset(n for n in gm.graph.nodes if n.meta.get(SKIP_EDGE) and len(n.args) == 2
