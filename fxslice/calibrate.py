@@ -363,14 +363,14 @@ class PCARotation:
         for state in tqdm(states, desc="fxslice: measuring spectra", disable=not self.progress, unit="state"):
             folds = _FoldCovariances(sweep.masks, self.folds)
             sweep.run_until(state.anchor, folds)
-            h, unit = sum(folds.h), sum(folds.unit)
-            held = [i for i, n in enumerate(folds.tokens) if n] if self.folds > 1 else []
+            h = sum(folds.h)
+            held = [i for i, n in enumerate(folds.tokens) if n]
             if len(held) > 1:
                 # Fold i's tokens against the directions of the other folds: H − H_i.
                 result.append(sum(folds.tokens[i] * lost_fraction(h - folds.h[i], folds.unit[i], self.pca)
                                   for i in held) / sum(folds.tokens))
-            else:  # in-sample, or a single sequence: nothing to hold out
-                result.append(lost_fraction(h, unit, self.pca))
+            else:  # one fold, or a single sequence: nothing to hold out
+                result.append(lost_fraction(h, sum(folds.unit), self.pca))
         return result
 
     def run(self, gm: fx.GraphModule, states: list[State], apply) -> None:
