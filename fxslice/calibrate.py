@@ -269,7 +269,7 @@ def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor
     rows = x.reshape(-1, x.shape[-1])
     sequence = torch.arange(x.shape[0] if x.dim() > 2 else 1, device=rows.device)
     sequence = sequence.repeat_interleave(rows.shape[0] // sequence.numel())
-    if mask is not None and mask.numel() == rows.shape[0]:
+    if mask is not None and mask.numel() == rows.shape[0] and not bool(mask.all()):
         keep = mask.reshape(-1).to(rows.device).bool()
         rows, sequence = rows[keep], sequence[keep]
     return rows, sequence
@@ -316,7 +316,8 @@ def lost_fraction(fitted: torch.Tensor, unit: torch.Tensor, pca=pca) -> torch.Te
     principal directions of the covariance ``fitted``, over the tokens whose unit-length covariance is
     ``unit``: ``1 − Σ_{j<k} q_jᵀ Û q_j / tr Û``."""
     _, rotation = pca(fitted)
-    kept = torch.diagonal(rotation.T @ unit @ rotation).cumsum(0) / torch.trace(unit)
+    # q_jᵀ Û q_j = Σ_i (Û Q)_ij Q_ij: the diagonal of QᵀÛQ without the second product.
+    kept = ((unit @ rotation) * rotation).sum(0).cumsum(0) / torch.trace(unit)
     return torch.cat([torch.ones(1, dtype=kept.dtype), (1.0 - kept).clamp_min(0.0)])
 
 

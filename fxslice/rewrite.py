@@ -69,7 +69,8 @@ def scale_axis(gm: fx.GraphModule, side: ParamAxis, vector: torch.Tensor) -> Non
 def narrow_axis(gm: fx.GraphModule, side: ParamAxis, width: int) -> None:
     """Keep the first ``width`` entries of the axis: the principal directions after rotation."""
     tensor = get_tensor(gm, side.target)
-    set_tensor(gm, side.target, tensor.detach().narrow(side.axis, 0, width).clone())
+    if tensor.shape[side.axis] != width:  # rotate_state may have narrowed it already
+        set_tensor(gm, side.target, tensor.detach().narrow(side.axis, 0, width).clone())
 
 
 def strip_casts(node: fx.Node) -> fx.Node:
@@ -129,7 +130,10 @@ def insert_linear(
 
 
 def rotate_state(gm: fx.GraphModule, state: State, rotation: torch.Tensor) -> None:
-    """Fold ``Q`` into every weight axis bound to ``state``: sources ``W ← WQ``, sinks ``W ← QᵀW``."""
+    """Fold ``Q`` into every weight axis bound to ``state``: sources ``W ← WQ``, sinks ``W ← QᵀW``.
+
+    ``Q`` may be the first ``k`` columns of a ``d × d`` rotation: the axes then come out ``k`` wide, as
+    ``slice_state`` would leave them, at ``k/d`` of the work."""
     for side, _ in state.param_axes():
         multiply_axis(gm, side, rotation)
 

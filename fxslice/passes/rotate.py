@@ -119,9 +119,9 @@ class Rotate(FxslicePass):
 
         def apply(state: State, rotation: torch.Tensor, eigenvalues: torch.Tensor | None) -> int:
             i = index[state]
-            if rotation is not None:
-                rotate_state(gm, state, rotation)
             width = planned.get(i, state.width)
+            if rotation is not None:
+                rotate_state(gm, state, rotation[:, :width])  # the first k columns of WQ are W Q[:, :k]
             slice_state(gm, state, width)
             state.anchor.meta[ROTATED_STATE] = {"index": i, "width": state.width}
             entry = {"state": i, "after": _written_by(state, prefix), "width_before": state.width,
