@@ -39,7 +39,8 @@ RESCALE_EXPONENT = 8.0
 SPECTRUM_TOKENS = 4096
 """``slice(..., schedule="spectrum")`` plans from the spectra of the unsliced model measured on the first
 4096 calibration tokens (``PCARotation.losses``): a pre-pass of 1/16 of the protocol's calibration tokens.
-With 2048, validation perplexity at slice(0.10) went from 23.22 to 23.41 (benchmarks/schedules.py)."""
+With 2048 (half the pre-pass time) validation perplexity got worse wherever both were scored: 23.22 → 23.41 at
+slice(0.10), 29.95 → 30.31 at 0.20, 33.96 → 34.16 at 0.25 (README, "Schedules")."""
 
 Batch = tuple[tuple, dict]
 """One calibration batch as positional and keyword model inputs."""
