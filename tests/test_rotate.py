@@ -58,3 +58,28 @@ def test_states_follow_the_residual_adds():
 def test_rotate_in_float32_is_close():
     _, error = compile_and_compare(Arch(norm="layer", bias=True, depth=3), [fuse_norm, rotate], dtype=torch.float32)
     assert error <= 1e-4, error
+
+
+def test_folding_the_first_k_columns_of_q_equals_rotating_then_narrowing():
+    # Sources W ← W Q then keep k columns = W Q[:, :k]; sinks likewise on their input axis.
+    import copy
+
+    from fxslice.analysis.regions import bind_parameters, find_regions
+    from fxslice.graph import get_tensor
+    from fxslice.rewrite import rotate_state, slice_state
+
+    gm, _ = compile_and_compare(Arch(depth=2, width=16, heads=2), [fuse_norm])
+    q = random_orthogonal(16, seed=0)
+    results = []
+    for columns in (16, 8):
+        copied = copy.deepcopy(gm)
+        (region,) = bind_parameters(copied, find_regions(copied))
+        state = region.states[1]
+        rotate_state(copied, state, q[:, :columns])
+        slice_state(copied, state, 8)
+        results.append({side.target: get_tensor(copied, side.target) for side, _ in state.param_axes()})
+    full, first = results
+    assert full.keys() == first.keys() and len(full) >= 3
+    for name in full:
+        assert full[name].shape == first[name].shape and 8 in full[name].shape, name
+        torch.testing.assert_close(first[name], full[name], rtol=1e-13, atol=1e-13, msg=name)
