@@ -1,13 +1,17 @@
 """rotate is exact: per-state and shared rotations, skip matrices Q_iᵀQ_j, orthogonal Q."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given
 
 import fxslice
 from fxslice import Rotate, fuse_norm, rotate
-from fxslice.graph import INSERTED
+from fxslice.analysis.regions import bind_parameters, find_regions
+from fxslice.graph import INSERTED, get_tensor
 from fxslice.passes import random_orthogonal
+from fxslice.rewrite import rotate_state, slice_state
 from helpers import compile_and_compare
 from strategies import Arch, architectures
 
@@ -62,12 +66,6 @@ def test_rotate_in_float32_is_close():
 
 def test_folding_the_first_k_columns_of_q_equals_rotating_then_narrowing():
     # Sources W ← W Q then keep k columns = W Q[:, :k]; sinks likewise on their input axis.
-    import copy
-
-    from fxslice.analysis.regions import bind_parameters, find_regions
-    from fxslice.graph import get_tensor
-    from fxslice.rewrite import rotate_state, slice_state
-
     gm, _ = compile_and_compare(Arch(depth=2, width=16, heads=2), [fuse_norm])
     q = random_orthogonal(16, seed=0)
     results = []
