@@ -1,18 +1,19 @@
 """Quality, size, time and memory of slicing a real model: SmolLM2-135M-Instruct on WikiText-2.
 
-    python benchmarks/quality.py                 # the whole table (about 75 minutes on 2 cores)
+    python benchmarks/quality.py                 # the whole table (about an hour on 2 cores)
     python benchmarks/quality.py --rows dense "0.25 constant"
 
-Protocol (issue 3): calibration on 64 windows × 512 tokens drawn from valid.txt with seed 42; evaluation on
-the first 64 non-overlapping 512-token windows of test.txt; float32 weights, PCA in float64, widths
-rounded down to multiples of 8. Every row runs in two processes of its own. The first, with the
-allocator's defaults, times one dense forward over the calibration tokens and then the compression (so
-each row's time ratio compares two timings taken back to back in one process: this machine's speed
-drifted by up to 1.7× between runs), and measures perplexity. The second only compresses, with
+Protocol: the reference SliceGPT's stream (``fxslice.data.join_rows``: the dataset's rows joined by
+blank lines) for calibration and evaluation alike; calibration on 64 windows x 512 tokens drawn from the
+valid stream (seed 42 unless the row says ``seed=N``); evaluation on the first 64 non-overlapping
+512-token windows of the test stream; float32 weights, PCA in float64, widths rounded down to multiples
+of 8. Rows that differ only in their seed are summarised as mean and range. Every row runs in processes of
+its own. The first, with the allocator's defaults, times one dense forward over the calibration tokens
+and then the compression (each row's time ratio compares two timings taken back to back in one
+process), and measures perplexity. The second (rows without ``seed=``) only compresses, with
 MALLOC_MMAP_THRESHOLD_=1048576, and measures the peak RSS: glibc then returns freed tensors to the OS at
-once, so the peak is memory in use rather than what the allocator kept after frees (with the default the
-0.25 row shows about 1.0 GiB added instead of 0.8 GiB). That setting costs every large allocation fresh
-page faults, which slows compression by about a third, so it is kept out of the timed run.
+once, so the peak is memory in use rather than what the allocator kept after frees. That setting costs
+every large allocation fresh page faults, so it is kept out of the timed run.
 """
 
 from __future__ import annotations
@@ -30,14 +31,18 @@ from common import TEST, VALID, load_smollm2, machine
 
 ROWS = [
     "dense",
-    "0.0 constant",
-    "0.10 constant", "0.20 constant", "0.25 constant", "0.30 constant",
-    "0.10 spectrum", "0.20 spectrum", "0.25 spectrum", "0.30 spectrum",
-    "0.25 constant head",
-    "0.25 constant shared", "0.12 constant shared",
+    "0.20 constant", "0.20 spectrum",
+    "0.25 constant", "0.25 constant seed=43", "0.25 constant seed=44",
+    "0.25 spectrum", "0.25 spectrum seed=43", "0.25 spectrum seed=44",
+    "0.25 constant norescale",
+    "0.30 constant", "0.30 spectrum",
 ]
-"""``ratio schedule [head] [shared]``: ``head`` slices the states the head reads too; ``shared`` uses
-one rotation for the whole stream (no skip matrices)."""
+"""``ratio schedule [head] [shared] [norescale] [seed=N]``: ``head`` slices the states the head reads too;
+``shared`` uses one rotation for the whole stream (no skip matrices); ``norescale`` is SliceGPT's
+algorithm (``slice(..., rescale=False)``); ``seed`` draws other calibration windows."""
+
+REFERENCE = {"dense": 26.78, "0.20": 41.48, "0.25": 46.63}
+"""The reference SliceGPT on this protocol and stream; its 25% model has 140.65M parameters."""
 
 
 class PeakRSS:
@@ -77,14 +82,18 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
 
     import fxslice
     from fxslice import Rotate, fuse_norm, slice
-    from fxslice.data import calibration_batches
+    from fxslice.data import calibration_batches, join_rows
     from fxslice.eval import perplexity
     from fxslice.graph import unique_parameters
 
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
-    calibration = calibration_batches(tokenizer, VALID, n_samples=samples, seq_len=seq_len, batch_size=8, seed=42)
+    words = spec.split()
+    seed = int(next((w[5:] for w in words if w.startswith("seed=")), 42))
+    test = join_rows(TEST)
+    calibration = calibration_batches(tokenizer, join_rows(VALID), n_samples=samples, seq_len=seq_len,
+                                      batch_size=8, seed=seed)
     row: dict = {"row": spec}
 
     def dense_forward_s() -> float:
@@ -97,12 +106,12 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
     if spec == "dense":
         row["dense_forward_s"] = dense_forward_s()
         row["parameters"] = unique_parameters(model)
-        row["perplexity"] = perplexity(model, tokenizer, TEST, seq_len, max_windows=windows)
+        row["perplexity"] = perplexity(model, tokenizer, test, seq_len, max_windows=windows)
         return row
-    words = spec.split()
     ratio, schedule = float(words[0]), words[1]
     rotation = Rotate(shared="shared" in words, progress=False)
-    passes = [fuse_norm, rotation, slice(ratio, schedule=schedule, head="head" in words)]
+    passes = [fuse_norm, rotation, slice(ratio, schedule=schedule, head="head" in words,
+                                         rescale="norescale" not in words)]
     if memory:
         before = PeakRSS.now()
         with PeakRSS() as rss:
@@ -119,7 +128,7 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
     row["eigh_s"] = report["rotation"]["eigh_s"]
     row["parameters"] = report["parameters"]["after"]
     row["widths"] = [s["width_after"] for s in report["states"]]
-    row["perplexity"] = perplexity(compressed, tokenizer, TEST, seq_len, max_windows=windows)
+    row["perplexity"] = perplexity(compressed, tokenizer, test, seq_len, max_windows=windows)
     return row
 
 
@@ -151,31 +160,41 @@ def main() -> None:
             results = [json.loads(line) for line in rows if line.strip()]
         args.rows = [r["row"] for r in results]
     for spec in [] if args.table else args.rows:
-        results.append(run(spec, memory=False) | ({} if spec == "dense" else run(spec, memory=True)))
+        memory = spec != "dense" and "seed=" not in spec
+        results.append(run(spec, memory=False) | (run(spec, memory=True) if memory else {}))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     dense = next((r for r in results if r["row"] == "dense"), None)
     print(f"<!-- {machine()}, CPU, "
           f"command: python benchmarks/quality.py{'' if args.rows == ROWS else ' --rows ' + ' '.join(repr(r) for r in args.rows)}"
           f" --samples {args.samples} --seq-len {args.seq_len} --windows {args.windows} -->")
-    print("| configuration | perplexity | vs dense | parameters | vs dense | compression time | dense forward "
-          "(same process) | ratio (minus eigh) | peak RSS added | estimate: weights + 2 activations |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| configuration | perplexity | × dense | reference SliceGPT | parameters | × dense | compression time | "
+          "dense forward (same process) | ratio (minus eigh) | peak RSS added | estimate: weights + 2 activations |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r["row"] == "dense":
-            print(f"| dense | {r['perplexity']:.2f} | | {r['parameters'] / 1e6:.2f}M | | | "
+            print(f"| dense | {r['perplexity']:.2f} | 1.00× | {REFERENCE['dense']} | {r['parameters'] / 1e6:.2f}M | | | "
                   f"{r['dense_forward_s']:.1f} s | | | |")
             continue
-        ppl = f"{r['perplexity']:.2f}"
-        rel = f"{r['perplexity'] / dense['perplexity'] - 1:+.1%}" if dense else ""
-        prm = f"{r['parameters'] / 1e6:.2f}M"
+        rel = f"{r['perplexity'] / dense['perplexity']:.2f}×" if dense else ""
+        words = r["row"].split()
+        reference = REFERENCE.get(words[0], "") if len(words) == 2 and words[1] == "constant" else ""
         prel = f"{r['parameters'] / dense['parameters']:.3f}×" if dense else ""
-        # Rows saved before each row timed its own dense forward are divided by the dense row's.
-        forward = r.get("dense_forward_s") or (dense["dense_forward_s"] if dense else None)
-        ratio = f"{(r['compress_s'] - r['eigh_s']) / forward:.2f}" if forward else ""
-        estimate = r["compressed_weight_bytes"] + 2 * r["residual_activation_bytes"]
-        seconds = f"{forward:.1f} s" if forward else ""
-        print(f"| {r['row']} | {ppl} | {rel} | {prm} | {prel} | {r['compress_s']:.0f} s | {seconds} | {ratio} | "
-              f"{r['peak_rss_added'] / 2**20:.0f} MiB | {estimate / 2**20:.0f} MiB |")
+        forward = r["dense_forward_s"]
+        ratio = f"{(r['compress_s'] - r['eigh_s']) / forward:.2f}"
+        memory = (f"{r['peak_rss_added'] / 2**20:.0f} MiB | "
+                  f"{(r['compressed_weight_bytes'] + 2 * r['residual_activation_bytes']) / 2**20:.0f} MiB"
+                  if "peak_rss_added" in r else " | ")
+        print(f"| {r['row']} | {r['perplexity']:.2f} | {rel} | {reference} | {r['parameters'] / 1e6:.2f}M | {prel} | "
+              f"{r['compress_s']:.0f} s | {forward:.1f} s | {ratio} | {memory} |")
+    spread = {}
+    for r in results:
+        key = " ".join(w for w in r["row"].split() if not w.startswith("seed="))
+        spread.setdefault(key, []).append(r["perplexity"])
+    for key, values in spread.items():
+        if len(values) > 1:
+            mean = sum(values) / len(values)
+            print(f"\n{key}, {len(values)} calibration seeds: mean {mean:.2f}, range {min(values):.2f}–{max(values):.2f} "
+                  f"(spread {max(values) - min(values):.2f}, {(max(values) - min(values)) / mean:.1%} of the mean)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The public verb ``compile`` and the ``report`` it leaves behind."""
+"""The public verb ``compile`` and the ``report`` of what it did (read from the graph's plan)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,16 @@ from typing import Any, Sequence
 
 import torch
 
+from .calibrate import check_calibration
 from .capture import capture, is_hf_causal_lm
 from .graph import unique_parameters
 from .model import SlicedCausalLM, graph_module
-from .passes.base import APPLIED, LOG, FxslicePass, _order_problems, run_passes
-from .passes.fuse_norm import fuse_norm
-from .passes.rotate import Rotate, rotate
-from .passes.slice import Slice
-from .passes.slice import slice as slice_pass
-from .errors import PassOrderError
+from .passes import FxslicePass, fuse_norm, rotate, run_passes
+from .passes import slice as slice_pass
+from .passes.base import check_pipeline
+from .plan import plan_of
 
 __all__ = ["compile", "report"]
-
-PARAMETERS_BEFORE = "fxslice.parameters_before"
-
-
-def _bind_calibration(passes: list[FxslicePass], calibration: Any) -> list[FxslicePass]:
-    """Give ``rotate`` the calibration data, and the ``slice`` after it, so both run in one sweep."""
-    bound = list(passes)
-    for i, p in enumerate(bound):
-        if isinstance(p, Rotate):
-            following = next((q for q in bound[i + 1:] if isinstance(q, Slice)), None)
-            bound[i] = dataclasses.replace(p, calibration=calibration, slicing=following)
-    return bound
 
 
 def compile(  # noqa: A001 - the library's one verb
@@ -44,52 +31,49 @@ def compile(  # noqa: A001 - the library's one verb
     A Hugging Face causal LM comes back as a ``SlicedCausalLM`` (``.config``, ``out.logits``); any other
     module comes back as the rewritten ``torch.fx.GraphModule``, callable like the original. The model
     passed in is not modified. ``calibration`` (batches of model inputs) makes ``rotate`` use PCA of the
-    activations instead of random rotations. ``fxslice.report(result)`` describes what was done.
+    activations instead of random rotations. The same as
+    ``fxslice.passes.run_passes(fxslice.capture(model, example_inputs), passes, calibration=calibration)``,
+    with the pass list and the calibration data checked before the model is captured.
     """
     passes = list(passes)
-    problems = _order_problems(passes, [])
-    if problems:
-        raise PassOrderError("the pass list is not in a valid order: " + "; ".join(problems))
+    check_pipeline(passes, (), calibration is not None)
     if calibration is not None:
-        from .calibrate import check_calibration
-
         calibration = check_calibration(calibration, model, hf=is_hf_causal_lm(model))
-        passes = _bind_calibration(passes, calibration)
-    gm = capture(model, example_inputs)
-    gm.meta[PARAMETERS_BEFORE] = unique_parameters(model)
-    run_passes(gm, passes)
+    gm = run_passes(capture(model, example_inputs), passes, calibration=calibration)
     if is_hf_causal_lm(model):
         return SlicedCausalLM(gm, model.config)
     return gm
 
 
 def report(model: torch.nn.Module) -> dict[str, Any]:
-    """What ``compile`` did, as JSON-serialisable data.
+    """What was done to a compiled (or loaded) model, as JSON-serialisable data, from its plan.
 
-    ``states``: every residual state with its width before and after (and the variance kept, with PCA);
-    ``skipped``: regions left alone and why; ``parameters``: counts before and after, every parameter
-    counted once, inserted skip / bridge matrices included.
+    ``states``: every residual state with the module that writes it, its width before and after, where
+    its ``Q`` came from (and, with PCA, the variance kept); ``skipped``: regions left alone and why;
+    ``parameters``: counts before and after, every parameter counted once, inserted skip / bridge
+    matrices included.
     """
     gm = graph_module(model)
-    log = gm.meta.get(LOG, {})
-    states: dict[int, dict[str, Any]] = {}
-    for entry in log.get("rotate", {}).get("states", []):
-        states[entry["state"]] = dict(entry)
-    for entry in log.get("slice", {}).get("states", []):
-        states.setdefault(entry["state"], {}).update(entry)
-    skipped = []
-    for name in ("fuse_norm", "rotate"):
-        for entry in log.get(name, {}).get("skipped", []):
-            skipped.append({"pass": name, **entry})
-    before = gm.meta.get(PARAMETERS_BEFORE)
-    after = unique_parameters(gm)
+    plan = plan_of(gm)
+    states = []
+    for s in plan.states:
+        entry = {"state": s.state, "module": s.module, "width_before": s.width,
+                 "width_after": s.width if s.kept is None else s.kept, "q": s.q, "sources": s.sources, "sinks": s.sinks}
+        entry.update({k: v for k, v in (("kept_variance", s.kept_variance), ("norm_gain", s.norm_gain)) if v is not None})
+        states.append(entry)
+    rotation = None
+    if plan.rotation is not None:
+        q = sorted({s.q for s in plan.states if s.q is not None})
+        rotation = {"mode": plan.rotation, "q": q[0] if len(q) == 1 else q, **plan.details.get("rotate", {}),
+                    **{k: v for k, v in plan.timings.items() if k in ("rotate_s", "eigh_s")}}
+    before, after = plan.parameters_before, unique_parameters(gm)
     return {
-        "model": gm.meta.get("fxslice.model_class"),
-        "passes": list(gm.meta.get(APPLIED, [])),
-        "fuse_norm": log.get("fuse_norm"),
-        "rotation": {k: v for k, v in log.get("rotate", {}).items() if k not in ("states", "skipped")} or None,
-        "states": [states[i] for i in sorted(states)],
-        "skipped": skipped,
+        "model": plan.model_class,
+        "passes": [{"name": p.name, **p.kwargs} for p in plan.passes],
+        "fuse_norm": plan.details.get("fuse_norm"),
+        "rotation": rotation,
+        "states": states,
+        "skipped": [{"pass": s.pass_name, **{k: v for k, v in dataclasses.asdict(s).items() if k != "pass_name"}}
+                    for s in plan.skipped],
         "parameters": {"before": before, "after": after, "ratio": (after / before) if before else None},
     }
-

@@ -28,7 +28,7 @@ from .errors import CalibrationError
 from .graph import get_tensor
 from .rewrite import scale_normed_sinks
 
-__all__ = ["RESCALE_EXPONENT", "SPECTRUM_TOKENS", "Batch", "PCARotation", "check_calibration", "flat_inputs",
+__all__ = ["RESCALE_EXPONENT", "SPECTRUM_TOKENS", "Batch", "Batches", "PCARotation", "check_calibration", "flat_inputs",
            "first_tokens", "gram", "lost_fraction", "pca"]
 
 RESCALE_EXPONENT = 8.0
@@ -44,6 +44,10 @@ slice(0.10), 29.95 → 30.31 at 0.20, 33.96 → 34.16 at 0.25 (README, "Schedule
 
 Batch = tuple[tuple, dict]
 """One calibration batch as positional and keyword model inputs."""
+
+
+class Batches(tuple):
+    """Calibration batches ``check_calibration`` has validated (checking them again returns them as they are)."""
 
 
 def _as_batch(item: Any, index: int) -> Batch:
@@ -77,13 +81,15 @@ def _iterate(calibration: Any) -> list:
     return list(calibration)
 
 
-def check_calibration(calibration: Any, model: torch.nn.Module | None = None, hf: bool = False) -> list[Batch]:
+def check_calibration(calibration: Any, model: torch.nn.Module | None = None, hf: bool = False) -> Batches:
     """Materialise and validate calibration batches before any weight changes.
 
     Accepts an iterable of input dicts / tuples / tensors, a ``torch.utils.data.DataLoader`` or a
     tokenized ``datasets.Dataset``. Rejects empty data, non-finite values, keys the model does not take,
     and ``input_ids`` that are not non-empty 2-D integer tensors with a matching ``attention_mask``.
     """
+    if isinstance(calibration, Batches):
+        return calibration
     batches = [_as_batch(item, i) for i, item in enumerate(_iterate(calibration))]
     if not batches:
         raise CalibrationError("calibration data is empty")
@@ -113,7 +119,7 @@ def check_calibration(calibration: Any, model: torch.nn.Module | None = None, hf
                                        f"{tuple(getattr(mask, 'shape', ()))} does not match input_ids {tuple(ids.shape)}")
             if hf and mask is None:
                 kwargs["attention_mask"] = torch.ones_like(ids)
-    return batches
+    return Batches(batches)
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
@@ -328,6 +334,8 @@ class PCARotation:
     Per-state mode runs the sequential sweep described in the module docstring. ``shared=True``
     accumulates one covariance over every value the norms of a stream read, then rotates the stream once.
     """
+
+    name = "pca"
 
     def __init__(self, batches: list[Batch], shared: bool = False, progress: bool = True, rescale: float = 0.0):
         self.batches = batches

@@ -17,7 +17,8 @@ import torch.fx as fx
 from torch.export import Dim
 
 from .errors import CaptureError
-from .graph import aten, is_op
+from .graph import aten, is_op, unique_parameters
+from .plan import Plan, set_plan
 
 __all__ = ["HF_PREFIX", "capture", "export_graph", "is_hf_causal_lm"]
 
@@ -113,12 +114,13 @@ def capture(model: torch.nn.Module, example_inputs: Any = None) -> fx.GraphModul
     else:
         module = model
         args, kwargs = _normalise_inputs(model, example_inputs)
-    return export_graph(model, module, args, kwargs, _dynamic_shapes(module, args, kwargs), HF_PREFIX if hf else "")
+    return export_graph(model, module, args, kwargs, _dynamic_shapes(module, args, kwargs), hf)
 
 
 def export_graph(model: torch.nn.Module, module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
-                 prefix: str) -> fx.GraphModule:
-    """``torch.export`` ``module`` (which calls ``model``) in eval mode and tidy the result for the passes."""
+                 causal_lm: bool) -> fx.GraphModule:
+    """``torch.export`` ``module`` (which calls ``model``, as ``module.model`` for a causal LM) in eval mode
+    and tidy the result for the passes; the graph starts with an empty ``Plan``."""
     was_training = model.training
     model.eval()
     try:
@@ -139,8 +141,7 @@ def export_graph(model: torch.nn.Module, module: torch.nn.Module, args: tuple, k
         model.train(was_training)
     gm = program.module()
     _drop_metadata_asserts(gm)
-    gm.meta["fxslice.module_prefix"] = prefix
-    gm.meta["fxslice.model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
-    gm.meta["fxslice.applied"] = []
-    gm.meta["fxslice.log"] = {}
+    set_plan(gm, Plan(model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+                      kind="causal_lm" if causal_lm else "module", module_prefix=HF_PREFIX if causal_lm else "",
+                      parameters_before=unique_parameters(model)))
     return gm

@@ -154,17 +154,18 @@ def _generate(args) -> None:
 
 
 def _inspect(args) -> None:
-    from fxslice.analysis import bind_parameters, find_regions
+    from fxslice.analysis import bind_parameters, find_regions, written_by
     from fxslice.capture import capture
     from fxslice.errors import module_path
     from fxslice.loading import load_causal_lm
-    from fxslice.passes.rotate import _written_by
+    from fxslice.plan import plan_of
 
     model, _ = load_causal_lm(args.model, args.gguf_file)
     gm = capture(model)
-    prefix = gm.meta.get("fxslice.module_prefix", "")
+    plan = plan_of(gm)
+    prefix = plan.module_prefix
     regions = bind_parameters(gm, find_regions(gm))
-    summary = {"model": gm.meta.get("fxslice.model_class"), "regions": []}
+    summary = {"model": plan.model_class, "regions": []}
     for region in regions:
         summary["regions"].append({
             "region": region.index,
@@ -172,7 +173,7 @@ def _inspect(args) -> None:
             "reason": region.reason(),
             "norms": [module_path(n.output, prefix) for n in region.norms],
             "needs_centring": region.needs_centring,
-            "states": [{"state": s.index, "after": _written_by(s, prefix), "width": s.width,
+            "states": [{"state": s.index, "module": written_by(s, prefix), "width": s.width,
                         "sources": len(s.sources), "sinks": len(s.sinks)} for s in region.states],
             "skip_edges": len(region.skips),
         })

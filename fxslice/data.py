@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from .errors import CalibrationError
 
-__all__ = ["calibration_batches", "read_text", "tokenize_text", "windows_to_batches"]
+__all__ = ["calibration_batches", "join_rows", "read_text", "tokenize_text", "windows_to_batches"]
 
 
 def read_text(text_or_path: str | os.PathLike) -> str:
@@ -30,6 +30,20 @@ def read_text(text_or_path: str | os.PathLike) -> str:
     if not isinstance(text_or_path, str):
         raise CalibrationError(f"expected text or a path to a text file; got {type(text_or_path).__name__}")
     return text_or_path
+
+
+def join_rows(path: str | os.PathLike) -> str:
+    """A line-per-row dataset file as one text, its rows joined by blank lines (each row keeps its newline,
+    a blank row becomes empty): how the reference SliceGPT reads WikiText-2 for calibration and
+    evaluation alike, so perplexities measured on this stream are comparable with its numbers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"text file not found: {path}")
+    try:
+        with path.open(encoding="utf-8") as rows:
+            return "\n\n".join(row if row.strip() else "" for row in rows)
+    except (OSError, UnicodeDecodeError) as error:
+        raise CalibrationError(f"cannot read text file {path}: {error}") from error
 
 
 def tokenize_text(tokenizer: Any, text_or_path: str | os.PathLike) -> torch.Tensor:

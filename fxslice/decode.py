@@ -3,10 +3,9 @@
 The decoding graph is the same architecture captured with a static KV cache (``transformers.StaticCache``
 held in buffers the graph updates in place): ``(input_ids [B, T], attention_mask [B, past + T],
 position_ids [B, T], cache_position [T]) -> logits``. The sequence length is dynamic, so the prompt is
-prefilled in one call and each generated token is one call with ``T = 1``. The same structural edits as
-the compressed model's are replayed on it (``fuse_norm``; ``rotate`` keeping the weights; ``slice`` to the
-same widths) and then every weight is the *same tensor* as in the compressed model, so it costs no memory
-but the cache. It is built on the first ``generate`` call for each batch size.
+prefilled in one call and each generated token is one call with ``T = 1``. The compressed model's plan is
+replayed on it (``fxslice.replay``) and then every weight is the *same tensor* as in the compressed model,
+so it costs no memory but the cache. It is built on the first ``generate`` call for each batch size.
 """
 
 from __future__ import annotations
@@ -17,6 +16,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.export import Dim
+
+from .capture import HF_PREFIX, export_graph
+from .graph import get_tensor, set_tensor, tensor_targets
+from .loading import empty_causal_lm, match_buffer_dtypes
+from .plan import plan_of
+from .replay import replay
 
 __all__ = ["Session", "build_decoder", "cache_length"]
 
@@ -65,14 +70,9 @@ def cache_length(needed: int, limit: int) -> int:
 
 def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModule:
     """The decoding graph for ``compressed`` (a ``SlicedCausalLM``) at ``batch_size``, caching ``length`` tokens."""
-    from .capture import HF_PREFIX, export_graph
-    from .graph import get_tensor, set_tensor
-    from .io import _tensor_targets, empty_causal_lm, match_buffer_dtypes, replay
-    from .passes.base import LOG, RECIPE
-
     gm = compressed.graph_module
     base = empty_causal_lm(compressed.config, compressed.dtype)
-    match_buffer_dtypes(base, {t: get_tensor(gm, t).dtype for t in _tensor_targets(gm)}, HF_PREFIX)
+    match_buffer_dtypes(base, {t: get_tensor(gm, t).dtype for t in tensor_targets(gm)}, HF_PREFIX)
     module = _CachedCausalLMCall(base, batch_size, length)
     example = 5
     kwargs = {
@@ -86,11 +86,9 @@ def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModu
               "cache_position": {0: tokens}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        decoder = export_graph(base, module, (), kwargs, shapes, HF_PREFIX)
-        widths = [s["width_after"] for s in _states(gm.meta.get(LOG, {}))]
-        replay(decoder, gm.meta.get(RECIPE, []), widths)
-    shared = set(_tensor_targets(gm))
-    for target in _tensor_targets(decoder):
+        decoder = replay(export_graph(base, module, (), kwargs, shapes, causal_lm=True), plan_of(gm))
+    shared = set(tensor_targets(gm))
+    for target in tensor_targets(decoder):
         if target in shared:
             mine, theirs = get_tensor(decoder, target), get_tensor(gm, target)
             if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
@@ -116,14 +114,6 @@ def _verify(decoder: fx.GraphModule, gm: fx.GraphModule, batch: int, vocab: int)
     error = max((prefill - full[:, :6]).abs().max() / scale, (step - full[:, 6:]).abs().max() / scale).item()
     if not error <= tolerance:
         raise RuntimeError(f"the cached decoding graph does not reproduce the model (relative error {error:.2g})")
-
-
-def _states(log: dict) -> list[dict]:
-    states: dict[int, dict] = {}
-    for name in ("rotate", "slice"):
-        for entry in log.get(name, {}).get("states", []):
-            states.setdefault(entry["state"], {}).update(entry)
-    return [states[i] for i in sorted(states)]
 
 
 class Session:

@@ -51,10 +51,10 @@ def _source_line(node: fx.Node) -> str:
 
 def describe_node(node: fx.Node) -> str:
     """One line that lets a user find ``node``: its FX form, the module path and the source line."""
-    prefix = ""
+    from .plan import plan_of
+
     gm = node.graph.owning_module
-    if gm is not None:
-        prefix = getattr(gm, "meta", {}).get("fxslice.module_prefix", "")
+    prefix = plan_of(gm).module_prefix if isinstance(gm, fx.GraphModule) else ""
     text = f"node {node.format_node()!s} in module '{module_path(node, prefix)}'"
     line = _source_line(node)
     return f"{text} ({line})" if line else text

@@ -19,6 +19,7 @@ __all__ = [
     "refresh_shapes",
     "remove_unused_attributes",
     "set_tensor",
+    "tensor_targets",
     "unique_parameters",
     "val",
 ]
@@ -75,6 +76,12 @@ def add_parameter(gm: fx.GraphModule, hint: str, tensor: torch.Tensor, before: f
         node = gm.graph.get_attr(f"{INSERTED}.{name}")
     node.meta["val"] = tensor
     return node
+
+
+def tensor_targets(gm: fx.GraphModule) -> list[str]:
+    """The sorted ``get_attr`` targets of ``gm`` that are tensors: every tensor the graph reads."""
+    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    return sorted(t for t in targets if isinstance(get_tensor(gm, t), torch.Tensor))
 
 
 def unique_parameters(module: torch.nn.Module) -> int:

@@ -3,14 +3,15 @@
 A saved directory holds
 
 * ``model.safetensors``: every tensor the graph reads (parameters, buffers, constants), by attribute path;
-* ``fxslice.json``: format version, library versions, the model class, the passes with their options, the
-  width of every residual state, a fingerprint of the rewritten graph and the compile report;
+* ``fxslice.json``: format version, library versions, the graph's ``Plan`` (the passes with their
+  options, per residual state its ``Q``'s origin and width), the dtypes of the tensors and a fingerprint
+  of the rewritten graph;
 * for Hugging Face models, ``config.json`` (and the tokenizer's files when one is given).
 
 ``load`` rebuilds the original architecture from ``config.json`` with uninitialised weights, captures it,
-replays the structural edits (``fuse_norm``; ``rotate`` with ``KeepWeights``, so no rotation is computed;
-``slice`` with the saved widths), checks the fingerprint and assigns the saved tensors. No calibration
-data or PCA is needed and the logits are bitwise identical to the saved model's.
+replays the plan (``fxslice.replay``: no rotation is computed), checks the fingerprint and assigns the
+saved tensors. No calibration data or PCA is needed and the logits are bitwise identical to the saved
+model's.
 """
 
 from __future__ import annotations
@@ -29,18 +30,17 @@ import torch.fx as fx
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .api import PARAMETERS_BEFORE, report
 from .capture import HF_PREFIX, capture
 from .errors import UnsupportedGraphError
-from .graph import get_tensor, set_tensor
+from .graph import get_tensor, set_tensor, tensor_targets
+from .loading import empty_causal_lm, match_buffer_dtypes
 from .model import SlicedCausalLM, graph_module
-from .passes import FuseNorm, Rotate, Slice
-from .passes.base import LOG, RECIPE, run_passes
-from .passes.rotate import KeepWeights
+from .plan import Plan, plan_of
+from .replay import replay
 
-__all__ = ["empty_causal_lm", "load", "match_buffer_dtypes", "replay", "save"]
+__all__ = ["fingerprint", "load", "save"]
 
-FORMAT = 1
+FORMAT = 2
 RECIPE_FILE = "fxslice.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -48,15 +48,10 @@ WEIGHTS_FILE = "model.safetensors"
 def fingerprint(gm: fx.GraphModule) -> str:
     """sha256 of the generated code and of every tensor's name, shape and dtype."""
     digest = hashlib.sha256(gm.code.encode())
-    for target in sorted(_tensor_targets(gm)):
+    for target in tensor_targets(gm):
         tensor = get_tensor(gm, target)
         digest.update(f"{target}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
     return digest.hexdigest()
-
-
-def _tensor_targets(gm: fx.GraphModule) -> list[str]:
-    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    return sorted(t for t in targets if isinstance(get_tensor(gm, t), torch.Tensor))
 
 
 def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
@@ -72,7 +67,7 @@ def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = 
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
     tensors, aliases = {}, {}
     seen: dict[tuple, str] = {}
-    for target in _tensor_targets(gm):
+    for target in tensor_targets(gm):
         tensor = get_tensor(gm, target).detach()
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if key in seen:
@@ -86,16 +81,11 @@ def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = 
     recipe = {
         "format": FORMAT,
         "versions": {"fxslice": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "kind": "causal_lm" if isinstance(model, SlicedCausalLM) else "module",
-        "model_class": gm.meta.get("fxslice.model_class"),
+        "plan": plan_of(gm).to_json(),
         "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-        "passes": gm.meta.get(RECIPE, []),
-        "widths": [s["width_after"] for s in report(model)["states"]],
         "aliases": aliases,
-        "dtypes": {target: str(get_tensor(gm, target).dtype).removeprefix("torch.") for target in _tensor_targets(gm)},
+        "dtypes": {target: str(get_tensor(gm, target).dtype).removeprefix("torch.") for target in tensor_targets(gm)},
         "fingerprint": fingerprint(gm),
-        "parameters_before": gm.meta.get(PARAMETERS_BEFORE),
-        "log": gm.meta.get(LOG, {}),
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
@@ -132,19 +122,11 @@ def _read_recipe(directory: Path) -> dict:
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
         raise UnsupportedGraphError(f"{path} has format {recipe.get('format') if isinstance(recipe, dict) else '?'}; "
                                     f"this fxslice reads format {FORMAT}")
+    try:
+        recipe["plan"] = Plan.from_json(recipe["plan"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise UnsupportedGraphError(f"{path} holds no readable plan ({type(error).__name__}: {error})") from error
     return recipe
-
-
-def _replay(recipe: dict) -> list:
-    options = {p["name"]: p for p in recipe["passes"]}
-    passes: list = []
-    if "fuse_norm" in options:
-        passes.append(FuseNorm())
-    if "rotate" in options:
-        passes.append(Rotate(shared=bool(options["rotate"].get("shared")), rotation=KeepWeights(), progress=False))
-    if "slice" in options:
-        passes.append(Slice(widths=dict(enumerate(recipe["widths"]))))
-    return passes
 
 
 def _rebuild_causal_lm(directory: Path, dtype: torch.dtype):
@@ -157,35 +139,6 @@ def _rebuild_causal_lm(directory: Path, dtype: torch.dtype):
     return empty_causal_lm(config, dtype), config
 
 
-def empty_causal_lm(config: Any, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The architecture of ``config`` with uninitialised weights (allocated, never randomly initialised)."""
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = model.to_empty(device=device).eval()
-    model.tie_weights()  # to_empty gives every parameter fresh storage; restore the config's ties
-    return model
-
-
-def match_buffer_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype], prefix: str) -> None:
-    """Give ``model``'s buffers the dtypes the saved graph read them in (e.g. float32 rotary tables in a
-    float64 model), so the graph captured from it is the same graph."""
-    for name, buffer in list(model.named_buffers()):
-        dtype = dtypes.get(prefix + name)
-        if dtype is not None and buffer.dtype != dtype:
-            owner, _, leaf = name.rpartition(".")
-            module = model.get_submodule(owner) if owner else model
-            module._buffers[leaf] = buffer.to(dtype)
-
-
-def replay(gm: fx.GraphModule, specs: list[dict], widths: list[int]) -> None:
-    """Rebuild on ``gm`` the structure the passes in ``specs`` produced, without computing rotations."""
-    run_passes(gm, _replay({"passes": specs, "widths": widths}))
-
-
 def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, example_inputs: Any = None) -> torch.nn.Module:
     """Load a directory written by ``fxslice.save``.
 
@@ -195,19 +148,19 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
     """
     directory = Path(directory)
     recipe = _read_recipe(directory)
+    plan: Plan = recipe["plan"]
     dtype = getattr(torch, recipe.get("dtype", "float32"))
     config = None
-    if recipe["kind"] == "causal_lm":
+    if plan.kind == "causal_lm":
         model, config = _rebuild_causal_lm(directory, dtype)
         match_buffer_dtypes(model, {k: getattr(torch, v) for k, v in recipe.get("dtypes", {}).items()}, HF_PREFIX)
     elif model is None:
-        raise UnsupportedGraphError(f"{directory} holds a compiled {recipe.get('model_class')}; pass model=<an "
+        raise UnsupportedGraphError(f"{directory} holds a compiled {plan.model_class}; pass model=<an "
                                     "instance of that class> and example_inputs=... to fxslice.load")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            gm = capture(model, example_inputs)
-            run_passes(gm, _replay(recipe))
+            gm = replay(capture(model, example_inputs), plan)
         except UnsupportedGraphError as error:
             source = directory / "config.json" if config is not None else f"the {type(model).__name__} passed in"
             raise UnsupportedGraphError(f"cannot rebuild the saved graph from {source}: {error}") from error
@@ -224,7 +177,7 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
             f"the graph rebuilt from {directory} differs from the one saved (fingerprint mismatch); it was saved "
             f"with {recipe.get('versions')} — load it with those versions of torch and transformers"
         )
-    expected = _tensor_targets(gm)
+    expected = tensor_targets(gm)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise UnsupportedGraphError(f"{weights_path} lacks {len(missing)} tensors the rebuilt graph needs, e.g. {missing[:3]}")
@@ -238,7 +191,5 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
         source = recipe.get("aliases", {}).get(target, target)
         shared.setdefault(source, tensors[target])
         set_tensor(gm, target, shared[source])
-    gm.meta[LOG] = recipe.get("log", {})
-    gm.meta[PARAMETERS_BEFORE] = recipe.get("parameters_before")
     return SlicedCausalLM(gm, config) if config is not None else gm
 

@@ -1,4 +1,5 @@
-"""Loading a local Hugging Face causal LM and its tokenizer (a model directory, or a GGUF file in one)."""
+"""Building Hugging Face causal LMs: from a local directory (or a GGUF file in one) with their tokenizer, or
+as an empty architecture that a saved compressed model is replayed onto."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from .errors import UnsupportedGraphError
 
-__all__ = ["load_causal_lm"]
+__all__ = ["empty_causal_lm", "load_causal_lm", "match_buffer_dtypes"]
 
 
 def load_causal_lm(path: str | os.PathLike, gguf_file: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -40,3 +41,27 @@ def load_causal_lm(path: str | os.PathLike, gguf_file: str | None = None, dtype:
         except (OSError, ValueError) as error:
             raise UnsupportedGraphError(f"cannot load a causal LM from {path}: {error}") from error
     return model.eval(), tokenizer
+
+
+def empty_causal_lm(config: Any, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The architecture of ``config`` with uninitialised weights (allocated, never randomly initialised)."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model.to_empty(device=device).eval()
+    model.tie_weights()  # to_empty gives every parameter fresh storage; restore the config's ties
+    return model
+
+
+def match_buffer_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype], prefix: str) -> None:
+    """Give ``model``'s buffers the dtypes the saved graph read them in (e.g. float32 rotary tables in a
+    float64 model), so the graph captured from it is the same graph."""
+    for name, buffer in list(model.named_buffers()):
+        dtype = dtypes.get(prefix + name)
+        if dtype is not None and buffer.dtype != dtype:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            module._buffers[leaf] = buffer.to(dtype)

@@ -10,6 +10,7 @@ import torch
 
 import fxslice
 from fxslice import UnsupportedGraphError, fuse_norm, rotate, slice
+from fxslice.plan import plan_of
 from hf_zoo import tiny_model
 from strategies import Arch, TinyLM, example_ids
 
@@ -31,8 +32,9 @@ def test_directory_holds_weights_recipe_and_config_and_no_pickle(saved):
     _, directory = saved
     assert sorted(p.name for p in directory.iterdir()) == ["config.json", "fxslice.json", "model.safetensors"]
     recipe = json.loads((directory / "fxslice.json").read_text())
-    assert [p["name"] for p in recipe["passes"]] == ["fuse_norm", "rotate", "slice"]
-    assert len(recipe["widths"]) == 9 and recipe["kind"] == "causal_lm" and len(recipe["fingerprint"]) == 64
+    plan = recipe["plan"]
+    assert [p["name"] for p in plan["passes"]] == ["fuse_norm", "rotate", "slice"]
+    assert len(plan["states"]) == 9 and plan["kind"] == "causal_lm" and len(recipe["fingerprint"]) == 64
     assert not list(directory.parent.glob(".model.partial-*")), "a staging directory was left behind"
 
 
@@ -55,6 +57,7 @@ def test_loaded_model_reports_the_same(saved):
     loaded = fxslice.load(directory)
     assert fxslice.report(loaded)["states"] == fxslice.report(compiled)["states"]
     assert fxslice.report(loaded)["parameters"] == fxslice.report(compiled)["parameters"]
+    assert plan_of(loaded.graph_module) == plan_of(compiled.graph_module)
 
 
 def test_existing_directory_is_kept_unless_overwrite(saved, tmp_path):

@@ -5,7 +5,7 @@ Nothing here changes a graph; the passes in ``fxslice.passes`` act on what these
 
 from .norms import FUSED_NORM, FusedNorm, Norm, find_norms
 from .ops import ParamAxis, ShapeLiteral, WeightUse, stream_step, weight_use
-from .regions import Blocker, Region, Sink, Source, State, bind_parameters, find_regions
+from .regions import Blocker, Region, Sink, Source, State, bind_parameters, find_regions, written_by
 
 __all__ = [
     "FUSED_NORM",
@@ -24,4 +24,5 @@ __all__ = [
     "find_regions",
     "stream_step",
     "weight_use",
+    "written_by",
 ]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import torch.fx as fx
 
-from ..errors import describe_node
+from ..errors import describe_node, module_path
 from ..graph import val
 from .norms import Norm, find_norms
 from .ops import ParamAxis, ShapeLiteral, StepKind, WeightUse, last_dim, stream_step, weight_use
@@ -40,6 +40,7 @@ __all__ = [
     "find_regions",
     "output_heads",
     "parameter_uses",
+    "written_by",
 ]
 
 
@@ -489,3 +490,9 @@ def output_heads(gm: fx.GraphModule) -> set[fx.Node]:
         else:
             stack.extend(node.all_input_nodes)
     return heads
+
+
+def written_by(state: State, prefix: str = "") -> str:
+    """The module that last writes ``state`` (``model.layers.3.mlp.down_proj``): how reports name it."""
+    own = [s.node for s in state.sources if not s.coupled and not s.node.meta.get(SKIP_EDGE)]
+    return module_path(own[-1] if own else state.anchor, prefix)

@@ -2,10 +2,12 @@
 
 ``fuse_norm``, ``rotate`` and ``slice(ratio)`` are ready-made; their classes ``FuseNorm``, ``Rotate`` and
 ``Slice`` take options (``Rotate(shared=True)``, ``Slice(widths=…)``). ``REGISTRY`` maps pass names to
-classes, as used by saved recipes and the command line.
+classes: a saved plan is replayed through it (``fxslice.replay``). ``run_passes(gm, passes,
+calibration=batches)`` runs a pipeline; ``calibrated(gm, batches, passes)`` gives torch's PassManager
+the same context.
 """
 
-from .base import FxslicePass, PassResult, run_passes
+from .base import FxslicePass, PassResult, calibrated, run_passes
 from .fuse_norm import FuseNorm, fuse_norm
 from .rotate import RandomRotation, Rotate, RotationSource, random_orthogonal, rotate
 from .slice import Slice, slice  # noqa: A004 - `slice(0.25)` is the documented spelling
@@ -21,6 +23,7 @@ __all__ = [
     "Rotate",
     "RotationSource",
     "Slice",
+    "calibrated",
     "fuse_norm",
     "random_orthogonal",
     "rotate",

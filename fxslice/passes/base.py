@@ -1,16 +1,26 @@
-"""What every fxslice pass shares: declared order, the checks after each pass, and its log entry.
+"""What every fxslice pass shares: declared order, the pipeline context, the checks after each pass.
 
-A pass is a callable ``GraphModule -> PassResult`` (torch.fx's own type), so it also runs under
-``torch.fx.passes.infra.pass_manager.PassManager``. Order is data: ``requires`` names the passes that
-must have run before; ``run_passes`` checks the whole list before anything runs and reports every
-violation at once.
+A pass is a frozen dataclass of options and a callable ``GraphModule -> PassResult`` (torch.fx's own
+type), so it also runs under ``torch.fx.passes.infra.pass_manager.PassManager``. Order is data:
+``requires`` names the passes that must have run before; ``run_passes`` checks the whole list before
+anything runs and reports every violation at once. Each pass reads the graph's ``Plan`` and leaves a new
+one with its own ``PassSpec`` appended.
+
+Calibration data is not an option of any pass: it is the *context* of a pipeline, attached to the graph
+for the time the passes run (``calibrated``; ``run_passes(..., calibration=)`` and ``fxslice.compile``
+attach it the same way). The context also holds the pass list, because a calibrated ``rotate`` computes
+each state's ``Q`` from activations of the model whose earlier states are already sliced, so it applies
+the ``slice`` that follows it state by state inside its own sweep. Replaying a saved plan is a context
+too: the passes then rebuild the structure (skip matrices, widths) the plan records, computing nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from typing import Any, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
@@ -18,15 +28,75 @@ from torch.fx.passes.infra.pass_base import PassResult
 from ..analysis.regions import find_regions
 from ..errors import PassOrderError, UnsupportedGraphError
 from ..graph import eliminate_dead_code, get_tensor, refresh_shapes, remove_unused_attributes
+from ..plan import PassSpec, Plan, Skipped, plan_of, set_plan
 
-__all__ = ["APPLIED", "LOG", "RECIPE", "FxslicePass", "PassResult", "check_invariants", "run_passes", "skipped_regions"]
+__all__ = ["CONTEXT", "Context", "FxslicePass", "PassResult", "calibrated", "check_invariants", "context_of",
+           "order_problems", "replaying", "run_passes", "skipped_regions"]
 
-APPLIED = "fxslice.applied"
-"""``gm.meta`` key: names of the passes applied so far, in order."""
-LOG = "fxslice.log"
-"""``gm.meta`` key: per-pass JSON-serialisable records, read by ``fxslice.report``."""
-RECIPE = "fxslice.recipe"
-"""``gm.meta`` key: the passes applied with their options (``FxslicePass.spec``), saved by ``fxslice.save``."""
+CONTEXT = "fxslice.context"
+"""``gm.meta`` key of the ``Context`` while a pipeline runs (never saved)."""
+
+_JSON = (type(None), bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a pipeline's passes may read besides the graph: calibration batches (validated, see
+    ``fxslice.calibrate.check_calibration``), the pass list they serve, or a plan being replayed."""
+
+    calibration: tuple = ()
+    passes: tuple = ()
+    replay: Plan | None = None
+
+    def following(self, p: Any, name: str) -> Any:
+        """The first pass called ``name`` after ``p`` in the pipeline, or None."""
+        later = False
+        for q in self.passes:
+            if later and q.name == name:
+                return q
+            later = later or q is p
+        return None
+
+
+def context_of(gm: fx.GraphModule) -> Context:
+    return gm.meta.get(CONTEXT) or Context()
+
+
+@contextlib.contextmanager
+def _attached(gm: fx.GraphModule, context: Context) -> Iterator[fx.GraphModule]:
+    previous = gm.meta.get(CONTEXT)
+    gm.meta[CONTEXT] = context
+    try:
+        yield gm
+    finally:
+        if previous is None:
+            gm.meta.pop(CONTEXT, None)
+        else:
+            gm.meta[CONTEXT] = previous
+
+
+def calibrated(gm: fx.GraphModule, calibration: Any, passes: Sequence[Any]):
+    """Context manager: while it is open, ``passes`` run on ``gm`` calibrate on ``calibration``.
+
+    This is how torch's ``PassManager`` gets the data::
+
+        passes = [fuse_norm, rotate, slice(0.25)]
+        with fxslice.passes.calibrated(gm, batches, passes):
+            gm = PassManager(passes)(gm).graph_module
+
+    ``calibration`` is validated against the graph's inputs first (``CalibrationError`` before anything
+    changes); ``run_passes(gm, passes, calibration=batches)`` and ``fxslice.compile`` do exactly this.
+    """
+    from ..calibrate import check_calibration
+
+    batches = check_calibration(calibration, gm, hf=plan_of(gm).kind == "causal_lm")
+    return _attached(gm, Context(calibration=batches, passes=tuple(passes)))
+
+
+def replaying(gm: fx.GraphModule, plan: Plan):
+    """Context manager: passes run inside it rebuild the structure ``plan`` records, without computing
+    rotations (the weights are loaded afterwards)."""
+    return _attached(gm, Context(replay=plan))
 
 
 class FxslicePass:
@@ -35,37 +105,51 @@ class FxslicePass:
     name: ClassVar[str] = "pass"
     requires: ClassVar[tuple[type, ...]] = ()
 
-    def run(self, gm: fx.GraphModule) -> dict[str, Any]:  # pragma: no cover - abstract
+    def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:  # pragma: no cover - abstract
+        """Rewrite ``gm`` and return ``plan`` with this pass's changes (``Plan.with_pass(self.spec(), ...)``)."""
         raise NotImplementedError
 
-    def spec(self) -> dict[str, Any]:
-        """The pass and its JSON-expressible options (data and callables are left out)."""
+    def needs_calibration(self) -> str | None:
+        """Why this pass cannot run without calibration data, or None when it can."""
+        return None
+
+    def spec(self, **resolved: Any) -> PassSpec:
+        """This pass and its JSON-expressible options (``resolved`` replaces options only known after running)."""
         options = {}
         for f in dataclasses.fields(self) if dataclasses.is_dataclass(self) else ():
-            value = getattr(self, f.name)
-            if value is None or isinstance(value, (bool, int, float, str)):
-                options[f.name] = value
-        return {"name": self.name, **options}
+            value = resolved.get(f.name, getattr(self, f.name))
+            if isinstance(value, _JSON) or (isinstance(value, (list, tuple)) and all(isinstance(v, _JSON) for v in value)):
+                options[f.name] = tuple(value) if isinstance(value, list) else value
+        return PassSpec(self.name, tuple(options.items()))
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        applied = gm.meta.setdefault(APPLIED, [])
-        problems = _order_problems([self], applied)
+        plan = plan_of(gm)
+        problems = order_problems([self], plan.applied)
         if problems:
             raise PassOrderError("cannot run this pass here: " + "; ".join(problems))
-        record = self.run(gm)
+        context = context_of(gm)
+        why = self.needs_calibration()
+        if why and not context.calibration and context.replay is None:
+            raise UnsupportedGraphError(_calibration_hint(self, why))
+        after = self.run(gm, plan, context)
         eliminate_dead_code(gm)
         remove_unused_attributes(gm)
         gm.graph.lint()
         gm.recompile()
         refresh_shapes(gm)
-        applied.append(self.name)
-        gm.meta.setdefault(RECIPE, []).append(self.spec())
-        gm.meta.setdefault(LOG, {})[self.name] = record
+        set_plan(gm, after)
         check_invariants(gm)
-        return PassResult(gm, bool(record.get("modified", True)))
+        return PassResult(gm, True)
 
 
-def _order_problems(passes: Sequence[Any], applied: Sequence[str]) -> list[str]:
+def _calibration_hint(p: FxslicePass, why: str) -> str:
+    return (f"{p.name}: {why}. Give calibration data: fxslice.compile(model, passes, calibration=batches), "
+            "fxslice.passes.run_passes(gm, passes, calibration=batches), or under torch's PassManager "
+            "`with fxslice.passes.calibrated(gm, batches, passes): PassManager(passes)(gm)`")
+
+
+def order_problems(passes: Sequence[Any], applied: Sequence[str]) -> list[str]:
+    """Every way ``passes``, run after the passes named in ``applied``, break the declared order."""
     problems = []
     done = list(applied)
     for position, p in enumerate(passes):
@@ -82,47 +166,63 @@ def _order_problems(passes: Sequence[Any], applied: Sequence[str]) -> list[str]:
     return problems
 
 
-def run_passes(gm: fx.GraphModule, passes: Sequence[FxslicePass]) -> fx.GraphModule:
-    """Run ``passes`` in order after checking the order; a failure names the pass and those before it."""
-    problems = _order_problems(passes, gm.meta.get(APPLIED, []))
+def check_pipeline(passes: Sequence[Any], applied: Sequence[str], calibration: bool) -> None:
+    """Raise before anything runs: ``PassOrderError`` listing every order violation, or
+    ``UnsupportedGraphError`` for a pass that needs calibration data when there is none."""
+    problems = order_problems(passes, applied)
     if problems:
         raise PassOrderError("the pass list is not in a valid order: " + "; ".join(problems))
-    for position, p in enumerate(passes):
-        try:
-            p(gm)
-        except UnsupportedGraphError:
-            raise
-        except Exception as error:
-            before = ", ".join(q.name for q in passes[:position]) or "none"
-            raise RuntimeError(
-                f"fxslice pass '{p.name}' failed (passes before it: {before}); this is a bug in fxslice, "
-                f"please report it with the model: {type(error).__name__}: {error}"
-            ) from error
+    for p in passes:
+        why = p.needs_calibration()
+        if why and not calibration:
+            raise UnsupportedGraphError(_calibration_hint(p, why))
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[FxslicePass], calibration: Any = None) -> fx.GraphModule:
+    """Run ``passes`` on ``gm`` in order, calibrating on ``calibration`` (batches of model inputs) if given.
+
+    The order and the need for calibration are checked before anything runs; a failure names the pass
+    and those before it. The same passes and data give the same model as ``fxslice.compile``.
+    """
+    passes = list(passes)
+    check_pipeline(passes, plan_of(gm).applied, calibration is not None)
+    attached = calibrated(gm, calibration, passes) if calibration is not None else contextlib.nullcontext()
+    with attached:
+        for position, p in enumerate(passes):
+            try:
+                p(gm)
+            except UnsupportedGraphError:
+                raise
+            except Exception as error:
+                before = ", ".join(q.name for q in passes[:position]) or "none"
+                raise RuntimeError(
+                    f"fxslice pass '{p.name}' failed (passes before it: {before}); this is a bug in fxslice, "
+                    f"please report it with the model: {type(error).__name__}: {error}"
+                ) from error
     return gm
 
 
-def skipped_regions(regions, strict: bool, what: str) -> list[dict[str, Any]]:
+def skipped_regions(regions, strict: bool, what: str) -> tuple[Skipped, ...]:
     """Log (or, with ``strict``, raise for) every region that cannot be transformed."""
     if not regions:
         raise UnsupportedGraphError(
             f"{what}: the graph has no residual stream (no normalisation reads a value that a residual add "
             "joins); fxslice compresses pre-norm transformer models"
         )
-    skipped = [{"region": r.index, "width": r.width, "reason": r.reason()} for r in regions if r.reason()]
+    skipped = tuple(Skipped(what, r.index, r.width, r.reason()) for r in regions if r.reason())
     if skipped and strict:
-        raise UnsupportedGraphError(f"{what}: " + " | ".join(s["reason"] for s in skipped))
+        raise UnsupportedGraphError(f"{what}: " + " | ".join(s.reason for s in skipped))
     if skipped and len(skipped) == len(regions):
         raise UnsupportedGraphError(f"{what}: no residual stream can be transformed: "
-                                    + " | ".join(s["reason"] for s in skipped))
+                                    + " | ".join(s.reason for s in skipped))
     for s in skipped:
-        warnings.warn(f"fxslice {what}: region {s['region']} left unchanged: {s['reason']}", stacklevel=3)
+        warnings.warn(f"fxslice {what}: region {s.region} left unchanged: {s.reason}", stacklevel=3)
     return skipped
 
 
 def check_invariants(gm: fx.GraphModule) -> None:
     """Every residual state agrees on one width: its values and every weight axis bound to it."""
-    rotated = gm.meta.get("fxslice.rotation")
-    regions = find_regions(gm, shared=bool(rotated and rotated.get("shared")))
+    regions = find_regions(gm, shared=plan_of(gm).rotation == "shared")
     for region in regions:
         if region.reason():
             continue

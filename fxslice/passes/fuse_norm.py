@@ -29,7 +29,8 @@ from ..analysis.regions import Region, find_regions, parameter_uses
 from ..errors import UnsupportedGraphError, module_path
 from ..graph import add_parameter, aten, eliminate_dead_code, get_tensor, refresh_shapes, set_tensor, val
 from ..rewrite import emit_norm, insert_linear, multiply_axis, scale_axis
-from .base import FxslicePass, skipped_regions
+from ..plan import Plan, plan_of
+from .base import Context, FxslicePass, skipped_regions
 
 __all__ = ["FuseNorm", "fuse_norm"]
 
@@ -83,12 +84,12 @@ class FuseNorm(FxslicePass):
     strict: bool = False
     name = "fuse_norm"
 
-    def run(self, gm: fx.GraphModule) -> dict[str, Any]:
+    def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
         post_norms = self._norm_sources_to_linears(gm)
         regions = find_regions(gm)
         skipped = skipped_regions(regions, self.strict, "fuse_norm")
         uses = _uses_by_tensor(gm)
-        record: dict[str, Any] = {"regions": [], "skipped": skipped, "post_norms": post_norms}
+        record: dict[str, Any] = {"regions": [], "post_norms": post_norms}
         fusable = [r for r in regions if not r.reason()]
         bridged = {s.use.node for r in fusable for s in r.sinks if s.norm is not None}
         conflicts = {r.index: _centring_conflict(r, uses, bridged) for r in fusable}
@@ -110,7 +111,7 @@ class FuseNorm(FxslicePass):
                 centring = _centring(region.width)
                 for side in {side for source in region.sources for side in source.sides()}:
                     multiply_axis(gm, side, centring)  # W_out ← W_out C: every write to the stream is zero-mean
-        return record
+        return plan.with_pass(self.spec(), skipped=plan.skipped + skipped, details={"fuse_norm": record})
 
     def _fold_norms(self, gm: fx.GraphModule, region: Region, uses: dict, centred_sides: set) -> list[fx.Node]:
         """Fold each norm's γ, β into the linears reading it (or bridge a shared one); return the bridged."""
@@ -182,7 +183,7 @@ class FuseNorm(FxslicePass):
 
 def _where(node: fx.Node) -> str:
     """Inserted parameters are named after the module they serve, so every capture names them alike."""
-    return module_path(node, node.graph.owning_module.meta.get("fxslice.module_prefix", ""))
+    return module_path(node, plan_of(node.graph.owning_module).module_prefix)
 
 
 def _centring_conflict(region: Region, uses: dict, bridged: set) -> str | None:

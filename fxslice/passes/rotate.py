@@ -6,10 +6,10 @@ starts as the identity: it is a sink of ``i`` and a source of ``j``, so folding 
 leaves ``Q_iᵀ Q_j`` there with no special case. ``Rotate(shared=True)`` uses one ``Q`` per stream and
 inserts nothing (QuaRot-style).
 
-Where ``Q`` comes from is pluggable: a seeded random orthogonal matrix without calibration data (exact,
-for tests), PCA of the activations when ``calibration`` is given (``fxslice.calibrate``). When a
-``Slice`` is attached (``compile`` does this when ``slice`` follows ``rotate`` and there is calibration
-data), each state is sliced right after its rotation, so the next state's PCA sees the sliced model.
+Where ``Q`` comes from is pluggable (``RotationSource``): a seeded random orthogonal matrix without
+calibration data (exact, for tests), PCA of the activations when the pipeline has calibration data
+(``fxslice.calibrate``). With calibration data, the ``slice`` that follows in the pipeline is applied to
+each state right after its rotation, so the next state's PCA sees the sliced model (one sweep).
 """
 
 from __future__ import annotations
@@ -22,29 +22,31 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.fx as fx
 
-from ..analysis.regions import SKIP_EDGE, Blocker, Region, State, bind_parameters, find_regions
-from ..errors import UnsupportedGraphError, module_path
+from ..analysis.regions import SKIP_EDGE, Blocker, Region, State, bind_parameters, find_regions, written_by
+from ..errors import UnsupportedGraphError
 from ..graph import refresh_shapes, val
+from ..plan import Plan, StatePlan
 from ..rewrite import insert_linear, rotate_state, slice_state
-from .base import FxslicePass, skipped_regions
+from .base import Context, FxslicePass, skipped_regions
 from .fuse_norm import FuseNorm
 
-__all__ = ["ROTATED_STATE", "ROTATION", "KeepWeights", "RandomRotation", "Rotate", "RotationSource", "random_orthogonal", "rotate"]
+__all__ = ["ROTATED_STATE", "KeepWeights", "RandomRotation", "Rotate", "RotationSource", "random_orthogonal", "rotate"]
 
-ROTATION = "fxslice.rotation"
-"""``gm.meta`` key: how the graph was rotated (``shared``, where Q came from, whether it is sliced)."""
 ROTATED_STATE = "fxslice.rotated_state"
 """``node.meta`` key on each rotated state's anchor: ``{"index": i, "width": d}``."""
 
-Apply = Callable[[State, torch.Tensor, "torch.Tensor | None"], int]
+Apply = Callable[[State, "torch.Tensor | None", "torch.Tensor | None"], int]
 
 
 class RotationSource(Protocol):
     """Produces each state's ``Q`` (float64, ``d × d``) in graph order and hands it to ``apply``.
 
-    ``apply(state, Q, eigenvalues)`` folds ``Q`` into the weights (and slices, if asked) and returns the
-    kept width; a source that caches activations transforms them with ``Q[:, :width]`` before going on.
+    ``apply(state, Q, eigenvalues)`` folds ``Q`` into the weights (and slices, if the pipeline slices in
+    the same sweep) and returns the kept width; a source that caches activations transforms them with
+    ``Q[:, :width]`` before going on. ``name`` is what the plan records as the states' ``q``.
     """
+
+    name: str
 
     def run(self, gm: fx.GraphModule, states: list[State], apply: Apply) -> None: ...
 
@@ -59,6 +61,7 @@ def random_orthogonal(width: int, seed: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class RandomRotation:
     seed: int = 0
+    name = "random"
 
     def run(self, gm: fx.GraphModule, states: list[State], apply: Apply) -> None:
         for index, state in enumerate(states):
@@ -67,8 +70,10 @@ class RandomRotation:
 
 @dataclass(frozen=True)
 class KeepWeights:
-    """Rotates nothing: rebuilds the structure (skip matrices, widths) of a rotation whose weights are
-    loaded afterwards (``fxslice.load``)."""
+    """Rotates nothing: rebuilds the structure (skip matrices) of a rotation whose weights are loaded
+    afterwards (replaying a saved plan)."""
+
+    name = "kept"
 
     def run(self, gm: fx.GraphModule, states: list[State], apply: Apply) -> None:
         for state in states:
@@ -77,32 +82,37 @@ class KeepWeights:
 
 @dataclass(frozen=True)
 class Rotate(FxslicePass):
-    """Rotate every residual state by an orthogonal matrix folded into the adjacent weights."""
+    """Rotate every residual state by an orthogonal matrix folded into the adjacent weights.
+
+    ``source`` replaces where ``Q`` comes from (default: PCA with calibration data, else seeded random).
+    """
 
     shared: bool = False
     seed: int = 0
-    calibration: Any = field(default=None, repr=False, compare=False)
-    slicing: Any = None  # a Slice applied state by state during calibration
     strict: bool = False
     progress: bool = True
-    rotation: Any = field(default=None, compare=False)  # a RotationSource that overrides the above
+    source: RotationSource | None = field(default=None, compare=False)
     name = "rotate"
     requires = (FuseNorm,)
 
-    def source(self) -> RotationSource:
-        if self.rotation is not None:
-            return self.rotation
-        if self.calibration is None:
+    def _source(self, context: Context, slicing: Any) -> RotationSource:
+        if context.replay is not None:
+            return KeepWeights()
+        if self.source is not None:
+            return self.source
+        if not context.calibration:
             return RandomRotation(self.seed)
         from ..calibrate import RESCALE_EXPONENT, PCARotation
 
-        rescale = RESCALE_EXPONENT if getattr(self.slicing, "rescale", False) else 0.0
-        return PCARotation(self.calibration, shared=self.shared, progress=self.progress, rescale=rescale)
+        rescale = RESCALE_EXPONENT if slicing is not None and slicing.rescale else 0.0
+        return PCARotation(context.calibration, shared=self.shared, progress=self.progress, rescale=rescale)
 
     def _regions(self, gm: fx.GraphModule) -> list[Region]:
         return bind_parameters(gm, [_require_fused(r) for r in find_regions(gm, shared=self.shared)])
 
-    def run(self, gm: fx.GraphModule) -> dict[str, Any]:
+    def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
+        # With calibration data the following slice is applied inside this sweep (see the module docstring).
+        slicing = context.following(self, "slice") if context.calibration and context.replay is None else None
         regions = self._regions(gm)
         skipped = skipped_regions(regions, self.strict, "rotate")
         skips = 0 if self.shared else _insert_skips(gm, [r for r in regions if not r.reason()])
@@ -111,56 +121,46 @@ class Rotate(FxslicePass):
             regions = self._regions(gm)
         states = sorted((s for r in regions if not r.reason() for s in r.states), key=_graph_order(gm))
         index = {state: i for i, state in enumerate(states)}
-        prefix = gm.meta.get("fxslice.module_prefix", "")
-        record: list[dict[str, Any]] = []
+        source = self._source(context, slicing)
+        widths = self._widths(gm, source, states, slicing)
+        record: dict[int, StatePlan] = {}
 
-        source = self.source()
-        planned = self._plan(gm, source, states)
-
-        def apply(state: State, rotation: torch.Tensor, eigenvalues: torch.Tensor | None) -> int:
+        def apply(state: State, rotation: torch.Tensor | None, eigenvalues: torch.Tensor | None) -> int:
             i = index[state]
-            width = planned.get(i, state.width)
+            width = widths.get(i, state.width)
             if rotation is not None:
                 rotate_state(gm, state, rotation[:, :width])  # the first k columns of WQ are W Q[:, :k]
             slice_state(gm, state, width)
             state.anchor.meta[ROTATED_STATE] = {"index": i, "width": state.width}
-            entry = {"state": i, "after": _written_by(state, prefix), "width_before": state.width,
-                     "width_after": width, "sources": len(state.sources), "sinks": len(state.sinks)}
+            kept_variance = None
             if eigenvalues is not None:
                 total = float(eigenvalues.clamp_min(0).sum())
-                entry["kept_variance"] = float(eigenvalues[:width].clamp_min(0).sum()) / total if total > 0 else 1.0
-            record.append(entry)
+                kept_variance = float(eigenvalues[:width].clamp_min(0).sum()) / total if total > 0 else 1.0
+            record[i] = StatePlan(state=i, module=written_by(state, plan.module_prefix), width=state.width,
+                                  sources=len(state.sources), sinks=len(state.sinks), q=source.name,
+                                  kept=width if slicing is not None else None, kept_variance=kept_variance)
             return width
 
         start = time.perf_counter()
         source.run(gm, states, apply)
         seconds = time.perf_counter() - start
-        for entry in record:
-            gain = getattr(source, "gains", {}).get(states[entry["state"]])
-            if gain is not None:
-                entry["norm_gain"] = gain
-        kind = type(source).__name__
-        gm.meta[ROTATION] = {"shared": self.shared, "q": {"PCARotation": "pca", "RandomRotation": "random"}.get(kind, kind),
-                             "sliced_by": "rotate" if self.slicing is not None else None}
-        return {"shared": self.shared, "q": gm.meta[ROTATION]["q"], "skip_matrices": skips,
-                "rotate_s": round(seconds, 3), "eigh_s": round(getattr(source, "eigh_seconds", 0.0), 3),
-                "states": sorted(record, key=lambda e: e["state"]), "skipped": skipped}
+        gains = getattr(source, "gains", {})
+        planned = tuple(dataclasses.replace(record[i], norm_gain=gains.get(s)) for i, s in enumerate(states))
+        return plan.with_pass(self.spec(), rotation="shared" if self.shared else "per_state", states=planned,
+                              skipped=plan.skipped + skipped, details={"rotate": {"skip_matrices": skips}},
+                              timings={"rotate_s": round(seconds, 3),
+                                       "eigh_s": round(getattr(source, "eigh_seconds", 0.0), 3)})
 
-
-    def _plan(self, gm: fx.GraphModule, source: RotationSource, states: list[State]) -> dict[int, int]:
-        if self.slicing is None:
+    @staticmethod
+    def _widths(gm: fx.GraphModule, source: RotationSource, states: list[State], slicing: Any) -> dict[int, int]:
+        if slicing is None:
             return {}
-        if getattr(self.slicing, "schedule", "constant") == "constant":
-            return self.slicing.plan(gm, states)
+        if slicing.schedule == "constant":
+            return slicing.plan(gm, states)
         if not hasattr(source, "losses"):
-            raise UnsupportedGraphError(f"slice(schedule={self.slicing.schedule!r}) needs calibration data")
-        return self.slicing.plan(gm, states, source.losses(gm, states))
-
-
-def _written_by(state: State, prefix: str) -> str:
-    """The module that last writes the state (``model.layers.3.mlp.down_proj``): how reports name it."""
-    own = [s.node for s in state.sources if not s.coupled and not s.node.meta.get(SKIP_EDGE)]
-    return module_path(own[-1] if own else state.anchor, prefix)
+            raise UnsupportedGraphError(f"slice(schedule={slicing.schedule!r}) reads the spectrum of the activations; "
+                                        f"the rotation source {source.name!r} does not measure it")
+        return slicing.plan(gm, states, source.losses(gm, states))
 
 
 def _graph_order(gm: fx.GraphModule):

@@ -6,25 +6,26 @@ first columns are the principal directions, so what is deleted is the stream's l
 
 ``slice(0.25)`` keeps ``k = (1 − 0.25)·d`` rounded down to a multiple of 8 in every state (SliceGPT's
 constant schedule) except those the output head reads, which keep ``d`` as in SliceGPT (``head=True``
-slices them too); ``slice(widths={state: k})`` or ``slice(widths=lambda index, d: k)`` chooses per
-state; ``slice(0.25, schedule="spectrum")`` spends the parameter budget of ``slice(0.25)`` where the PCA
-spectrum says it matters (``Slice.plan``; needs calibration data).
+slices them too); ``slice(widths={state: k})``, ``slice(widths=[k0, k1, …])`` or
+``slice(widths=lambda index, d: k)`` choose per state; ``slice(0.25, schedule="spectrum")`` spends the
+parameter budget of ``slice(0.25)`` where the PCA spectrum says it matters (``Slice.plan``; needs
+calibration data).
 
 ``rescale`` (on by default; calibrated slicing with one rotation per state): a sliced state's tokens keep
 a fraction ``r = ‖xQ_k‖ / ‖x‖`` of their length and the norms reading it renormalise what is left, so
 each token loses the deleted directions' share of every dot product its norm's sinks compute. Those
-sinks (never the output head) are then multiplied by ``mean(r)^-8`` over the calibration tokens
-(``RESCALE_EXPONENT``; gains of 1.002 to 1.072 on the 135M model of benchmarks/quality.py at 25%), which
-sharpens attention and gating back. The same gain makes the dense model worse, so it corrects the
-slicing; the exponent was chosen on validation text, not on the evaluation text (README, "Rescaling").
+sinks (never the output head) are then multiplied by ``mean(r)^-p`` over the calibration tokens
+(``fxslice.calibrate.RESCALE_EXPONENT``), which sharpens attention and gating back. The same gain makes
+the dense model worse, so it corrects the slicing; how ``p`` was chosen is in docs/design.md.
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -33,13 +34,14 @@ from ..analysis.ops import weight_use
 from ..analysis.regions import State, bind_parameters, find_regions, output_heads
 from ..errors import UnsupportedGraphError
 from ..graph import get_tensor
+from ..plan import Plan
 from ..rewrite import slice_state
-from .base import FxslicePass
-from .rotate import ROTATED_STATE, ROTATION, Rotate
+from .base import Context, FxslicePass
+from .rotate import ROTATED_STATE, Rotate
 
 __all__ = ["Slice", "slice"]
 
-Widths = Mapping[int, int] | Callable[[int, int], int]
+Widths = Mapping[int, int] | Sequence[int] | Callable[[int, int], int]
 SCHEDULES = ("constant", "spectrum")
 
 
@@ -65,8 +67,9 @@ class Slice(FxslicePass):
             if not 0.0 <= self.ratio < 1.0:
                 raise ValueError(f"slice ratio must be in [0, 1): the fraction of each state's width to delete; "
                                  f"got {self.ratio}")
-        if self.widths is not None and not (callable(self.widths) or isinstance(self.widths, Mapping)):
-            raise ValueError("slice widths must be a dict {state index: width} or a callable (index, width) -> width")
+        if self.widths is not None and not (callable(self.widths) or isinstance(self.widths, (Mapping, list, tuple))):
+            raise ValueError("slice widths must be a dict {state index: width}, a list of widths in state order or "
+                             "a callable (index, width) -> width")
         if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
             raise ValueError(f"multiple_of must be a positive integer; got {self.multiple_of!r}")
         if self.schedule not in SCHEDULES:
@@ -76,8 +79,12 @@ class Slice(FxslicePass):
 
     def width(self, index: int, d: int) -> int:
         """The width state ``index`` (of unsliced width ``d``) keeps."""
-        if self.widths is not None:
-            k = self.widths(index, d) if callable(self.widths) else self.widths.get(index, d)
+        if callable(self.widths):
+            k = self.widths(index, d)
+        elif isinstance(self.widths, Mapping):
+            k = self.widths.get(index, d)
+        elif self.widths is not None:
+            k = self.widths[index] if index < len(self.widths) else d
         elif self.ratio == 0:
             k = d
         else:
@@ -100,8 +107,7 @@ class Slice(FxslicePass):
         ``multiple_of``) the state that will lose least after the cut, until the parameters bound to the
         states (skip matrices ``k_i × k_j`` included, counted exactly) are no more than with the constant
         schedule: it equalises the loss across states (minimising the largest), instead of equalising the
-        widths. (Minimising the *sum* of losses per parameter saved was measured too and did worse on the
-        real model of benchmarks/quality.py; see the README.)
+        widths.
         """
         pinned = set() if self.head or self.widths is not None else head_states(gm, states)
         if len(pinned) == len(states):
@@ -147,23 +153,35 @@ class Slice(FxslicePass):
             current -= saved
         return dict(enumerate(widths))
 
-    def run(self, gm: fx.GraphModule) -> dict[str, Any]:
-        rotation = gm.meta.get(ROTATION, {})
-        if rotation.get("sliced_by"):
-            # A calibrated rotate already sliced each state as it went (its widths came from this pass).
-            return {"modified": False, "states": [], "note": "sliced during calibration"}
+    def needs_calibration(self) -> str | None:
         if self.schedule != "constant":
-            raise UnsupportedGraphError(f"slice(schedule={self.schedule!r}) reads the activations' spectrum: pass "
-                                        "calibration data to fxslice.compile (or Rotate(calibration=..., slicing=...))")
-        regions = bind_parameters(gm, find_regions(gm, shared=rotation.get("shared", False)))
+            return f"slice(schedule={self.schedule!r}) reads the spectrum of the activations"
+        return None
+
+    def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
+        if plan.states and all(s.kept is not None for s in plan.states):
+            # A calibrated rotate already sliced each state as it went, with this pass's widths.
+            return plan.with_pass(self._resolved_spec(plan))
+        regions = bind_parameters(gm, find_regions(gm, shared=plan.rotation == "shared"))
         states = _rotated_states(regions)
-        widths = self.plan(gm, states)
-        record = []
+        if context.replay is not None:
+            widths = dict(enumerate(context.replay.widths))
+            if len(widths) != len(states) or any(not 1 <= widths[i] <= s.width for i, s in enumerate(states)):
+                raise UnsupportedGraphError(f"slice: the plan's widths {list(widths.values())} do not fit the "
+                                            f"graph's {len(states)} states of widths {[s.width for s in states]}")
+        else:
+            widths = self.plan(gm, states)
         for index, state in enumerate(states):
-            k = widths[index]
-            record.append({"state": index, "width_before": state.width, "width_after": k})
-            slice_state(gm, state, k)
-        return {"states": record, "ratio": self.ratio}
+            slice_state(gm, state, widths[index])
+        kept = tuple(dataclasses.replace(s, kept=widths[s.state]) for s in plan.states)
+        after = dataclasses.replace(plan, states=kept)
+        return after.with_pass(self._resolved_spec(after))
+
+    def _resolved_spec(self, plan: Plan):
+        """Per-state widths given as a dict or a callable are recorded as the list they resolved to."""
+        if self.widths is None:
+            return self.spec()
+        return self.spec(widths=[s.kept for s in plan.states])
 
 
 def _rotated_states(regions) -> list[State]:
