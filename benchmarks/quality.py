@@ -76,7 +76,7 @@ class PeakRSS:
         self.peak = max(self.peak, self.now())
 
 
-def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = False) -> dict:
+def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = False, timed: bool = True) -> dict:
     """One row: time and perplexity, or (``memory``) only the peak RSS of the compression."""
     import torch
 
@@ -104,7 +104,8 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
         return time.perf_counter() - start
 
     if spec == "dense":
-        row["dense_forward_s"] = dense_forward_s()
+        if timed:
+            row["dense_forward_s"] = dense_forward_s()
         row["parameters"] = unique_parameters(model)
         row["perplexity"] = perplexity(model, tokenizer, test, seq_len, max_windows=windows)
         return row
@@ -120,7 +121,8 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
         row["compressed_weight_bytes"] = sum(p.numel() * p.element_size() for p in compressed.parameters())
         row["residual_activation_bytes"] = samples * seq_len * model.config.hidden_size * 4
         return row
-    row["dense_forward_s"] = dense_forward_s()
+    if timed:
+        row["dense_forward_s"] = dense_forward_s()
     start = time.perf_counter()
     compressed = fxslice.compile(model, passes, calibration=calibration)
     row["compress_s"] = time.perf_counter() - start
@@ -140,16 +142,21 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--perplexity-only", action="store_true", help="no dense-forward timing and no memory "
+                        "process: perplexity, parameters and compression time only (for a machine shared with "
+                        "other work, where timings would not mean anything)")
     parser.add_argument("--table", metavar="ROWS.jsonl", help="only print the table of rows a run already measured "
                         "(the JSON lines it writes to stderr, e.g. from a run stopped before its last rows)")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_row(args.one, args.samples, args.seq_len, args.windows, args.memory)), flush=True)
+        print(json.dumps(one_row(args.one, args.samples, args.seq_len, args.windows, args.memory,
+                                 timed=not args.perplexity_only)), flush=True)
         return
 
     def run(spec: str, memory: bool) -> dict:
         command = [sys.executable, __file__, "--one", spec, "--samples", str(args.samples),
-                   "--seq-len", str(args.seq_len), "--windows", str(args.windows)] + (["--memory"] if memory else [])
+                   "--seq-len", str(args.seq_len), "--windows", str(args.windows)] + (["--memory"] if memory else []) \
+            + (["--perplexity-only"] if args.perplexity_only else [])
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"} if memory else dict(os.environ)
         out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -160,32 +167,34 @@ def main() -> None:
             results = [json.loads(line) for line in rows if line.strip()]
         args.rows = [r["row"] for r in results]
     for spec in [] if args.table else args.rows:
-        memory = spec != "dense" and "seed=" not in spec
+        memory = spec != "dense" and "seed=" not in spec and not args.perplexity_only
         results.append(run(spec, memory=False) | (run(spec, memory=True) if memory else {}))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     dense = next((r for r in results if r["row"] == "dense"), None)
     print(f"<!-- {machine()}, CPU, "
           f"command: python benchmarks/quality.py{'' if args.rows == ROWS else ' --rows ' + ' '.join(repr(r) for r in args.rows)}"
+          f"{' --perplexity-only' if args.perplexity_only else ''}"
           f" --samples {args.samples} --seq-len {args.seq_len} --windows {args.windows} -->")
     print("| configuration | perplexity | × dense | reference SliceGPT | parameters | × dense | compression time | "
           "dense forward (same process) | ratio (minus eigh) | peak RSS added | estimate: weights + 2 activations |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r["row"] == "dense":
+            forward = f"{r['dense_forward_s']:.1f} s" if "dense_forward_s" in r else ""
             print(f"| dense | {r['perplexity']:.2f} | 1.00× | {REFERENCE['dense']} | {r['parameters'] / 1e6:.2f}M | | | "
-                  f"{r['dense_forward_s']:.1f} s | | | |")
+                  f"{forward} | | | |")
             continue
         rel = f"{r['perplexity'] / dense['perplexity']:.2f}×" if dense else ""
         words = r["row"].split()
         reference = REFERENCE.get(words[0], "") if len(words) == 2 and words[1] == "constant" else ""
         prel = f"{r['parameters'] / dense['parameters']:.3f}×" if dense else ""
-        forward = r["dense_forward_s"]
-        ratio = f"{(r['compress_s'] - r['eigh_s']) / forward:.2f}"
+        forward = r.get("dense_forward_s")
+        ratio = f"{(r['compress_s'] - r['eigh_s']) / forward:.2f}" if forward else ""
         memory = (f"{r['peak_rss_added'] / 2**20:.0f} MiB | "
                   f"{(r['compressed_weight_bytes'] + 2 * r['residual_activation_bytes']) / 2**20:.0f} MiB"
                   if "peak_rss_added" in r else " | ")
         print(f"| {r['row']} | {r['perplexity']:.2f} | {rel} | {reference} | {r['parameters'] / 1e6:.2f}M | {prel} | "
-              f"{r['compress_s']:.0f} s | {forward:.1f} s | {ratio} | {memory} |")
+              f"{r['compress_s']:.0f} s | {f'{forward:.1f} s' if forward else ''} | {ratio} | {memory} |")
     spread = {}
     for r in results:
         key = " ".join(w for w in r["row"].split() if not w.startswith("seed="))

@@ -43,9 +43,9 @@ def main() -> None:
     print(f"|---|{'---|' * len(args.exponents)}")
     row, gains = [], []
     for exponent in args.exponents:
-        # Rotate(rotation=...) replaces the PCA source compile would build, with a chosen exponent.
+        # Rotate(source=...) replaces the PCA source compile would build, with a chosen exponent.
         source = PCARotation(batches, progress=False, rescale=exponent)
-        sliced = fxslice.compile(model, [fuse_norm, Rotate(rotation=source), slice(0.25)], calibration=calibration)
+        sliced = fxslice.compile(model, [fuse_norm, Rotate(source=source), slice(0.25)], calibration=calibration)
         row.append(perplexity(sliced, tokenizer, VALID, 512, max_windows=args.windows))
         applied = [s["norm_gain"] for s in fxslice.report(sliced)["states"] if "norm_gain" in s] or [1.0]
         gains.append(f"{min(applied):.3f}–{max(applied):.3f}")

@@ -56,7 +56,7 @@ def main() -> None:
         ratio, schedule, *variant = spec.split()
         if variant:
             tokens = int(variant[0]) if variant[0].isdigit() else SPECTRUM_TOKENS
-            rotation = Rotate(rotation=Variant(batches, tokens, folds=1 if "in-sample" in variant else 2))
+            rotation = Rotate(source=Variant(batches, tokens, folds=1 if "in-sample" in variant else 2))
         else:
             rotation = Rotate(progress=False)
         sliced = fxslice.compile(model, [fuse_norm, rotation, slice(float(ratio), schedule=schedule)],

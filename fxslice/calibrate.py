@@ -33,14 +33,13 @@ __all__ = ["RESCALE_EXPONENT", "SPECTRUM_TOKENS", "Batch", "Batches", "PCARotati
 
 RESCALE_EXPONENT = 8.0
 """After a state is sliced, the sinks of the norms reading it are multiplied by ``mean(r)^-8``, where
-``r = ‖x Q_k‖ / ‖x‖`` per calibration token (``slice(..., rescale=True)``; 8 was the best of
-0, 1, 2, 4, 8, 11, 16 on validation text: README, "Rescaling")."""
+``r = ‖x Q_k‖ / ‖x‖`` per calibration token (``slice(..., rescale=True)``). The exponent was chosen on
+validation text (docs/design.md, "Rescaling")."""
 
 SPECTRUM_TOKENS = 4096
 """``slice(..., schedule="spectrum")`` plans from the spectra of the unsliced model measured on the first
-4096 calibration tokens (``PCARotation.losses``): a pre-pass of 1/16 of the protocol's calibration tokens.
-With 2048 (half the pre-pass time) validation perplexity got worse wherever both were scored: 23.22 → 23.41 at
-slice(0.10), 29.95 → 30.31 at 0.20, 33.96 → 34.16 at 0.25 (README, "Schedules")."""
+4096 calibration tokens (``PCARotation.losses``): a cheap pre-pass. Fewer tokens plan worse, because a
+state's covariance is bounded by the distinct tokens it has seen (docs/design.md, "Schedules")."""
 
 Batch = tuple[tuple, dict]
 """One calibration batch as positional and keyword model inputs."""
@@ -157,7 +156,7 @@ def first_tokens(batches: list[Batch], tokens: int) -> list[Batch]:
 def gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
     """``xᵀx`` for ``x`` of shape ``[n, d]``, one block row on and above the diagonal at a time, mirrored
     below it since ``(xᵀx)ᵀ = xᵀx``: ``(blocks + 1) / (2 blocks)`` of the flops of ``x.T @ x`` (5/8 for
-    4 blocks; a third less time for 4096 × 576 in float64 on 2 cores), the same sums."""
+    4 blocks), the same sums."""
     d = x.shape[-1]
     edges = [d * i // blocks for i in range(blocks + 1)]
     h = x.new_empty(d, d)
@@ -361,9 +360,7 @@ class PCARotation:
         held out: with the default two folds, the principal directions are fitted on the even sequences
         and the loss is measured on the odd ones, and the other way round (the token-weighted mean).
         Measured on the tokens it was fitted to, a spectrum looks lower-rank than it is, the more so the
-        fewer distinct tokens a state has seen (the early ones): on the 135M model of
-        benchmarks/quality.py at slice(0.10) the held-out plan scores 23.22 on validation text against
-        23.77 in-sample and 23.59 for the constant schedule (README, "Schedules").
+        fewer distinct tokens a state has seen (the early ones), and the plan narrows those states too much.
         """
         # Before any rotation the skip matrices rotate inserted are identities: the pre-pass skips them.
         identities = frozenset(n for n in gm.graph.nodes if n.meta.get(SKIP_EDGE) and len(n.args) == 2

@@ -132,7 +132,7 @@ class Session:
         self.decoder: fx.GraphModule | None = None
 
     def _decoder(self, batch: int) -> fx.GraphModule | None:
-        decoders = self.compressed._decoders
+        decoders = self.compressed.decoders
         key = (batch, self.length)
         if key not in decoders:
             try:

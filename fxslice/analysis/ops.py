@@ -9,6 +9,10 @@ Two questions are answered here for any node:
   It may *commute* with any rotation of that dimension (casts, views that keep it, dropout in eval mode,
   scaling by a scalar or a per-token factor, slicing other dims), *join* two streams (add / sub), only
   read its shape, or do something fxslice cannot rotate through (``None``).
+
+Both are tables keyed by op schema name that users extend without editing fxslice:
+``register_weight_op`` (an op that multiplies its input by a parameter) and ``register_stream_op`` (an op
+that commutes with a rotation of the last dimension).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "StepKind",
     "WeightUse",
     "last_dim",
+    "register_stream_op",
     "register_weight_op",
     "stream_step",
     "weight_use",
@@ -252,62 +257,165 @@ def _shape_step(node: fx.Node, operand: fx.Node, shape_arg: int) -> Step | None:
     return None
 
 
+StreamRule = Callable[[fx.Node, fx.Node], "Step | None"]
+_STREAM_OPS: dict[str, StreamRule] = {}
+
+
+def _stream_rule(*packets):
+    """Register a rule for the built-in ops in ``packets`` (ATen overload packets, all their overloads)."""
+
+    def register(rule: StreamRule) -> StreamRule:
+        for packet in packets:
+            _STREAM_OPS[packet._qualified_op_name] = rule
+        return rule
+
+    return register
+
+
+def register_stream_op(*op_names: str, rule: Callable[[fx.Node, fx.Node], bool] | None = None) -> None:
+    """Teach fxslice an op that carries the residual stream: it commutes with a rotation of the last dim.
+
+    ``op_names`` are schema names (``"mylib::token_scale"``). Declared so, ``op(x·Q, …) = op(x, …)·Q``
+    for every orthogonal ``Q`` when the stream ``x`` is its first argument and its output keeps ``x``'s
+    last dimension (a per-token scale, an activation checkpoint, a communication op that moves whole
+    tokens), so fxslice folds rotations across it and slices through it. ``rule(node, operand)``, if
+    given, decides per node instead (True: it commutes in ``operand``).
+    """
+
+    def declared(node: fx.Node, operand: fx.Node) -> Step | None:
+        if rule is not None:
+            return Step(StepKind.COMMUTES) if rule(node, operand) else None
+        keeps_width = last_dim(node) is not None and last_dim(node) == last_dim(operand)
+        return Step(StepKind.COMMUTES) if node.args and node.args[0] is operand and keeps_width else None
+
+    for name in op_names:
+        if "::" not in name:
+            raise ValueError(f"register_stream_op takes schema names like 'mylib::op'; got {name!r}")
+        _STREAM_OPS[name] = declared
+
+
 def stream_step(node: fx.Node, operand: fx.Node) -> Step | None:
     """How ``node`` treats the last dimension of its input ``operand`` (None: cannot rotate through)."""
     if node.op != "call_function":
         return None
-    args = node.args
-    first = args[0] if args else None
+    rule = _STREAM_OPS.get(_op_name(node) or "")
+    return rule(node, operand) if rule is not None else None
+
+
+def _on_data(rule: StreamRule) -> StreamRule:
+    """Only the data operand (the first argument) may carry the stream."""
+    return lambda node, operand: rule(node, operand) if node.args and node.args[0] is operand else None
+
+
+def _commutes(node: fx.Node, operand: fx.Node) -> Step:
+    return Step(StepKind.COMMUTES)
+
+
+_stream_rule(*_CASTS, aten.neg)(_on_data(_commutes))
+
+
+@_stream_rule(aten.sym_size)
+def _sym_size(node: fx.Node, operand: fx.Node) -> Step | None:
     nd = _ndim(operand)
-    if is_op(node, aten.sym_size) and args[0] is operand:
-        return Step(StepKind.READS_SHAPE) if _norm_dim(args[1], nd) != nd - 1 else None
-    if is_op(node, aten.type_as) and len(args) > 1 and args[1] is operand and first is not operand:
-        return Step(StepKind.READS_SHAPE)  # type_as(y, x) reads only x's dtype
+    if node.args[0] is operand and _norm_dim(node.args[1], nd) != nd - 1:
+        return Step(StepKind.READS_SHAPE)
+    return None
+
+
+@_stream_rule(aten.type_as)
+def _type_as(node: fx.Node, operand: fx.Node) -> Step | None:
+    if node.args[0] is operand:
+        return Step(StepKind.COMMUTES)  # a cast
+    return Step(StepKind.READS_SHAPE) if node.args[1] is operand else None  # type_as(y, x) reads only x's dtype
+
+
+@_stream_rule(aten.add, aten.sub, aten.add_, aten.sub_)
+def _join(node: fx.Node, operand: fx.Node) -> Step | None:
+    first, args = node.args[0], node.args
     if is_op(node, aten.add_, aten.sub_) and first is operand and len(operand.users) > 1:
         return None  # an in-place add whose target is also read elsewhere: order would matter
-    if is_op(node, aten.add, aten.sub, aten.add_, aten.sub_) and isinstance(args[1], fx.Node) and first is not None:
+    if isinstance(args[1], fx.Node) and first is not None:
         other = args[1] if first is operand else first
         if last_dim(other) == last_dim(operand) and last_dim(node) == last_dim(operand):
             return Step(StepKind.JOINS)
-        return None
-    if first is not operand:
-        # Only the data operand may carry the stream (e.g. mul(scale, x) is handled below).
-        if is_op(node, aten.mul) and args[1] is operand and (_is_scalar_like(first) or _is_per_token(first)):
-            return Step(StepKind.COMMUTES)
-        return None
-    if is_op(node, *_CASTS):
-        return Step(StepKind.COMMUTES)
-    if is_op(node, aten.dropout):
-        train = args[2] if len(args) > 2 else node.kwargs.get("train", True)
-        return Step(StepKind.COMMUTES) if train is False else None
-    if is_op(node, aten.neg):
-        return Step(StepKind.COMMUTES)
-    if is_op(node, aten.mul, aten.div):
-        other = args[1] if len(args) > 1 else None
-        if _is_scalar_like(other) or _is_per_token(other):
-            return Step(StepKind.COMMUTES)
-        return None
-    if is_op(node, aten.masked_fill):
-        return Step(StepKind.COMMUTES) if args[2] == 0 and _is_per_token(args[1]) else None
-    if is_op(node, aten.view, aten.reshape, aten._unsafe_view, aten.expand):
-        return _shape_step(node, operand, 1)
-    if is_op(node, aten.slice, aten.select, aten.squeeze, aten.index_select, aten.narrow):
-        dims = args[1] if len(args) > 1 else None
-        dims = dims if isinstance(dims, (list, tuple)) else [dims]
-        if any(d is None or not isinstance(d, int) or _norm_dim(d, nd) == nd - 1 for d in dims):
-            return None
-        return Step(StepKind.COMMUTES)
-    if is_op(node, aten.sum, aten.mean) and len(args) > 1 and isinstance(args[1], (list, tuple)):
-        # Reducing over other dims (e.g. over the top-k experts) is linear in each feature vector.
-        return Step(StepKind.COMMUTES) if all(_norm_dim(d, nd) != nd - 1 for d in args[1]) else None
-    if is_op(node, aten.unsqueeze):
-        out_nd = nd + 1
-        return Step(StepKind.COMMUTES) if _norm_dim(args[1], out_nd) != out_nd - 1 else None
-    if is_op(node, aten.transpose):
-        return Step(StepKind.COMMUTES) if nd - 1 not in (_norm_dim(args[1], nd), _norm_dim(args[2], nd)) else None
-    if is_op(node, aten.permute):
-        return Step(StepKind.COMMUTES) if _norm_dim(args[1][-1], nd) == nd - 1 else None
-    if is_op(node, aten.index):
-        indices = args[1]
-        return Step(StepKind.COMMUTES) if len(indices) < nd else None
     return None
+
+
+@_stream_rule(aten.mul)
+def _mul(node: fx.Node, operand: fx.Node) -> Step | None:
+    first, other = node.args[0], node.args[1] if len(node.args) > 1 else None
+    factor = other if first is operand else first if other is operand else operand
+    return Step(StepKind.COMMUTES) if factor is not operand and (_is_scalar_like(factor) or _is_per_token(factor)) else None
+
+
+@_stream_rule(aten.div)
+@_on_data
+def _div(node: fx.Node, operand: fx.Node) -> Step | None:
+    other = node.args[1] if len(node.args) > 1 else None
+    return Step(StepKind.COMMUTES) if _is_scalar_like(other) or _is_per_token(other) else None
+
+
+@_stream_rule(aten.dropout)
+@_on_data
+def _dropout(node: fx.Node, operand: fx.Node) -> Step | None:
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    return Step(StepKind.COMMUTES) if train is False else None
+
+
+@_stream_rule(aten.masked_fill)
+@_on_data
+def _masked_fill(node: fx.Node, operand: fx.Node) -> Step | None:
+    return Step(StepKind.COMMUTES) if node.args[2] == 0 and _is_per_token(node.args[1]) else None
+
+
+@_stream_rule(aten.view, aten.reshape, aten._unsafe_view, aten.expand)
+@_on_data
+def _reshape(node: fx.Node, operand: fx.Node) -> Step | None:
+    return _shape_step(node, operand, 1)
+
+
+@_stream_rule(aten.slice, aten.select, aten.squeeze, aten.index_select, aten.narrow)
+@_on_data
+def _other_dims(node: fx.Node, operand: fx.Node) -> Step | None:
+    nd = _ndim(operand)
+    dims = node.args[1] if len(node.args) > 1 else None
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    if any(d is None or not isinstance(d, int) or _norm_dim(d, nd) == nd - 1 for d in dims):
+        return None
+    return Step(StepKind.COMMUTES)
+
+
+@_stream_rule(aten.sum, aten.mean)
+@_on_data
+def _reduce(node: fx.Node, operand: fx.Node) -> Step | None:
+    # Reducing over other dims (e.g. over the top-k experts) is linear in each feature vector.
+    nd, dims = _ndim(operand), node.args[1] if len(node.args) > 1 else None
+    if isinstance(dims, (list, tuple)) and all(_norm_dim(d, nd) != nd - 1 for d in dims):
+        return Step(StepKind.COMMUTES)
+    return None
+
+
+@_stream_rule(aten.unsqueeze)
+@_on_data
+def _unsqueeze(node: fx.Node, operand: fx.Node) -> Step | None:
+    out_nd = _ndim(operand) + 1
+    return Step(StepKind.COMMUTES) if _norm_dim(node.args[1], out_nd) != out_nd - 1 else None
+
+
+@_stream_rule(aten.transpose)
+@_on_data
+def _transpose(node: fx.Node, operand: fx.Node) -> Step | None:
+    nd = _ndim(operand)
+    return Step(StepKind.COMMUTES) if nd - 1 not in (_norm_dim(node.args[1], nd), _norm_dim(node.args[2], nd)) else None
+
+
+@_stream_rule(aten.permute)
+@_on_data
+def _permute(node: fx.Node, operand: fx.Node) -> Step | None:
+    return Step(StepKind.COMMUTES) if _norm_dim(node.args[1][-1], _ndim(operand)) == _ndim(operand) - 1 else None
+
+
+@_stream_rule(aten.index)
+@_on_data
+def _index(node: fx.Node, operand: fx.Node) -> Step | None:
+    return Step(StepKind.COMMUTES) if len(node.args[1]) < _ndim(operand) else None

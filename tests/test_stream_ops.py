@@ -1,0 +1,82 @@
+"""register_stream_op: an op the analysis does not know is declared as commuting with a rotation of the last
+dim, without editing fxslice; a custom op (torch.library) on the residual stream of a small model."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxslice
+from conftest import relative_error
+from fxslice import UnsupportedGraphError, fuse_norm, rotate, slice
+from fxslice.analysis import register_stream_op
+from strategies import Arch, TinyLM, example_ids
+
+
+@torch.library.custom_op("fxslice_test::token_scale", mutates_args=())
+def token_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Every token's feature vector times its own scale: (x_t Q)·s_t = (x_t·s_t) Q."""
+    return x * scale.unsqueeze(-1)
+
+
+@token_scale.register_fake
+def _(x, scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fxslice_test::token_shift", mutates_args=())
+def token_shift(x: torch.Tensor, step: int) -> torch.Tensor:
+    """Each token takes the previous token's vector (a shift along the sequence): commutes too."""
+    return torch.roll(x, step, dims=-2).clone()
+
+
+@token_shift.register_fake
+def _(x, step):
+    return torch.empty_like(x)
+
+
+class ScaledLM(TinyLM):
+    """A TinyLM whose residual stream passes through two custom ops between its blocks."""
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        x = self.blocks[0](x)
+        x = token_scale(x, (input_ids % 3 + 1).to(x.dtype) / 2)  # a per-token scale from the inputs
+        x = token_shift(x, 1)
+        for block in self.blocks[1:]:
+            x = block(x)
+        return self.head(self.final_norm(x))
+
+
+ARCH = Arch(width=32, heads=4, kv_heads=2, depth=2)
+
+
+def compile_quietly(model, passes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxslice.compile(model, passes, example_inputs=(example_ids(ARCH, 2, 7),))
+
+
+def test_a_registered_custom_op_carries_the_stream():
+    model = ScaledLM(ARCH).double().eval()
+    with pytest.raises(UnsupportedGraphError, match="fxslice_test.token_scale"):
+        compile_quietly(model, [fuse_norm, rotate])
+
+    register_stream_op("fxslice_test::token_scale")
+    # A rule decides per node: here, only when the stream is the first argument.
+    register_stream_op("fxslice_test::token_shift", rule=lambda node, operand: node.args[0] is operand)
+    ids = example_ids(ARCH, 3, 9, seed=5)
+    with torch.no_grad():
+        expected = model(ids)
+        rotated = compile_quietly(model, [fuse_norm, rotate, slice(0.0)])
+        assert relative_error(rotated(ids), expected) < 1e-9
+        sliced = compile_quietly(model, [fuse_norm, rotate, slice(0.25)])
+        assert sliced(ids).shape == expected.shape
+    widths = [s["width_after"] for s in fxslice.report(sliced)["states"]]
+    assert len(widths) == 5 and min(widths) == 24 and fxslice.report(sliced)["skipped"] == []
+
+
+def test_register_stream_op_wants_schema_names():
+    with pytest.raises(ValueError, match="schema names"):
+        register_stream_op("token_scale")
