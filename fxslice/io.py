@@ -169,6 +169,10 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
         tensors = load_file(weights_path)
     except (OSError, SafetensorError, ValueError) as error:
         raise UnsupportedGraphError(f"{weights_path} is missing or corrupted: {error}") from error
+    for name in list(tensors):
+        # safetensors hands out 8-byte aligned memory; BLAS takes other code paths (rounding differently)
+        # than on the allocator's 64-byte aligned memory the saved model computed with: copy, one at a time.
+        tensors[name] = tensors[name].clone()
     for target, source in recipe.get("aliases", {}).items():
         if source in tensors:
             tensors[target] = tensors[source]

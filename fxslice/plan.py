@@ -125,7 +125,9 @@ class Plan:
 
 
 def plan_of(gm: fx.GraphModule) -> Plan:
-    """The plan of a graph made by ``fxslice.capture`` (an empty one for any other GraphModule)."""
+    """The plan of a graph made by ``fxslice.capture``, or of what ``fxslice.compile`` / ``load`` returned
+    (an empty plan for any other GraphModule)."""
+    gm = getattr(gm, "graph_module", gm)  # a SlicedCausalLM holds its graph
     plan = gm.meta.get(PLAN)
     return plan if plan is not None else Plan(model_class=type(gm).__qualname__)
 

@@ -111,3 +111,17 @@ def test_the_calibration_context_is_gone_after_the_pipeline():
     gm = run_passes(fxslice.capture(TinyLM(ARCH).double().eval(), EXAMPLE), [fuse_norm, rotate], calibration=CALIBRATION)
     assert "fxslice.context" not in gm.meta
     assert {s.q for s in plan_of(gm).states} == {"pca"} and all(s.kept is None for s in plan_of(gm).states)
+
+
+@pytest.mark.parametrize("name", ["pca spectrum", "pca widths"])
+def test_a_saved_plan_replays_without_calibration(name, tmp_path):
+    passes, calibration = PIPELINES[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = fxslice.compile(TinyLM(ARCH).double().eval(), passes, example_inputs=EXAMPLE, calibration=calibration)
+        fxslice.save(gm, tmp_path / "m")
+        loaded = fxslice.load(tmp_path / "m", model=TinyLM(ARCH, seed=7).double().eval(), example_inputs=EXAMPLE)
+    ids = example_ids(ARCH, 3, 9, seed=4)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), gm(ids))
+    assert plan_of(loaded) == plan_of(gm)

@@ -185,7 +185,7 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[FxslicePass], calibration: A
     and those before it. The same passes and data give the same model as ``fxslice.compile``.
     """
     passes = list(passes)
-    check_pipeline(passes, plan_of(gm).applied, calibration is not None)
+    check_pipeline(passes, plan_of(gm).applied, calibration is not None or context_of(gm).replay is not None)
     attached = calibrated(gm, calibration, passes) if calibration is not None else contextlib.nullcontext()
     with attached:
         for position, p in enumerate(passes):
