@@ -3,7 +3,8 @@
     python benchmarks/zoo.py                          # every type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     python benchmarks/zoo.py --types llama gpt2       # some types
     python benchmarks/zoo.py --sample 6 --seed 1      # a deterministic sample (seed: today's date by default)
-    python benchmarks/zoo.py --jsonl rows.jsonl       # also write the raw rows
+    python benchmarks/zoo.py --jsonl rows.jsonl       # also write the raw rows (--resume: keep them, run the rest)
+    python benchmarks/zoo.py --sample 6 --budget 60   # CI: start no further type after 60 s
 
 Each type runs in its own process (``--one TYPE``) under a time limit, on a tiny random-weight model from
 ``tests/zoo_configs.py`` (width 64, 2 layers): a test of structure and exactness, never of quality.
@@ -57,7 +58,8 @@ def sample(types: list[str], k: int, seed: int) -> list[str]:
     return [t for t in types if t in chosen]
 
 
-BOILERPLATE = [re.compile(p) for p in (r"; this is a bug in fxslice, please report it with the model", r"\.? What to (try|do): .*$")]
+BOILERPLATE = [re.compile(p) for p in (r"; this is a bug in fxslice, please report it with the model",
+                                       r"\.? What to (try|do): .*$")]
 
 
 def first_line(error: BaseException | str, limit: int | None = 160) -> str:
@@ -176,7 +178,8 @@ def run_one(name: str) -> dict:
         row["slice_skipped"] = [s.get("reason", "") for s in report["skipped"]]
         row["ratio"] = report["parameters"]["ratio"]
         if sliced_logits.shape != reference32.shape:
-            raise AssertionError(f"sliced logits have shape {tuple(sliced_logits.shape)}, not {tuple(reference32.shape)}")
+            raise AssertionError(f"sliced logits have shape {tuple(sliced_logits.shape)}, "
+                                 f"not {tuple(reference32.shape)}")
         if not torch.isfinite(sliced_logits).all():
             raise AssertionError("sliced logits are not finite")
         if not any(a < b for b, a in widths):
@@ -280,12 +283,14 @@ def table_row(row: dict) -> str:
     outcome = row["outcome"]
     error = cell(row.get("error", "")) if outcome != "ok" else ""
     capture = f"{row['capture_error']:.0e}" if "capture_error" in row else "ok"
-    return (f"| {row['type']}{cell(note)} | {status('build')} | {status('capture', capture)} | {rotate_cell} | {slice_cell} "
-            f"| {status('save', 'bitwise')} | {status('generate', 'cached, = argmax')} | {outcome} | {error} |")
+    return (f"| {row['type']}{cell(note)} | {status('build')} | {status('capture', capture)} | {rotate_cell} "
+            f"| {slice_cell} | {status('save', 'bitwise')} | {status('generate', 'cached, = argmax')} | {outcome} "
+            f"| {error} |")
 
 
-HEADER = ("| type | build | capture ([fuse_norm] vs original) | rotate exact (rel. error vs fuse_norm) | slice(0.25): widths; params ratio "
-          "| save+load | generate (KV cache) | outcome | first line of the error |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| type | build | capture ([fuse_norm] vs original) | rotate exact (rel. error vs fuse_norm) "
+          "| slice(0.25): widths; params ratio | save+load | generate (KV cache) | outcome | first line of the error |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def summary(rows: list[dict]) -> str:

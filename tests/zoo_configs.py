@@ -79,6 +79,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "cohere_compass_text": {"rope_parameters": {"full_attention": ROPE}},
     "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1, "num_experts_per_tok": 2},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    # (An assistant shares every layer's KV cache with its target model, so it still cannot run alone.)
     "gemma4_assistant": {"__init__": {"text_config": {"hidden_size_per_layer_input": 0, "enable_moe_block": False,
                                                       "use_double_wide_mlp": False, "vocab_size_per_layer_input": 0}}},
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
@@ -117,7 +118,8 @@ def _is_layer_count(key: str) -> bool:
 
 def _layer_selection(d: dict, layers: int) -> list[int] | None:
     """Original layer indices to keep: the first layer of every distinct kind, padded to ``LAYERS``."""
-    per_layer = [v for k, v in d.items() if isinstance(v, (list, tuple)) and len(v) == layers and not k.startswith("_")]
+    per_layer = [v for k, v in d.items()
+                 if isinstance(v, (list, tuple)) and len(v) == layers and not k.startswith("_")]
     index_lists = [v for k, v in d.items() if _is_index_list(k, v, layers)]
     if not per_layer and not index_lists:
         return None
@@ -264,7 +266,8 @@ def tiny_config(name: str):
         note = ""
         own = registered_class(name).config_class
         if not isinstance(config, own):  # the registered class reads a sub-config (e.g. musicgen's decoder)
-            sub = next((getattr(config, k) for k in getattr(config, "sub_configs", {}) if isinstance(getattr(config, k), own)), None)
+            subs = [getattr(config, k) for k in getattr(config, "sub_configs", {})]
+            sub = next((c for c in subs if isinstance(c, own)), None)
             if sub is not None:
                 config, note = sub, f"sub-config {sub.model_type}"
         try:
