@@ -188,6 +188,33 @@ class _Timed:
             self.seconds += time.perf_counter() - start
 
 
+def _ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every node they read, transitively."""
+    found: set = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            stack.extend(node.all_input_nodes)
+    return found
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema is not None and schema.is_mutable
+
+
+def _written(node: fx.Node) -> list[fx.Node]:
+    """The tensor an in-place op writes and the tensors it is a view of (its first argument, followed
+    through first arguments)."""
+    chain, value = [], node.args[0] if node.args else None
+    while isinstance(value, fx.Node):
+        chain.append(value)
+        value = value.args[0] if value.args else None
+    return chain
+
+
 class _Sweep:
     """Runs the graph over every batch, a segment at a time, keeping only values later segments read."""
 
@@ -195,13 +222,17 @@ class _Sweep:
                  identities: frozenset = frozenset()):
         self.gm = gm
         self.identities = identities  # linear nodes whose weight is the identity: x·I = x, not computed
-        needed: set = set()
-        stack = list(targets)
-        while stack:
-            node = stack.pop()
-            if node not in needed:
-                needed.add(node)
-                stack.extend(node.all_input_nodes)
+        needed = _ancestors(targets)
+        # An in-place op (``buffer[..., :k].copy_(a)`` into a ``new_empty`` buffer) has no users, yet
+        # what it writes is read later: run it whenever what it writes into is needed.
+        mutations = [n for n in gm.graph.nodes if _mutates(n)]
+        grown = True
+        while grown:
+            grown = False
+            for node in mutations:
+                if node not in needed and any(base in needed for base in _written(node)):
+                    needed |= _ancestors([node])
+                    grown = True
         self.order = [n for n in gm.graph.nodes if n in needed and n.op not in ("placeholder", "get_attr")]
         position = {n: i for i, n in enumerate(self.order)}
         self.position = position

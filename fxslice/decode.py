@@ -10,6 +10,7 @@ so it costs no memory but the cache. It is built on the first ``generate`` call 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -32,28 +33,41 @@ class _CachedCausalLMCall(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, batch_size: int, max_cache_len: int):
         super().__init__()
         from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
         self.model = model  # the same attribute name as the prefill capture, so weights share names
         config = model.config.get_text_config()
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.cache.early_initialization(batch_size, kv_heads, head_dim, model.dtype, model.device)
+        # A sliding-window layer keeps its fill level in a Python int, which a captured graph bakes in as
+        # a constant; a full-length layer keeps it in a tensor. The model's mask still limits what each
+        # position sees to the window (it compares absolute positions), so a full layer gives the same
+        # attention; it costs cache memory beyond the window.
+        self.cache.layers = [StaticLayer(max_cache_len=max_cache_len) if type(layer) is StaticSlidingWindowLayer
+                             else layer for layer in self.cache.layers]
+        # transformers renamed ``past_key_values`` to ``cache``; pass it under the name this model takes.
+        self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # One token through the model allocates every layer's cache in the shapes its attention really
+        # writes (keys and values may differ in width, as in latent attention); then they become buffers.
+        with torch.no_grad():
+            model(input_ids=torch.zeros(batch_size, 1, dtype=torch.long, device=model.device),
+                  use_cache=True, **{self.cache_argument: self.cache})
+        self.cached = []  # (layer index, attribute) of every cache tensor
         for i, layer in enumerate(self.cache.layers):
-            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
-            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
-            self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
+            for name, value in vars(layer).items():
+                if isinstance(value, torch.Tensor):
+                    self.register_buffer(f"cache_{i}_{name}", value.zero_(), persistent=False)
+                    self.cached.append((i, name))
 
     def forward(self, input_ids, attention_mask, position_ids, cache_position):
-        for i, layer in enumerate(self.cache.layers):
-            # Point the cache at this module's buffers on every call: export swaps buffers for fakes, and
-            # the graph must update the buffers, not tensors captured as constants.
-            layer.keys = getattr(self, f"key_cache_{i}")
-            layer.values = getattr(self, f"value_cache_{i}")
-            layer.cumulative_length = getattr(self, f"cumulative_length_{i}")
-            layer.cumulative_length.copy_(cache_position[0])  # rewind: one graph serves every prompt
+        # Point the cache at this module's buffers on every call: export swaps buffers for fakes, and the
+        # graph must update the buffers, not tensors captured as constants.
+        for i, name in self.cached:
+            setattr(self.cache.layers[i], name, getattr(self, f"cache_{i}_{name}"))
+        for layer in self.cache.layers:
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+                layer.cumulative_length.copy_(cache_position[0])  # rewind: one graph serves every prompt
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=self.cache, use_cache=True).logits
+                          use_cache=True, **{self.cache_argument: self.cache}).logits
 
 
 def cache_length(needed: int, limit: int) -> int:
@@ -94,7 +108,7 @@ def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModu
             if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
                 raise RuntimeError(f"decoding graph disagrees with the compressed model on {target}")
             set_tensor(decoder, target, theirs)  # the same tensor: no second copy of the weights
-        elif "cache" not in target and "cumulative_length" not in target:
+        elif not target.startswith("cache_"):
             raise RuntimeError(f"decoding graph reads {target}, which the compressed model does not have")
     _verify(decoder, gm, batch_size, compressed.config.vocab_size)
     return decoder

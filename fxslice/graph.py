@@ -55,10 +55,11 @@ def set_tensor(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> None:
     owner = gm.get_submodule(owner_path) if owner_path else gm
     if name in owner._buffers:
         owner._buffers[name] = tensor
-    else:
-        if name in owner._parameters:
-            del owner._parameters[name]
+    elif name in owner._parameters or not hasattr(owner, name):
+        owner._parameters.pop(name, None)
         owner.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    else:  # a constant torch.export lifted out of the model code (``lifted_tensor_0``): a plain attribute
+        setattr(owner, name, tensor)
 
 
 def add_parameter(gm: fx.GraphModule, hint: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:

@@ -286,3 +286,35 @@ def test_rescale_leaves_the_output_head_alone():
     states = fxslice.report(compiled)["states"]
     assert all(s["width_after"] < s["width_before"] for s in states)
     assert [s["state"] for s in states if "norm_gain" in s] == [0, 1, 2, 3]
+
+
+class AssembledMLP(torch.nn.Module):
+    """An MLP whose hidden activation is assembled in place, the way latent attention builds its keys: a
+    buffer (here NaN-filled, so an unwritten one shows) whose two halves are copied in. The copies have no
+    users in the graph; the calibration sweep must still run them."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        hidden = self.mlp.up(x)
+        half = hidden.shape[-1] // 2
+        assembled = torch.full_like(hidden, float("nan"))
+        assembled[..., :half].copy_(torch.nn.functional.gelu(hidden[..., :half]))
+        assembled[..., half:].copy_(torch.tanh(hidden[..., half:]))
+        return self.mlp.down(assembled)
+
+
+def test_calibration_runs_in_place_writes_that_have_no_users():
+    arch = Arch(width=32, heads=4, depth=2)
+    model = TinyLM(arch).eval()
+    for block in model.blocks:
+        block.mlp = AssembledMLP(block.mlp)
+    data = [{"input_ids": example_ids(arch, 4, 12, seed=i)} for i in range(2)]
+    sliced = compile_quietly(model, [fuse_norm, rotate, slice(0.25)], example_inputs=(example_ids(arch),),
+                             calibration=data)
+    ids = example_ids(arch, 3, 9, seed=99)
+    assert torch.isfinite(sliced(ids)).all()
+    kept = [s["kept_variance"] for s in fxslice.report(sliced)["states"]]
+    assert all(0.5 < k <= 1.0 for k in kept), kept

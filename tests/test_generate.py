@@ -82,3 +82,37 @@ def test_lm_eval_hflm_scores_like_the_original():
         assert a == pytest.approx(b, abs=1e-6)
     assert results["original"][1] == results["fxslice"][1]
     assert lm_eval is not None
+
+
+def census_model(name, dtype=torch.float64, **text_config):
+    """A tiny model of any causal-LM type (the census's factory), with text-config fields overridden."""
+    from zoo_configs import tiny_config
+    from zoo_configs import tiny_model as any_tiny_model
+
+    config = tiny_config(name)
+    for key, value in text_config.items():
+        setattr(config.get_text_config(), key, value)
+    model = any_tiny_model(name, dtype, config=config)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("mistral", {"sliding_window": 3}),  # every layer slides; the window is shorter than the text
+    ("gemma2", {"sliding_window": 3}),  # sliding and full layers alternate
+    ("deepseek_v2", {"dtype": torch.float32}),  # latent attention (its experts have no float64 kernel): keys and values of different widths in the cache
+], ids=["sliding", "alternating", "latent"])
+def test_cached_decoding_follows_the_models_own_attention(name, overrides):
+    model = census_model(name, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=CALIBRATION)
+    from transformers import GenerationConfig
+
+    sliced.generation_config = GenerationConfig(pad_token_id=0, eos_token_id=None)  # the full length
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to recomputation warns
+        out = sliced.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, argmax_chain(sliced, ids, 8))
+    assert [d is not None for d in sliced.decoders.values()] == [True]

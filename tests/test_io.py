@@ -112,3 +112,22 @@ def test_plain_module_needs_its_class_to_load(tmp_path):
     loaded = fxslice.load(tmp_path / "m", model=TinyLM(arch, seed=7), example_inputs=(example_ids(arch),))
     ids = example_ids(arch, 3, 5, seed=2)
     assert torch.equal(loaded(ids), compiled(ids))
+
+
+class ConstantLM(TinyLM):
+    """A tensor made inside forward: torch.export lifts it into a plain graph attribute (``lifted_tensor_0``),
+    neither parameter nor buffer, which load must set back as what it is."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * torch.tensor(0.5)
+
+
+def test_a_constant_lifted_from_the_model_code_saves_and_loads(tmp_path):
+    arch = Arch(width=32, heads=4, depth=2)
+    compiled = fxslice.compile(ConstantLM(arch).eval(), [fuse_norm, rotate, slice(0.25)],
+                               example_inputs=(example_ids(arch),))
+    assert any(name.startswith("lifted_tensor") for name in vars(compiled) if not name.startswith("_"))
+    fxslice.save(compiled, tmp_path / "m")
+    loaded = fxslice.load(tmp_path / "m", model=ConstantLM(arch, seed=7), example_inputs=(example_ids(arch),))
+    ids = example_ids(arch, 3, 5, seed=2)
+    assert torch.equal(loaded(ids), compiled(ids))
