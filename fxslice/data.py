@@ -11,7 +11,8 @@ from datasets import Dataset
 
 from .errors import CalibrationError
 
-__all__ = ["calibration_batches", "join_rows", "read_text", "tokenize_text", "windows_to_batches"]
+__all__ = ["calibration_batches", "join_rows", "leading_tokens", "read_text", "text_windows", "tokenize_text",
+           "windows_to_batches"]
 
 
 def read_text(text_or_path: str | os.PathLike) -> str:
@@ -55,6 +56,28 @@ def tokenize_text(tokenizer: Any, text_or_path: str | os.PathLike) -> torch.Tens
     return torch.tensor(ids, dtype=torch.long)
 
 
+def leading_tokens(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts in front of any text (Gemma's and Llama's ``<bos>``; none for
+    GPT-2-style tokenizers). Models trained with them expect them at position 0: a window without them
+    is scored worse and calibrates without the activations the first token draws (an attention sink)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def text_windows(tokenizer: Any, tokens: torch.Tensor, seq_len: int, starts: list[int]) -> torch.Tensor:
+    """``[len(starts), seq_len]`` windows: the tokenizer's leading tokens, then text tokens from each start."""
+    lead = torch.tensor(leading_tokens(tokenizer), dtype=torch.long)
+    body = seq_len - lead.numel()
+    if body < 1:
+        raise CalibrationError(f"seq_len={seq_len} leaves no room for text after the tokenizer's "
+                               f"{lead.numel()} leading special tokens")
+    return torch.stack([torch.cat([lead, tokens[s : s + body]]) for s in starts])
+
+
 def windows_to_batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """``[n, seq_len]`` token windows -> a list of model-input dicts of at most ``batch_size`` rows."""
     dataset = Dataset.from_dict({"input_ids": windows.tolist()}).with_format("torch")
@@ -72,7 +95,8 @@ def calibration_batches(
     batch_size: int = 8,
     seed: int = 42,
 ) -> list[dict[str, torch.Tensor]]:
-    """``n_samples`` random windows of ``seq_len`` tokens from the text, as SliceGPT calibrates.
+    """``n_samples`` random windows of ``seq_len`` tokens from the text, as SliceGPT calibrates, each
+    starting with the tokenizer's leading special tokens (``leading_tokens``) as the model saw in training.
 
     Window starts are drawn uniformly with ``torch.Generator().manual_seed(seed)``, so the same text,
     tokenizer and seed always give the same batches.
@@ -83,7 +107,7 @@ def calibration_batches(
     tokens = tokenize_text(tokenizer, text_or_path)
     if tokens.numel() < seq_len:
         raise CalibrationError(f"the text has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    body = seq_len - len(leading_tokens(tokenizer))
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len + 1, (n_samples,), generator=generator)
-    windows = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
-    return windows_to_batches(windows, batch_size)
+    starts = torch.randint(0, tokens.numel() - body + 1, (n_samples,), generator=generator)
+    return windows_to_batches(text_windows(tokenizer, tokens, seq_len, starts.tolist()), batch_size)

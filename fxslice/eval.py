@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import tokenize_text
+from .data import leading_tokens, text_windows, tokenize_text
 
 __all__ = ["perplexity"]
 
@@ -27,27 +27,33 @@ def perplexity(
 ) -> float:
     """exp(mean next-token NLL) over the first ``max_windows`` non-overlapping ``seq_len``-token windows.
 
-    Each window is scored on its own (tokens 2..seq_len predicted from their prefix in the window); the
-    mean is over all predicted tokens. Works for any callable returning ``.logits`` (or a logits tensor).
+    Each window is the tokenizer's leading special tokens (``fxslice.data.leading_tokens``: ``<bos>`` for
+    Gemma, none for GPT-2-style tokenizers) followed by the next stretch of text, scored on its own: every
+    text token after the first position is predicted from its prefix in the window; the mean is over all
+    predicted tokens. Works for any callable returning ``.logits`` (or a logits tensor).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2; got {seq_len}")
     tokens = tokenize_text(tokenizer, text_or_path)
-    count = tokens.numel() // seq_len
+    lead = len(leading_tokens(tokenizer))
+    body = seq_len - lead
+    count = tokens.numel() // body if body > 0 else 0
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
         raise ValueError(f"the text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
-    windows = tokens[: count * seq_len].view(count, seq_len)
+    windows = text_windows(tokenizer, tokens, seq_len, [i * body for i in range(count)])
+    first = max(lead, 1)  # the first position scored: a leading special token is given, not predicted
     device = _device(model)
     total, n = 0.0, 0
     for start in tqdm(range(0, count, batch_size), desc="perplexity", disable=not progress, unit="batch"):
         ids = windows[start : start + batch_size].to(device)
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
         logits = out.logits if hasattr(out, "logits") else out
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        predicted, targets = logits[:, first - 1 : -1], ids[:, first:]
+        nll = F.cross_entropy(predicted.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         total += nll.item()
-        n += ids[:, 1:].numel()
+        n += targets.numel()
     return math.exp(total / n)
 
 
