@@ -36,6 +36,7 @@ class _CachedCausalLMCall(torch.nn.Module):
         from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
         self.model = model  # the same attribute name as the prefill capture, so weights share names
+        self.max_cache_len = max_cache_len
         config = model.config.get_text_config()
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
         # A sliding-window layer keeps its fill level in a Python int, which a captured graph bakes in as
@@ -62,10 +63,13 @@ class _CachedCausalLMCall(torch.nn.Module):
         # Point the cache at this module's buffers on every call: export swaps buffers for fakes, and the
         # graph must update the buffers, not tensors captured as constants.
         for i, name in self.cached:
-            setattr(self.cache.layers[i], name, getattr(self, f"cache_{i}_{name}"))
-        for layer in self.cache.layers:
-            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
-                layer.cumulative_length.copy_(cache_position[0])  # rewind: one graph serves every prompt
+            value = getattr(self, f"cache_{i}_{name}")
+            setattr(self.cache.layers[i], name, value)
+            if value.dim() == 0 and not value.is_floating_point():  # a fill level (keys, an indexer's keys)
+                value.copy_(cache_position[0])  # rewind: one graph serves every prompt
+        # The mask covers the whole static cache (zeros beyond the tokens so far), as the keys do: models
+        # that build position biases from the mask (ALiBi) need it as long as the keys.
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, self.max_cache_len - attention_mask.shape[-1]))
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=True, **{self.cache_argument: self.cache}).logits
 
@@ -116,16 +120,21 @@ def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModu
 
 @torch.no_grad()
 def _verify(decoder: fx.GraphModule, gm: fx.GraphModule, batch: int, vocab: int) -> None:
-    """Prefill 6 tokens and decode a 7th through the cache; both must match the compressed graph."""
-    ids = torch.randint(0, vocab, (batch, 7), generator=torch.Generator().manual_seed(0))
-    full = gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-    prefill = decoder(input_ids=ids[:, :6], attention_mask=torch.ones_like(ids[:, :6]),
-                      position_ids=torch.arange(6).expand(batch, -1), cache_position=torch.arange(6))
-    step = decoder(input_ids=ids[:, 6:], attention_mask=torch.ones_like(ids), position_ids=torch.full((batch, 1), 6),
-                   cache_position=torch.tensor([6]))
+    """Prefill 5 tokens and decode 3 more one at a time, then start again from another 3-token prompt (the
+    cache rewinds) and decode one: every logit must match the compressed graph's."""
+    generator = torch.Generator().manual_seed(0)
+    error = 0.0
+    for prompt, steps in ((5, 3), (3, 1)):
+        ids = torch.randint(0, vocab, (batch, prompt + steps), generator=generator)
+        full = gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        logits = [decoder(input_ids=ids[:, :prompt], attention_mask=torch.ones_like(ids[:, :prompt]),
+                          position_ids=torch.arange(prompt).expand(batch, -1), cache_position=torch.arange(prompt))]
+        for t in range(prompt, prompt + steps):
+            logits.append(decoder(input_ids=ids[:, t : t + 1], attention_mask=torch.ones_like(ids[:, : t + 1]),
+                                  position_ids=torch.full((batch, 1), t), cache_position=torch.tensor([t])))
+        scale = full.abs().max().clamp_min(1e-6)
+        error = max(error, ((torch.cat(logits, 1) - full).abs().max() / scale).item())
     tolerance = 1e-4 if full.dtype in (torch.float32, torch.float64) else 3e-2
-    scale = full.abs().max().clamp_min(1e-6)
-    error = max((prefill - full[:, :6]).abs().max() / scale, (step - full[:, 6:]).abs().max() / scale).item()
     if not error <= tolerance:
         raise RuntimeError(f"the cached decoding graph does not reproduce the model (relative error {error:.2g})")
 

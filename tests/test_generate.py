@@ -100,9 +100,11 @@ def census_model(name, dtype=torch.float64, **text_config):
 @pytest.mark.parametrize("name, overrides", [
     ("mistral", {"sliding_window": 3}),  # every layer slides; the window is shorter than the text
     ("gemma2", {"sliding_window": 3}),  # sliding and full layers alternate
-    ("deepseek_v2", {"dtype": torch.float32}),  # latent attention (its experts have no float64 kernel): keys and values of different widths in the cache
-], ids=["sliding", "alternating", "latent"])
+    ("deepseek_v2", {"dtype": torch.float32}),  # latent attention: keys and values of different widths
+    ("bloom", {}),  # ALiBi position biases built from the attention mask
+], ids=["sliding", "alternating", "latent", "alibi"])
 def test_cached_decoding_follows_the_models_own_attention(name, overrides):
+    """(Mixtures of experts among them have no float64 kernels: those run in float32.)"""
     model = census_model(name, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
