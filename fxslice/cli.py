@@ -71,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--schedule", choices=["constant", "spectrum"], default="constant")
     s.add_argument("--shared", action="store_true", help="one rotation per stream: no skip matrices")
-    s.add_argument("--slice-head", action="store_true", help="also slice the states the output head reads")
+    head = s.add_mutually_exclusive_group()
+    head.add_argument("--slice-head", dest="head", action="store_const", const=True,
+                      help="also slice the states the output head reads (default: only when keeping them would "
+                           "leave the model no smaller than dense)")
+    head.add_argument("--keep-head", dest="head", action="store_const", const=False,
+                      help="never slice the states the output head reads")
     s.add_argument("--no-rescale", action="store_true", help="do not rescale the norms' sinks after slicing "
                    "(slice(..., rescale=False); SliceGPT's behaviour)")
     s.add_argument("--out", required=True, help="directory to write the sliced model to")
@@ -113,7 +118,7 @@ def _slice(args) -> None:
     print(f"loaded {args.model}; calibrating on {args.samples} windows of {args.seq_len} tokens", file=sys.stderr)
     batches = calibration_batches(tokenizer, args.calibration, args.samples, args.seq_len, args.batch_size, args.seed)
     start = time.perf_counter()
-    passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.slice_head,
+    passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.head,
                                                              rescale=not args.no_rescale)]
     sliced = fxslice.compile(model, passes, calibration=batches)
     report = fxslice.report(sliced)

@@ -57,9 +57,9 @@ def tokenize_text(tokenizer: Any, text_or_path: str | os.PathLike) -> torch.Tens
 
 
 def leading_tokens(tokenizer: Any) -> list[int]:
-    """The special tokens the tokenizer puts in front of any text (Gemma's and Llama's ``<bos>``; none for
-    GPT-2-style tokenizers). Models trained with them expect them at position 0: a window without them
-    is scored worse and calibrates without the activations the first token draws (an attention sink)."""
+    """The special tokens the tokenizer puts in front of any text (a ``<bos>`` for many tokenizers, nothing
+    for byte-level BPE ones). Models trained with them expect them at position 0: a window without them is
+    scored worse and calibrates without the activations the first token draws (an attention sink)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
     for start in range(len(full) - len(plain) + 1):

@@ -27,8 +27,8 @@ def perplexity(
 ) -> float:
     """exp(mean next-token NLL) over the first ``max_windows`` non-overlapping ``seq_len``-token windows.
 
-    Each window is the tokenizer's leading special tokens (``fxslice.data.leading_tokens``: ``<bos>`` for
-    Gemma, none for GPT-2-style tokenizers) followed by the next stretch of text, scored on its own: every
+    Each window is the tokenizer's leading special tokens (``fxslice.data.leading_tokens``: a ``<bos>`` or
+    nothing) followed by the next stretch of text, scored on its own: every
     text token after the first position is predicted from its prefix in the window; the mean is over all
     predicted tokens. Works for any callable returning ``.logits`` (or a logits tensor).
     """

@@ -95,3 +95,34 @@ def test_training_mode_dropout_is_not_a_problem_because_capture_uses_eval():
         fxslice.compile(model, [fuse_norm, rotate], example_inputs=(example_ids(Arch()),))
 
 
+
+
+class PostLNBlock(torch.nn.Module):
+    """An encoder block as BERT has it: the residual add comes first, the norm after it, and the norm's
+    output is what the next block adds to."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.attn, self.mlp = torch.nn.Linear(width, width), torch.nn.Linear(width, width)
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+
+    def forward(self, x):
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class PostLNModel(torch.nn.Module):
+    def __init__(self, width=16, vocab=20):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.blocks = torch.nn.Sequential(PostLNBlock(width), PostLNBlock(width))
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids):
+        return self.head(self.blocks(self.embed(input_ids)))
+
+
+def test_a_post_layernorm_stream_is_refused_in_words_a_user_understands():
+    with pytest.raises(fxslice.UnsupportedGraphError, match="post-norm stream.*post-LN") as caught:
+        fxslice.compile(PostLNModel().eval(), [fuse_norm, rotate], example_inputs=(torch.zeros(1, 5, dtype=torch.long),))
+    assert "only pre-norm residual streams can be rotated" in str(caught.value)

@@ -59,7 +59,7 @@ def test_explicit_widths_per_state():
 
 
 @pytest.mark.parametrize("tied, head, expected", [
-    (False, False, [24, 24, 32]),  # the final state feeds the head: kept whole, as SliceGPT keeps its head
+    (False, None, [24, 24, 32]),  # the final state feeds the head: kept whole, as SliceGPT keeps its head
     (True, False, [32, 24, 32]),  # a tied head also reads the embedding's state
     (True, True, [24, 24, 24]),  # head=True slices them too
 ])
@@ -68,6 +68,17 @@ def test_states_the_head_reads_keep_their_width_unless_asked(tied, head, expecte
     gm, error = compile_and_compare(arch, [fuse_norm, rotate, slice(0.25, head=head)])
     report = fxslice.report(gm)
     assert [s["width_after"] for s in report["states"]] == expected
+
+
+@pytest.mark.parametrize("head, expected", [(None, [24, 24, 24]), (False, [32, 24, 32])])
+def test_a_head_tied_to_a_dominant_embedding_is_sliced_unless_that_keeps_the_model_from_shrinking(head, expected):
+    """Gemma's shape: a 262k-token tied embedding holds most of the model and every post-norm writes the
+    stream through an inserted linear; keeping the head's states whole would leave it larger than dense."""
+    arch = Arch(width=32, heads=4, depth=1, tied=True, vocab=2000, post_norms=True)
+    gm, error = compile_and_compare(arch, [fuse_norm, rotate, slice(0.25, head=head)])
+    report = fxslice.report(gm)
+    assert [s["width_after"] for s in report["states"]] == expected
+    assert (report["parameters"]["ratio"] < 1.0) == (head is None), report["parameters"]
 
 
 def test_widths_must_fit_the_state():

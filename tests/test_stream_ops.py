@@ -79,3 +79,29 @@ def test_a_registered_custom_op_carries_the_stream():
 def test_register_stream_op_wants_schema_names():
     with pytest.raises(ValueError, match="schema names"):
         register_stream_op("token_scale")
+
+
+class ScalarStreamLM(TinyLM):
+    """The stream gets ``+ 0`` (an absent position embedding, as some models add it) and is scaled in place
+    by a 0-dim buffer after every block (``hidden_states *= self.layer_scalar``): both commute with Q."""
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        self.register_buffer("layer_scalar", torch.tensor(0.7))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids) + 0
+        for block in self.blocks:
+            x = block(x)
+            x *= self.layer_scalar
+        return self.head(self.final_norm(x))
+
+
+def test_adding_zero_and_scaling_in_place_by_a_scalar_tensor_carry_the_stream():
+    model = ScalarStreamLM(ARCH).double().eval()
+    fused = compile_quietly(model, [fuse_norm])
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    assert not fxslice.report(rotated)["skipped"]
+    assert relative_error(rotated(ids), fused(ids)) < 1e-12
+    assert relative_error(fused(ids), model(ids)) < 1e-12

@@ -334,6 +334,8 @@ def _join(node: fx.Node, operand: fx.Node) -> Step | None:
     first, args = node.args[0], node.args
     if is_op(node, aten.add_, aten.sub_) and first is operand and len(operand.users) > 1:
         return None  # an in-place add whose target is also read elsewhere: order would matter
+    if first is operand and not isinstance(args[1], fx.Node) and args[1] == 0:
+        return Step(StepKind.COMMUTES)  # x + 0 = x (models that add an absent position embedding as 0)
     if isinstance(args[1], fx.Node) and first is not None:
         other = args[1] if first is operand else first
         if last_dim(other) == last_dim(operand) and last_dim(node) == last_dim(operand):
@@ -341,9 +343,11 @@ def _join(node: fx.Node, operand: fx.Node) -> Step | None:
     return None
 
 
-@_stream_rule(aten.mul)
+@_stream_rule(aten.mul, aten.mul_)
 def _mul(node: fx.Node, operand: fx.Node) -> Step | None:
     first, other = node.args[0], node.args[1] if len(node.args) > 1 else None
+    if is_op(node, aten.mul_) and (first is not operand or len(operand.users) > 1):
+        return None  # in place: only on the stream itself, and only where nothing else reads it before
     factor = other if first is operand else first if other is operand else operand
     return Step(StepKind.COMMUTES) if factor is not operand and (_is_scalar_like(factor) or _is_per_token(factor)) else None
 

@@ -250,6 +250,10 @@ def _normed_values(norm: Norm, region_nodes: set, sinks: list, literals: list, b
             if user in region_nodes:
                 blockers.append(Blocker(user, "a norm's output is written back into the stream it normalises "
                                         "(post-LN)", "only pre-norm residual streams can be rotated"))
+            elif step is not None and step.kind is StepKind.JOINS:
+                blockers.append(Blocker(user, "post-norm stream: a norm's output is added into the residual stream "
+                                        "(post-LN: the stream is renormalised after every block, which no "
+                                        "rotation of it survives)", "only pre-norm residual streams can be rotated"))
             else:
                 blockers.append(Blocker(user, "a norm's output is read by an op that is not a linear layer",
                                         _HINT_OP))

@@ -122,7 +122,7 @@ class Rotate(FxslicePass):
         states = sorted((s for r in regions if not r.reason() for s in r.states), key=_graph_order(gm))
         index = {state: i for i, state in enumerate(states)}
         source = self._source(context, slicing)
-        widths = self._widths(gm, source, states, slicing)
+        widths = self._widths(gm, source, states, slicing, plan.parameters_before)
         record: dict[int, StatePlan] = {}
 
         def apply(state: State, rotation: torch.Tensor | None, eigenvalues: torch.Tensor | None) -> int:
@@ -152,15 +152,16 @@ class Rotate(FxslicePass):
                                        "eigh_s": round(getattr(source, "eigh_seconds", 0.0), 3)})
 
     @staticmethod
-    def _widths(gm: fx.GraphModule, source: RotationSource, states: list[State], slicing: Any) -> dict[int, int]:
+    def _widths(gm: fx.GraphModule, source: RotationSource, states: list[State], slicing: Any,
+                dense: int | None) -> dict[int, int]:
         if slicing is None:
             return {}
         if slicing.schedule == "constant":
-            return slicing.plan(gm, states)
+            return slicing.plan(gm, states, dense=dense)
         if not hasattr(source, "losses"):
             raise UnsupportedGraphError(f"slice(schedule={slicing.schedule!r}) reads the spectrum of the activations; "
                                         f"the rotation source {source.name!r} does not measure it")
-        return slicing.plan(gm, states, source.losses(gm, states))
+        return slicing.plan(gm, states, source.losses(gm, states), dense=dense)
 
 
 def _graph_order(gm: fx.GraphModule):

@@ -5,8 +5,8 @@ written into the graph follows; norms keep dividing by the unsliced width. On a 
 first columns are the principal directions, so what is deleted is the stream's least-used subspace.
 
 ``slice(0.25)`` keeps ``k = (1 − 0.25)·d`` rounded down to a multiple of 8 in every state (SliceGPT's
-constant schedule) except those the output head reads, which keep ``d`` as in SliceGPT (``head=True``
-slices them too); ``slice(widths={state: k})``, ``slice(widths=[k0, k1, …])`` or
+constant schedule) except those the output head reads, which keep ``d`` as in SliceGPT unless that would
+leave the model no smaller than dense (``head=True`` always slices them, ``head=False`` never does); ``slice(widths={state: k})``, ``slice(widths=[k0, k1, …])`` or
 ``slice(widths=lambda index, d: k)`` choose per state; ``slice(0.25, schedule="spectrum")`` spends the
 parameter budget of ``slice(0.25)`` where the PCA spectrum says it matters (``Slice.plan``; needs
 calibration data).
@@ -33,7 +33,7 @@ import torch.fx as fx
 from ..analysis.ops import weight_use
 from ..analysis.regions import State, bind_parameters, find_regions, output_heads
 from ..errors import UnsupportedGraphError
-from ..graph import get_tensor
+from ..graph import get_tensor, unique_parameters
 from ..plan import Plan
 from ..rewrite import slice_state
 from .base import Context, FxslicePass
@@ -53,7 +53,7 @@ class Slice(FxslicePass):
     widths: Widths | None = field(default=None, compare=False)
     multiple_of: int = 8
     schedule: str = "constant"
-    head: bool = False
+    head: bool | None = None
     rescale: bool = True
     name = "slice"
     requires = (Rotate,)
@@ -95,13 +95,17 @@ class Slice(FxslicePass):
             raise UnsupportedGraphError(f"slice: width {k!r} for state {index} is not an integer in [1, {d}]")
         return k
 
-    def plan(self, gm: fx.GraphModule, states: list[State], losses: list[torch.Tensor] | None = None) -> dict[int, int]:
+    def plan(self, gm: fx.GraphModule, states: list[State], losses: list[torch.Tensor] | None = None,
+             dense: int | None = None) -> dict[int, int]:
         """The width of every state (by index in graph order).
 
-        Unless ``head=True``, the states the output head reads keep their full width, as in SliceGPT, whose
-        head is never sliced: the state feeding the head and, for a head tied to the embedding, the
-        embedding's state (a sliced embedding would project the head onto the subspace of frequent
-        tokens). With ``schedule="spectrum"``, ``losses[i][k]`` is the fraction of state ``i``'s signal lost
+        The states the output head reads (the state feeding the head and, for a head tied to the
+        embedding, the embedding's state) keep their full width, as in SliceGPT, whose head is never
+        sliced (a sliced tied embedding projects the head onto the subspace of frequent tokens) — unless
+        ``head=True``, or (``head=None``, the default) when keeping them would leave the model with no
+        fewer parameters than ``dense``, its count before compression: a head tied to an embedding that
+        holds most of the model (a vocabulary of a quarter million tokens) is then sliced like every other state.
+        With ``schedule="spectrum"``, ``losses[i][k]`` is the fraction of state ``i``'s signal lost
         when it keeps ``k`` directions (measured on calibration tokens held out from the fit:
         ``PCARotation.losses``). Starting from every state unsliced, the planner repeatedly narrows (by
         ``multiple_of``) the state that will lose least after the cut, until the parameters bound to the
@@ -109,40 +113,32 @@ class Slice(FxslicePass):
         schedule: it equalises the loss across states (minimising the largest), instead of equalising the
         widths.
         """
+        budget = _StateParameters(gm, states)
         pinned = set() if self.head or self.widths is not None else head_states(gm, states)
         if len(pinned) == len(states):
             pinned = set()  # one rotation for the whole stream (shared): the head's state is every state
         goal = [s.width if i in pinned else self.width(i, s.width) for i, s in enumerate(states)]
+        if pinned and self.head is None and dense is not None:
+            full = [s.width for s in states]
+            if unique_parameters(gm) - budget.count(full) + budget.count(goal) >= dense:
+                goal = [self.width(i, s.width) for i, s in enumerate(states)]
+                pinned = set()
         if self.schedule == "constant":
             return dict(enumerate(goal))
         if losses is None:
             raise UnsupportedGraphError(f"slice(schedule={self.schedule!r}) needs calibration data")
         m = self.multiple_of
-        bound: dict[tuple[str, int], int] = {}
-        for i, state in enumerate(states):
-            for side, _ in state.param_axes():
-                bound[(side.target, side.axis)] = i
-        shapes = {target: tuple(get_tensor(gm, target).shape) for target, _ in bound}
-        touching: dict[int, list[str]] = {i: [] for i in range(len(states))}
-        for target, shape in shapes.items():
-            for i in {bound[(target, a)] for a in range(len(shape)) if (target, a) in bound}:
-                touching[i].append(target)
-
-        def numel(target: str, widths: list[int]) -> int:
-            return math.prod(widths[bound[(target, a)]] if (target, a) in bound else n
-                             for a, n in enumerate(shapes[target]))
-
         widths = [s.width for s in states]
-        budget = sum(numel(t, goal) for t in shapes)
-        current = sum(numel(t, widths) for t in shapes)
-        while current > budget:
+        limit = budget.count(goal)
+        current = budget.count(widths)
+        while current > limit:
             best = None
             for i, k in enumerate(widths):
                 narrower = (k - 1) // m * m
                 if i in pinned or narrower < builtins.min(m, states[i].width):
                     continue
                 trial = widths[:i] + [narrower] + widths[i + 1:]
-                saved = sum(numel(t, widths) - numel(t, trial) for t in touching[i])
+                saved = budget.count(widths, i) - budget.count(trial, i)
                 if saved > 0:
                     score = float(losses[i][narrower])
                     if best is None or score < best[0]:
@@ -170,7 +166,7 @@ class Slice(FxslicePass):
                 raise UnsupportedGraphError(f"slice: the plan's widths {list(widths.values())} do not fit the "
                                             f"graph's {len(states)} states of widths {[s.width for s in states]}")
         else:
-            widths = self.plan(gm, states)
+            widths = self.plan(gm, states, dense=plan.parameters_before)
         for index, state in enumerate(states):
             slice_state(gm, state, widths[index])
         kept = tuple(dataclasses.replace(s, kept=widths[s.state]) for s in plan.states)
@@ -184,6 +180,28 @@ class Slice(FxslicePass):
         return self.spec(widths=[s.kept for s in plan.states])
 
 
+class _StateParameters:
+    """Counts the parameters bound to the states' widths (every weight axis a state's Q touches, skip
+    matrices ``k_i × k_j`` included) for any choice of widths."""
+
+    def __init__(self, gm: fx.GraphModule, states: list[State]):
+        self.bound: dict[tuple[str, int], int] = {}
+        for i, state in enumerate(states):
+            for side, _ in state.param_axes():
+                self.bound[(side.target, side.axis)] = i
+        self.shapes = {target: tuple(get_tensor(gm, target).shape) for target, _ in self.bound}
+        self.touching: dict[int, list[str]] = {i: [] for i in range(len(states))}
+        for target, shape in self.shapes.items():
+            for i in {self.bound[(target, a)] for a in range(len(shape)) if (target, a) in self.bound}:
+                self.touching[i].append(target)
+
+    def count(self, widths: list[int], state: int | None = None) -> int:
+        """Elements of the bound weights (only those touching ``state``, if given) at ``widths``."""
+        targets = self.shapes if state is None else self.touching[state]
+        return sum(math.prod(widths[self.bound[(t, a)]] if (t, a) in self.bound else n
+                             for a, n in enumerate(self.shapes[t])) for t in targets)
+
+
 def _rotated_states(regions) -> list[State]:
     states = [s for r in regions if not r.reason() for s in r.states if ROTATED_STATE in s.anchor.meta]
     return sorted(states, key=lambda s: s.anchor.meta[ROTATED_STATE]["index"])
@@ -195,7 +213,7 @@ def slice(  # noqa: A001
     widths: Widths | None = None,
     multiple_of: int = 8,
     schedule: str = "constant",
-    head: bool = False,
+    head: bool | None = None,
     rescale: bool = True,
 ) -> Slice:
     """``slice(0.25)``: the ``Slice`` pass (exported under this name and as the class ``Slice``)."""
