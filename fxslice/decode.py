@@ -91,6 +91,12 @@ def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModu
     gm = compressed.graph_module
     base = empty_causal_lm(compressed.config, compressed.dtype)
     match_buffer_dtypes(base, {t: get_tensor(gm, t).dtype for t in tensor_targets(gm)}, HF_PREFIX)
+    with torch.no_grad():  # real position tables (ids, rotary frequencies) for the call that allocates the cache
+        targets = set(tensor_targets(gm))
+        for name, buffer in base.named_buffers():
+            theirs = get_tensor(gm, HF_PREFIX + name) if HF_PREFIX + name in targets else None
+            if theirs is not None and theirs.shape == buffer.shape:
+                buffer.copy_(theirs)
     module = _CachedCausalLMCall(base, batch_size, length)
     example = 5
     kwargs = {

@@ -102,7 +102,8 @@ def census_model(name, dtype=torch.float64, **text_config):
     ("gemma2", {"sliding_window": 3}),  # sliding and full layers alternate
     ("deepseek_v2", {"dtype": torch.float32}),  # latent attention: keys and values of different widths
     ("bloom", {}),  # ALiBi position biases built from the attention mask
-], ids=["sliding", "alternating", "latent", "alibi"])
+    ("rembert", {}),  # position ids read from a buffer while the cache is allocated
+], ids=["sliding", "alternating", "latent", "alibi", "position-buffer"])
 def test_cached_decoding_follows_the_models_own_attention(name, overrides):
     """(Mixtures of experts among them have no float64 kernels: those run in float32.)"""
     model = census_model(name, **overrides)
