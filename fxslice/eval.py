@@ -28,9 +28,9 @@ def perplexity(
     """exp(mean next-token NLL) over the first ``max_windows`` non-overlapping ``seq_len``-token windows.
 
     Each window is the tokenizer's leading special tokens (``fxslice.data.leading_tokens``: a ``<bos>`` or
-    nothing) followed by the next stretch of text, scored on its own: every
-    text token after the first position is predicted from its prefix in the window; the mean is over all
-    predicted tokens. Works for any callable returning ``.logits`` (or a logits tensor).
+    nothing) followed by the next stretch of text, scored on its own: every text token after the first
+    position is predicted from its prefix in the window; the mean is over all predicted tokens. Works for
+    any callable returning ``.logits`` (or a logits tensor).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2; got {seq_len}")
