@@ -8,7 +8,7 @@ from .api import compile, report  # noqa: A004
 from .capture import capture
 from .errors import CalibrationError, CaptureError, PassOrderError, UnsupportedGraphError
 from .io import load, save
-from .passes import FuseNorm, Rotate, Slice, fuse_norm, rotate, slice  # noqa: A004
+from .passes import FuseNorm, Rotate, ShrinkMLP, Slice, fuse_norm, rotate, shrink_mlp, slice  # noqa: A004
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "FuseNorm",
     "PassOrderError",
     "Rotate",
+    "ShrinkMLP",
     "Slice",
     "UnsupportedGraphError",
     "capture",
@@ -27,5 +28,6 @@ __all__ = [
     "report",
     "rotate",
     "save",
+    "shrink_mlp",
     "slice",
 ]

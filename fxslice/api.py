@@ -49,7 +49,8 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
     """What was done to a compiled (or loaded) model, as JSON-serialisable data, from its plan.
 
     ``states``: every residual state with the module that writes it, its width before and after, where
-    its ``Q`` came from (and, with PCA, the variance kept); ``skipped``: regions left alone and why;
+    its ``Q`` came from (and, with PCA, the variance kept); ``inner``: after ``shrink_mlp``, every MLP's
+    down projection with its inner width before and after (``mlps``), its module and what was skipped; ``skipped``: regions left alone and why;
     ``parameters``: counts before and after, every parameter counted once, inserted skip / bridge
     matrices included.
     """
@@ -73,6 +74,7 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
         "fuse_norm": plan.details.get("fuse_norm"),
         "rotation": rotation,
         "states": states,
+        "inner": plan.details.get("shrink_mlp"),
         "skipped": [{"pass": s.pass_name, **{k: v for k, v in dataclasses.asdict(s).items() if k != "pass_name"}}
                     for s in plan.skipped],
         "parameters": {"before": before, "after": after, "ratio": (after / before) if before else None},

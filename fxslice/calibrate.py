@@ -28,8 +28,8 @@ from .errors import CalibrationError
 from .graph import get_tensor
 from .rewrite import scale_normed_sinks
 
-__all__ = ["RESCALE_EXPONENT", "SPECTRUM_TOKENS", "Batch", "Batches", "PCARotation", "check_calibration", "flat_inputs",
-           "first_tokens", "gram", "lost_fraction", "pca"]
+__all__ = ["RESCALE_EXPONENT", "SPECTRUM_TOKENS", "Batch", "Batches", "InnerStatistics", "PCARotation",
+           "check_calibration", "first_tokens", "flat_inputs", "gram", "lost_fraction", "pca", "sweep_inner"]
 
 RESCALE_EXPONENT = 8.0
 """After a state is sliced, the sinks of the norms reading it are multiplied by ``mean(r)^-8``, where
@@ -273,6 +273,12 @@ class _Sweep:
                 del env[node]
         self.cursor = end + 1
 
+    def select(self, node: fx.Node, channels: torch.Tensor) -> None:
+        """Cached values of ``node`` keep only ``channels`` of their last dim."""
+        for env in self.envs:
+            if node in env:
+                env[node] = env[node].index_select(-1, channels.to(env[node].device))
+
     def transform(self, nodes: frozenset, matrix: torch.Tensor, anchor: fx.Node | None = None) -> float:
         """Cached values of ``nodes`` (a state, in its unrotated basis) become ``x @ matrix``.
 
@@ -346,6 +352,36 @@ class _FoldCovariances:
             self.tokens[i] += int((fold == i).sum())
             self.h[i] = self.h[i] + gram(rows[fold == i])
             self.unit[i] = self.unit[i] + gram(unit[fold == i])
+
+
+class InnerStatistics:
+    """``Σ hᵀh``, ``Σ h`` and the token count over the real tokens of every batch, in float64."""
+
+    def __init__(self, masks: list):
+        self.masks = masks
+        self.h: torch.Tensor | float = 0.0
+        self.sum: torch.Tensor | float = 0.0
+        self.tokens = 0
+
+    def __call__(self, batch: int, x: torch.Tensor) -> None:
+        rows, _ = _real_rows(x, self.masks[batch])
+        rows = rows.to(torch.float64)
+        self.h = self.h + gram(rows)
+        self.sum = self.sum + rows.sum(0)
+        self.tokens += rows.shape[0]
+
+
+def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[fx.Node], apply,
+                progress: bool = True, desc: str = "fxslice: shrinking inner widths") -> None:
+    """Run the graph once over ``batches``; at each node of ``inputs`` (in graph order) hand its
+    ``InnerStatistics`` to ``apply(index, statistics)``, which rewrites the weights and returns the
+    channels kept; the cached values then keep those channels, so later statistics see the model as
+    already shrunk (the same sequential scheme as the residual sweep)."""
+    sweep = _Sweep(gm, batches, inputs)
+    for index, node in enumerate(tqdm(inputs, desc=desc, disable=not progress, unit="mlp")):
+        statistics = InnerStatistics(sweep.masks)
+        sweep.run_until(node, statistics)
+        sweep.select(node, apply(index, statistics))
 
 
 def lost_fraction(fitted: torch.Tensor, unit: torch.Tensor, pca=pca) -> torch.Tensor:

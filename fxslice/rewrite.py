@@ -30,8 +30,10 @@ __all__ = [
     "rotate_state",
     "scale_axis",
     "scale_normed_sinks",
+    "select_axis",
     "slice_state",
     "strip_casts",
+    "write_width",
 ]
 
 
@@ -71,6 +73,22 @@ def narrow_axis(gm: fx.GraphModule, side: ParamAxis, width: int) -> None:
     tensor = get_tensor(gm, side.target)
     if tensor.shape[side.axis] != width:  # rotate_state may have narrowed it already
         set_tensor(gm, side.target, tensor.detach().narrow(side.axis, 0, width).clone())
+
+
+def select_axis(gm: fx.GraphModule, side: ParamAxis, index: torch.Tensor) -> None:
+    """Keep the entries ``index`` of the axis, in that order (channels of an inner width)."""
+    tensor = get_tensor(gm, side.target).detach()
+    set_tensor(gm, side.target, tensor.index_select(side.axis, index.to(tensor.device)).contiguous())
+
+
+def write_width(literals, width: int) -> None:
+    """Every ``ShapeLiteral`` (a width written into a view's shape) becomes ``width``."""
+    for literal in literals:
+        args = list(literal.node.args)
+        shape = list(args[literal.arg])
+        shape[literal.index] = width
+        args[literal.arg] = shape
+        literal.node.args = tuple(args)
 
 
 def strip_casts(node: fx.Node) -> fx.Node:
@@ -150,12 +168,7 @@ def slice_state(gm: fx.GraphModule, state: State, width: int) -> None:
         return
     for side, _ in state.param_axes():
         narrow_axis(gm, side, width)
-    for literal in state.literals:
-        args = list(literal.node.args)
-        shape = list(args[literal.arg])
-        shape[literal.index] = width
-        args[literal.arg] = shape
-        literal.node.args = tuple(args)
+    write_width(state.literals, width)
     for norm in state.norms:
         if norm.fused is None:
             raise UnsupportedGraphError(f"cannot slice a stream read by a norm that fuse_norm has not rewritten: "

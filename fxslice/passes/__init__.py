@@ -10,9 +10,10 @@ the same context.
 from .base import FxslicePass, PassResult, calibrated, run_passes
 from .fuse_norm import FuseNorm, fuse_norm
 from .rotate import RandomRotation, Rotate, RotationSource, random_orthogonal, rotate
+from .shrink_mlp import ShrinkMLP, shrink_mlp
 from .slice import Slice, slice  # noqa: A004 - `slice(0.25)` is the documented spelling
 
-REGISTRY: dict[str, type[FxslicePass]] = {cls.name: cls for cls in (FuseNorm, Rotate, Slice)}
+REGISTRY: dict[str, type[FxslicePass]] = {cls.name: cls for cls in (FuseNorm, Rotate, Slice, ShrinkMLP)}
 
 __all__ = [
     "REGISTRY",
@@ -22,11 +23,13 @@ __all__ = [
     "RandomRotation",
     "Rotate",
     "RotationSource",
+    "ShrinkMLP",
     "Slice",
     "calibrated",
     "fuse_norm",
     "random_orthogonal",
     "rotate",
     "run_passes",
+    "shrink_mlp",
     "slice",
 ]

@@ -1,0 +1,181 @@
+"""MLP inner widths: linear(s) → pointwise ops → one linear, found by op pattern.
+
+An *MLP* is a ``down`` linear whose input ``h`` (width ``m``, the inner width) is computed from the
+outputs of one or more ``up`` linears by pointwise ops only: activation functions, the gating product
+``act(x W_gate) · (x W_up)``, scaling, bias adds, casts. A pointwise op treats every inner channel on its
+own, so keeping a subset ``S`` of the channels is exact up to ``h``: each up keeps its output rows ``S``
+(and bias entries ``S``), every per-channel parameter met on the way keeps ``S``, and ``down`` reads
+``h_S``; only ``down`` then changes, which a refit on calibration activations makes up for.
+
+Anything else between the ups and ``down`` (a reshape into experts or heads, a reduction, a split of a
+fused projection, an inner value read outside the block, a weight shared with another op) makes the
+candidate a ``SkippedMLP`` with the node and the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..errors import describe_node, module_path
+from ..graph import is_op, val
+from .ops import ParamAxis, ShapeLiteral, StepKind, WeightUse, last_dim, stream_step, weight_use
+
+__all__ = ["MLP", "SkippedMLP", "find_mlps", "mlp_module"]
+
+_CASTS = ("aten::to", "aten::_to_copy", "aten::type_as", "aten::clone", "aten::contiguous", "aten::alias",
+          "aten::detach")
+
+
+@dataclass(frozen=True, eq=False)
+class MLP:
+    """``down`` reads ``inner`` (width ``width``), made from the outputs of ``ups`` by pointwise ops that
+    also read the per-channel parameters ``channel_params`` (views on the way keep the channel axis last)."""
+
+    down: WeightUse
+    ups: tuple[WeightUse, ...]
+    channel_params: tuple[ParamAxis, ...]
+    literals: tuple[ShapeLiteral, ...]  # the inner width written into views on the way
+    inner: fx.Node
+    width: int
+
+    @property
+    def name(self) -> str:
+        """The down projection's weight: how plans and reports name the MLP (stable across captures)."""
+        return self.down.weight
+
+    def channel_sides(self) -> tuple[ParamAxis, ...]:
+        """Every parameter axis indexed by the inner channels, except ``down``'s."""
+        return tuple(side for up in self.ups for side in up.output_side()) + self.channel_params
+
+
+@dataclass(frozen=True)
+class SkippedMLP:
+    """A linear fed through pointwise ops by other linears, whose inner width cannot be changed."""
+
+    name: str
+    node: fx.Node
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {describe_node(self.node)}"
+
+
+def _is_pointwise(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if is_op(node, *_CASTS):
+        return True
+    return torch.Tag.pointwise in getattr(node.target, "tags", ())
+
+
+def _reads_shape(user: fx.Node, node: fx.Node) -> bool:
+    step = stream_step(user, node)
+    return step is not None and step.kind is StepKind.READS_SHAPE
+
+
+def _broadcasts_over_channels(operand) -> bool:
+    """A scalar, a 0-dim tensor or a tensor whose last dim is 1 (the same for every channel)."""
+    if not isinstance(operand, fx.Node):
+        return not isinstance(operand, (list, tuple))
+    v = val(operand)
+    return not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[-1] == 1
+
+
+def _channel_parameter(operand, width: int) -> ParamAxis | None:
+    """A parameter or buffer whose last axis is the inner channel axis (a per-channel scale or bias)."""
+    if not isinstance(operand, fx.Node) or operand.op != "get_attr":
+        return None
+    v = val(operand)
+    if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[-1] == width:
+        return ParamAxis(operand.target, v.dim() - 1)
+    return None
+
+
+def _weight_dims(use: WeightUse) -> int:
+    v = val(use.node.args[use.weight_arg])
+    return v.dim() if isinstance(v, torch.Tensor) else 0
+
+
+def _walk(down: WeightUse, uses: dict[str, int], order: dict[fx.Node, int]) -> MLP | SkippedMLP | None:
+    """Follow ``down``'s input back to the linears that produce it.
+
+    None when this is no MLP: no up linear, or a value on the way is also read elsewhere (the output of
+    a norm that several projections read, the residual stream).
+    """
+    h, width = down.input, last_dim(down.input)
+    if h is None or width is None:
+        return None
+    ups: list[WeightUse] = []
+    params: list[ParamAxis] = []
+    literals: list[ShapeLiteral] = []
+    inner: set[fx.Node] = set()
+    problem: tuple[fx.Node, str] | None = None
+    # Latest node first: every user of a node inside the MLP is visited before the node itself.
+    queue = {h}
+    while queue:
+        node = max(queue, key=order.__getitem__)
+        queue.discard(node)
+        if any(u not in inner and u is not down.node and not _reads_shape(u, node) for u in node.users):
+            return None
+        inner.add(node)
+        use = weight_use(node)
+        if use is not None and use.kind != "embedding" and node is not h:
+            ups.append(use)
+            continue
+        if not _is_pointwise(node):
+            operand = node.args[0] if node.args else None
+            step = stream_step(node, operand) if isinstance(operand, fx.Node) else None
+            if step is not None and step.kind is StepKind.COMMUTES and last_dim(operand) == width:
+                literals += [step.literal] if step.literal is not None else []
+                queue.add(operand)  # a view that keeps the channel axis
+            else:
+                problem = problem or (node, f"the inner value passes through {node.target}, not a pointwise op")
+            continue
+        for operand in (*node.args, *node.kwargs.values()):
+            if isinstance(operand, fx.Node) and operand.op != "get_attr" and last_dim(operand) == width:
+                queue.add(operand)
+            elif (param := _channel_parameter(operand, width)) is not None:
+                params.append(param)
+            elif not _broadcasts_over_channels(operand):
+                problem = problem or (node, f"the inner value meets {operand}, which is neither per channel "
+                                            "nor the same for every channel")
+    if not ups:
+        return None
+    if problem is not None:
+        return SkippedMLP(down.weight, *problem)
+    for use in (down, *ups):
+        if _weight_dims(use) != 2:
+            return SkippedMLP(down.weight, use.node, "a weight has more than two axes (one slice per expert)")
+        shared = [w for w in (use.weight, use.bias) if w and uses.get(w, 0) > 1]
+        if shared:
+            return SkippedMLP(down.weight, use.node, f"the weight {shared[0]} is also read by another op")
+    ups.sort(key=lambda u: order[u.node])
+    return MLP(down, tuple(ups), tuple(dict.fromkeys(params)), tuple(literals), h, width)
+
+
+def find_mlps(gm: fx.GraphModule) -> tuple[list[MLP], list[SkippedMLP]]:
+    """The MLPs of ``gm`` in graph order, and the candidates that cannot be shrunk (with the reason)."""
+    uses: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            uses[node.target] = uses.get(node.target, 0) + sum(1 for _ in node.users)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found, skipped = [], []
+    for node in gm.graph.nodes:
+        use = weight_use(node)
+        if use is None or use.kind == "embedding" or use.input is None:
+            continue
+        result = _walk(use, uses, order)
+        if isinstance(result, MLP):
+            found.append(result)
+        elif isinstance(result, SkippedMLP):
+            skipped.append(result)
+    return found, skipped
+
+
+def mlp_module(mlp: MLP, prefix: str = "") -> str:
+    """The module holding the MLP's down projection (``layers.3.mlp.down_proj``)."""
+    return module_path(mlp.down.node, prefix)

@@ -1,0 +1,179 @@
+"""shrink_mlp: delete inner channels of every MLP and refit its down projection on calibration data.
+
+For an MLP ``y = h W`` (``h``: the ``m`` inner channels after the activation, ``W``: the down projection
+in the row-vector convention, ``m × n``) keeping the channels ``S`` is exact up to ``h``
+(``fxslice.analysis.mlps``), and the down projection becomes ``β_S``, chosen to keep
+``‖h W − h_S β_S‖²`` small over the calibration tokens. With ``C = Σ hᵀh`` that error is
+``tr((W − β)ᵀ C (W − β))`` where ``β`` is zero outside ``S``. Channels are removed one at a time, the
+one whose removal raises the error least (Optimal Brain Surgeon): with ``A = (C + λI)⁻¹`` removing
+channel ``j`` and re-solving for the others costs ``‖β_j‖² / A_jj``, and the solution updates as
+``β ← β − A_{:j} β_j / A_jj``, ``A ← A − A_{:j} A_{j:} / A_jj``. The damping ``λ`` (``ridge`` times
+the mean of ``diag C``) keeps ``A`` defined for dead channels and shrinks the refit toward ``W``.
+When the down projection has a bias, a constant channel that is never removed lets the refit move the
+bias too (the deleted channels' mean output).
+
+The MLPs are shrunk in graph order in one sweep over the calibration data: each one's statistics are
+measured on the model whose earlier MLPs (and residual states, if ``slice`` ran before) are already
+compressed. ``shrink_mlp(0.25)`` keeps ``(1 − 0.25)·m`` channels rounded down to ``multiple_of``;
+``widths=`` chooses per MLP. At ratio 0 it changes nothing.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..analysis.mlps import MLP, find_mlps, mlp_module
+from ..errors import UnsupportedGraphError, module_path
+from ..graph import get_tensor, set_tensor
+from ..plan import Plan
+from ..rewrite import narrow_axis, select_axis, write_width
+from .base import Context, FxslicePass
+
+__all__ = ["ShrinkMLP", "prune_channels", "shrink_mlp"]
+
+Widths = Mapping[str, int] | Sequence[int] | Callable[[int, int], int]
+
+
+def prune_channels(c: torch.Tensor, w: torch.Tensor, keep: int, ridge: float,
+                   fixed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep ``keep`` of the first ``m - fixed`` channels (the last ``fixed`` are always kept): returns the
+    kept channel indices (ascending) and the refit ``β`` on them (``keep + fixed`` rows). ``c``: ``Σ hᵀh``
+    (float64, ``m × m``); ``w``: ``m × n``. See the module docstring."""
+    m = c.shape[0]
+    damp = ridge * float(c.diagonal().mean()) or ridge
+    a = torch.cholesky_inverse(torch.linalg.cholesky(c + damp * torch.eye(m, dtype=c.dtype)))
+    beta = w.to(torch.float64).clone()
+    alive = torch.ones(m, dtype=torch.bool)
+    candidate = alive.clone()
+    candidate[m - fixed:] = False
+    for _ in range(m - fixed - keep):
+        diagonal = a.diagonal()
+        cost = (beta * beta).sum(1) / diagonal
+        cost[~candidate] = math.inf
+        j = int(torch.argmin(cost))
+        column = a[:, j] / diagonal[j]
+        beta -= column[:, None] * beta[j][None, :]
+        a -= column[:, None] * a[j][None, :]
+        candidate[j] = alive[j] = False
+    kept = alive.nonzero().squeeze(1)
+    return kept[: keep], beta[kept]
+
+
+@dataclass(frozen=True)
+class ShrinkMLP(FxslicePass):
+    """Delete the inner channels of every MLP that matter least to its output; refit the down projection."""
+
+    ratio: float | None = None
+    widths: Widths | None = field(default=None, compare=False)
+    multiple_of: int = 8
+    ridge: float = 1e-2
+    strict: bool = False
+    progress: bool = True
+    name = "shrink_mlp"
+
+    def __post_init__(self):
+        if (self.ratio is None) == (self.widths is None):
+            raise ValueError("shrink_mlp needs exactly one of ratio=… (e.g. shrink_mlp(0.25)) or widths=…")
+        if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
+                                       or not 0.0 <= self.ratio < 1.0):
+            raise ValueError(f"shrink_mlp ratio must be a number in [0, 1): the fraction of each MLP's inner "
+                             f"channels to delete; got {self.ratio!r}")
+        if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise ValueError(f"multiple_of must be a positive integer; got {self.multiple_of!r}")
+        if not isinstance(self.ridge, (int, float)) or not self.ridge > 0:
+            raise ValueError(f"ridge must be a positive number; got {self.ridge!r}")
+
+    def width(self, index: int, mlp: MLP) -> int:
+        """The inner width MLP ``index`` keeps."""
+        m = mlp.width
+        if callable(self.widths):
+            k = self.widths(index, m)
+        elif isinstance(self.widths, Mapping):
+            k = self.widths.get(mlp.name, m)
+        elif self.widths is not None:
+            k = self.widths[index] if index < len(self.widths) else m
+        elif self.ratio == 0:
+            k = m
+        else:
+            step = self.multiple_of
+            k = builtins.max(math.floor((1.0 - self.ratio) * m / step) * step, builtins.min(step, m))
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
+            raise UnsupportedGraphError(f"shrink_mlp: width {k!r} for the MLP of {mlp_module(mlp)} is not an "
+                                        f"integer in [1, {m}]")
+        return k
+
+    def needs_calibration(self) -> str | None:
+        return "shrink_mlp chooses channels and refits the down projections from activations"
+
+    def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
+        start = time.perf_counter()
+        mlps, skipped = find_mlps(gm)
+        if self.strict and skipped:
+            raise UnsupportedGraphError("shrink_mlp: " + " | ".join(str(s) for s in skipped))
+        if context.replay is not None:
+            recorded = {name: kept for name, _, kept in context.replay.details.get(self.name, {}).get("mlps", ())}
+            missing = [m.name for m in mlps if m.name not in recorded]
+            if missing or len(recorded) != len(mlps):
+                raise UnsupportedGraphError(f"shrink_mlp: the plan records the MLPs {sorted(recorded)}, the graph "
+                                            f"has {[m.name for m in mlps]}")
+            widths = [recorded[m.name] for m in mlps]
+            for mlp, k in zip(mlps, widths):
+                for side in (*mlp.channel_sides(), mlp.down.input_side()):
+                    narrow_axis(gm, side, k)
+                write_width(mlp.literals, k)
+        else:
+            widths = [self.width(i, m) for i, m in enumerate(mlps)]
+            self._calibrate(gm, mlps, widths, context)
+        prefix = plan.module_prefix
+        details = {"mlps": [[m.name, m.width, k] for m, k in zip(mlps, widths)],
+                   "modules": [mlp_module(m, prefix) for m in mlps],
+                   "skipped": [f"{module_path(s.node, prefix)}: {s.reason}" for s in skipped]}
+        return plan.with_pass(self.spec(), details={self.name: details},
+                              timings={f"{self.name}_s": time.perf_counter() - start})
+
+    def _calibrate(self, gm: fx.GraphModule, mlps: list[MLP], widths: list[int], context: Context) -> None:
+        from ..calibrate import sweep_inner
+
+        def apply(index: int, statistics) -> torch.Tensor:
+            mlp, keep = mlps[index], widths[index]
+            if keep == mlp.width:
+                return torch.arange(keep)
+            down = mlp.down
+            side = down.input_side()
+            weight = get_tensor(gm, down.weight)
+            moved = torch.movedim(weight.detach(), side.axis, -1)  # [..., m]
+            w = moved.reshape(-1, mlp.width).T.to(torch.float64)  # y = h W: m × n
+            c = statistics.h
+            fixed = 0
+            if down.bias is not None:  # a constant channel: the refit may move the bias
+                total = torch.as_tensor(float(statistics.tokens), dtype=torch.float64)
+                c = torch.cat([torch.cat([c, statistics.sum[:, None]], 1),
+                               torch.cat([statistics.sum, total[None]])[None, :]], 0)
+                w = torch.cat([w, w.new_zeros(1, w.shape[1])], 0)
+                fixed = 1
+            kept, beta = prune_channels(c, w, keep, self.ridge, fixed)
+            for channel_side in mlp.channel_sides():
+                select_axis(gm, channel_side, kept)
+            write_width(mlp.literals, keep)
+            new = beta[:keep].T.reshape(*moved.shape[:-1], keep)
+            set_tensor(gm, down.weight, torch.movedim(new, -1, side.axis).to(weight.dtype).contiguous())
+            if fixed:
+                bias = get_tensor(gm, down.bias)
+                shift = beta[keep].reshape(bias.shape)
+                set_tensor(gm, down.bias, (bias.detach().to(torch.float64) + shift).to(bias.dtype))
+            return kept
+
+        sweep_inner(gm, list(context.calibration), [m.inner for m in mlps], apply, progress=self.progress)
+
+
+def shrink_mlp(ratio: float | None = None, *, widths: Widths | None = None, multiple_of: int = 8,
+               ridge: float = 1e-2) -> ShrinkMLP:
+    """``shrink_mlp(0.25)``: the ``ShrinkMLP`` pass."""
+    return ShrinkMLP(ratio=ratio, widths=widths, multiple_of=multiple_of, ridge=ridge)

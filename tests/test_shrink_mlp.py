@@ -1,0 +1,179 @@
+"""shrink_mlp: MLPs found by op pattern, exact at ratio 0, channels chosen and the down projection refit
+so the MLP's output is kept; saved, reloaded and decoded like every other pass."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from torch import nn
+
+import fxslice
+from conftest import relative_error
+from fxslice import UnsupportedGraphError, fuse_norm, rotate, shrink_mlp, slice
+from fxslice.analysis.mlps import find_mlps
+from fxslice.passes.shrink_mlp import prune_channels
+from hf_zoo import LISTED, tiny_model
+from strategies import Arch, TinyLM, example_ids, architectures
+
+
+def _compile(model, passes, calibration, example_inputs=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxslice.compile(model, passes, calibration=calibration, example_inputs=example_inputs)
+
+
+def _arch_calibration(arch: Arch) -> list:
+    return [example_ids(arch, 4, 9, seed=s) for s in (10, 11)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(architectures())
+def test_shrink_mlp_zero_is_exact(arch):
+    model = TinyLM(arch).double().eval()
+    ids = example_ids(arch, 3, 5, seed=3)
+    shrunk = _compile(model, [shrink_mlp(0.0)], _arch_calibration(arch), (example_ids(arch),))
+    assert relative_error(shrunk(ids), model(ids)) <= 1e-12
+    widths = fxslice.report(shrunk)["inner"]["mlps"]
+    assert [(m, k) for _, m, k in widths] == [(arch.mlp, arch.mlp)] * arch.depth
+
+
+@settings(max_examples=25, deadline=None)
+@given(architectures())
+def test_every_mlp_keeps_the_channels_asked_and_the_count_follows(arch):
+    model = TinyLM(arch).double().eval()
+    passes = [fuse_norm, rotate, slice(0.25, multiple_of=2), shrink_mlp(0.5, multiple_of=2)]
+    shrunk = _compile(model, passes, _arch_calibration(arch), (example_ids(arch),))
+    sliced = _compile(model, passes[:3], _arch_calibration(arch), (example_ids(arch),))
+    keep, gone = arch.mlp // 2, arch.mlp - arch.mlp // 2
+    assert [k for _, _, k in fxslice.report(shrunk)["inner"]["mlps"]] == [keep] * arch.depth
+    # Each up loses `gone` rows (and bias entries), the down projection `gone` input columns.
+    expected = 0
+    for mlp in find_mlps(sliced)[0]:
+        for use in (*mlp.ups, mlp.down):
+            weight = sliced.get_parameter(use.weight)
+            other = weight.shape[1 - (use.out_axis if use in mlp.ups else use.in_axis)]
+            expected += gone * (other + (1 if use.bias and use in mlp.ups else 0))
+    lost = fxslice.report(sliced)["parameters"]["after"] - fxslice.report(shrunk)["parameters"]["after"]
+    assert lost == expected
+    logits = shrunk(example_ids(arch, 2, 6, seed=4))
+    assert logits.shape == (2, 6, arch.vocab) and torch.isfinite(logits).all()
+
+
+class ReluMLP(nn.Module):
+    """A biased ReLU MLP with dead channels (always 0) and constant channels (always 1)."""
+
+    def __init__(self, width=6, inner=16, dead=(1, 5, 9), constant=(3, 12)):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = nn.Linear(width, inner), nn.Linear(inner, width)
+        with torch.no_grad():
+            self.up.bias.uniform_(0.5, 1.0)
+            for j in dead:
+                self.up.weight[j].zero_()
+                self.up.bias[j] = -1.0
+            for j in constant:
+                self.up.weight[j].zero_()
+                self.up.bias[j] = 1.0
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)))
+
+
+def test_dead_and_constant_channels_go_first_and_their_removal_is_exact():
+    model = ReluMLP().double().eval()
+    x = torch.randn(4, 10, 6, dtype=torch.float64)
+    calibration = [torch.randn(8, 10, 6, dtype=torch.float64) for _ in range(2)]
+    # Five channels carry nothing a bias cannot: dead ones give 0, constant ones a fixed output the
+    # refit moves into down's bias.
+    shrunk = _compile(model, [shrink_mlp(widths=[11], ridge=1e-9)], calibration, (x,))
+    assert relative_error(shrunk(x), model(x)) <= 1e-6
+    assert shrunk.get_parameter("down.weight").shape == (6, 11)
+    # One channel more and the output must change: the others are independent.
+    further = _compile(model, [shrink_mlp(widths=[10], ridge=1e-9)], calibration, (x,))
+    assert relative_error(further(x), model(x)) > 1e-3
+
+
+def test_the_refit_is_the_least_squares_solution_on_the_kept_channels():
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(200, 12, dtype=torch.float64, generator=generator) @ torch.randn(12, 12, dtype=torch.float64,
+                                                                                     generator=generator)
+    w = torch.randn(12, 5, dtype=torch.float64, generator=generator)
+    c, ridge = h.T @ h, 1e-3
+    kept, beta = prune_channels(c, w, 8, ridge)
+    damped = c + ridge * c.diagonal().mean() * torch.eye(12, dtype=torch.float64)
+    # min over β supported on S of (W − β)ᵀ(C + λI)(W − β): β_S = (C+λI)_SS⁻¹ (C+λI)_S: W
+    expected = torch.linalg.solve(damped[kept][:, kept], damped[kept] @ w)
+    assert torch.allclose(beta, expected, atol=1e-9, rtol=1e-9)
+    # Greedy removal is never worse than a random choice of the same size.
+    def error(index, b):
+        return float(((h @ w - h[:, index] @ b) ** 2).sum())
+    other = torch.randperm(12, generator=generator)[:8].sort().values
+    assert error(kept, beta) <= error(other, torch.linalg.solve(damped[other][:, other], damped[other] @ w)) + 1e-9
+
+
+@pytest.mark.parametrize("name", LISTED)
+def test_hugging_face_mlps_are_found_and_exact_at_ratio_zero(name):
+    model = tiny_model(name, torch.float64)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    calibration = [{"input_ids": ids}]
+    shrunk = _compile(model, [shrink_mlp(0.0)], calibration)
+    with torch.no_grad():
+        assert relative_error(shrunk(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-12
+    inner = fxslice.report(shrunk)["inner"]
+    assert len(inner["mlps"]) == model.config.num_hidden_layers, inner
+
+
+def test_save_load_and_cached_decoding_replay_the_inner_widths(tmp_path):
+    model = tiny_model("llama", torch.float64)
+    model.generation_config.eos_token_id = None
+    calibration = [{"input_ids": torch.randint(0, 100, (4, 24), generator=torch.Generator().manual_seed(i))}
+                   for i in range(2)]
+    shrunk = _compile(model, [fuse_norm, rotate, slice(0.25), shrink_mlp(0.25)], calibration)
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3))
+    fxslice.save(shrunk, tmp_path / "m")
+    loaded = fxslice.load(tmp_path / "m")
+    assert torch.equal(loaded(input_ids=ids).logits, shrunk(input_ids=ids).logits)
+    assert fxslice.report(loaded)["inner"] == fxslice.report(shrunk)["inner"]
+    out = loaded.generate(ids, max_new_tokens=6, do_sample=False)
+    chain = ids
+    for _ in range(6):
+        chain = torch.cat([chain, loaded(input_ids=chain).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, chain)
+    assert any(d is not None for d in loaded.decoders.values()), "generate did not use the KV-cache graph"
+
+
+class SharedUp(nn.Module):
+    """Two MLPs whose up projections share one weight: shrinking one would change the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 16, bias=False)
+        self.down1, self.down2 = nn.Linear(16, 8, bias=False), nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        return self.down1(F.gelu(self.up(x))) + self.down2(torch.tanh(F.linear(x, self.up.weight)))
+
+
+def test_an_mlp_whose_weight_is_shared_is_skipped_with_the_reason():
+    x = torch.randn(2, 5, 8)
+    shrunk = _compile(SharedUp().eval(), [shrink_mlp(0.5)], [x], (x,))
+    inner = fxslice.report(shrunk)["inner"]
+    assert inner["mlps"] == [] and len(inner["skipped"]) == 2
+    assert all("also read by another op" in s for s in inner["skipped"]), inner["skipped"]
+    with pytest.raises(UnsupportedGraphError, match="also read by another op"):
+        _compile(SharedUp().eval(), [fxslice.ShrinkMLP(ratio=0.5, strict=True)], [x], (x,))
+
+
+def test_shrink_mlp_needs_calibration_and_valid_options():
+    model = TinyLM(Arch()).eval()
+    with pytest.raises(UnsupportedGraphError, match="calibration"):
+        fxslice.compile(model, [shrink_mlp(0.25)], example_inputs=(example_ids(Arch()),))
+    for bad in (1.0, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match="ratio"):
+            shrink_mlp(bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        shrink_mlp()
+    with pytest.raises(ValueError, match="ridge"):
+        shrink_mlp(0.25, ridge=0)
