@@ -355,7 +355,7 @@ class _FoldCovariances:
 
 
 class InnerStatistics:
-    """``Σ hᵀh``, ``Σ h`` and the token count over the real tokens of every batch, in float64."""
+    """``Σ hᵀh``, ``Σ h`` and the token count over the real tokens of every batch (float64 totals)."""
 
     def __init__(self, masks: list):
         self.masks = masks
@@ -365,9 +365,11 @@ class InnerStatistics:
 
     def __call__(self, batch: int, x: torch.Tensor) -> None:
         rows, _ = _real_rows(x, self.masks[batch])
-        rows = rows.to(torch.float64)
-        self.h = self.h + gram(rows)
-        self.sum = self.sum + rows.sum(0)
+        # One batch's sums in the activations' precision (at least float32), accumulated in float64:
+        # the channel choice needs no more, and the Gram matrix of a wide inner layer is most of the work.
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        self.h = self.h + gram(rows).to(torch.float64)
+        self.sum = self.sum + rows.sum(0, dtype=torch.float64)
         self.tokens += rows.shape[0]
 
 

@@ -1,6 +1,7 @@
 """``fxslice`` (also ``python -m fxslice``): slice, evaluate, generate with and inspect models.
 
     fxslice slice MODEL --ratio 0.25 --calibration valid.txt --out sliced/   [--gguf-file NAME]
+    fxslice slice MODEL --budget 0.75 --calibration valid.txt --out small/   (inner widths, parameter budget)
     fxslice eval sliced/ --text test.txt [--seq-len 512 --max-windows 64]
     fxslice generate sliced/ "The capital of France is" [--max-new-tokens 20]
     fxslice inspect MODEL [--gguf-file NAME]
@@ -29,6 +30,16 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1): the fraction of each residual state to delete; got {value}")
+    return value
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]: the fraction of the dense parameters to keep; got {value}")
     return value
 
 
@@ -63,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     s = commands.add_parser("slice", help="compress a model with PCA calibration on a text file")
     s.add_argument("model", help="a Hugging Face model directory (or a .gguf file, or a directory with --gguf-file)")
     s.add_argument("--gguf-file", help="GGUF file name inside MODEL")
-    s.add_argument("--ratio", type=_ratio, required=True, help="fraction of each residual state's width to delete")
+    amount = s.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--ratio", type=_ratio, help="fraction of each residual state's width to delete (SliceGPT)")
+    amount.add_argument("--budget", type=_budget, help="largest parameter count to keep, as a fraction of the "
+                        "dense model's: shrinks the MLPs' inner widths (slice(budget=…))")
     s.add_argument("--calibration", type=_existing_file, required=True, help="text file to calibrate on")
     s.add_argument("--samples", type=_positive, default=64, help="calibration windows (default 64)")
     s.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
@@ -118,8 +132,11 @@ def _slice(args) -> None:
     print(f"loaded {args.model}; calibrating on {args.samples} windows of {args.seq_len} tokens", file=sys.stderr)
     batches = calibration_batches(tokenizer, args.calibration, args.samples, args.seq_len, args.batch_size, args.seed)
     start = time.perf_counter()
-    passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.head,
-                                                             rescale=not args.no_rescale)]
+    if args.budget is not None:
+        passes = [fuse_norm, slice(budget=args.budget)]
+    else:
+        passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.head,
+                                                                 rescale=not args.no_rescale)]
     sliced = fxslice.compile(model, passes, calibration=batches)
     report = fxslice.report(sliced)
     fxslice.save(sliced, out, tokenizer=tokenizer, overwrite=args.overwrite)

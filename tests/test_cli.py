@@ -53,6 +53,9 @@ def test_inspect_lists_states_and_skips(tiny_hf_dir):
     (["slice", "{model}", "--ratio", "1.5", "--calibration", VALID, "--out", "{out}"], "must be in [0, 1)"),
     (["slice", "{model}", "--ratio", "0.25", "--calibration", "missing.txt", "--out", "{out}"], "file not found"),
     (["slice", "{tmp}", "--ratio", "0.25", "--calibration", VALID, "--out", "{out}"], "not a model directory"),
+    (["slice", "{model}", "--budget", "0", "--calibration", VALID, "--out", "{out}"], "must be in (0, 1]"),
+    (["slice", "{model}", "--budget", "0.9", "--ratio", "0.25", "--calibration", VALID, "--out", "{out}"],
+     "not allowed with argument"),
     (["eval", "{tmp}", "--text", VALID], "not an fxslice model"),
     (["generate", "{model}", "hello"], "not an fxslice model"),
     (["inspect", "{tmp}/nowhere"], "not found"),
@@ -92,3 +95,23 @@ def test_a_package_name_is_a_model_when_it_ships_one_gguf_file(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fxslice", "inspect", "two_ggufs"], capture_output=True, text=True,
                             env=env)
     assert result.returncode == 2 and "a.gguf" in result.stderr, result.stderr[-2000:]  # found, not a real GGUF
+
+
+def test_a_budget_shrinks_the_mlps_within_it(tiny_hf_dir, tmp_path):
+    out = tmp_path / "budget"
+    result = fxslice("slice", tiny_hf_dir, "--budget", "0.9", "--calibration", VALID, "--samples", "8",
+                     "--seq-len", "32", "--out", out)
+    ratio = float(result.stdout.split("(")[1].split("x)")[0])
+    assert 0.85 < ratio <= 0.9, result.stdout
+    plan = json.loads((out / "fxslice.json").read_text())["plan"]
+    assert [p["name"] for p in plan["passes"]] == ["fuse_norm", "slice"]
+    assert all(kept < width for _, width, kept in plan["details"]["shrink_mlp"]["mlps"])
+    assert float(fxslice("eval", out, "--text", VALID, "--seq-len", "32", "--max-windows", "2").stdout.split()[-1]) > 1
+
+
+def test_a_budget_out_of_reach_is_refused_and_writes_nothing(tiny_hf_dir, tmp_path):
+    out = tmp_path / "none"
+    result = fxslice("slice", tiny_hf_dir, "--budget", "0.2", "--calibration", VALID, "--samples", "2",
+                     "--seq-len", "16", "--out", out, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot be met by shrinking the 4 MLPs" in result.stderr and not out.exists()

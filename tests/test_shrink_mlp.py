@@ -14,6 +14,7 @@ from conftest import relative_error
 from fxslice import UnsupportedGraphError, fuse_norm, rotate, shrink_mlp, slice
 from fxslice.analysis.mlps import find_mlps
 from fxslice.passes.shrink_mlp import prune_channels
+from fxslice.plan import plan_of
 from hf_zoo import LISTED, tiny_model
 from strategies import Arch, TinyLM, example_ids, architectures
 
@@ -177,3 +178,39 @@ def test_shrink_mlp_needs_calibration_and_valid_options():
         shrink_mlp()
     with pytest.raises(ValueError, match="ridge"):
         shrink_mlp(0.25, ridge=0)
+
+
+@pytest.mark.parametrize("budget", [0.9, 0.75, 0.6])
+def test_a_budget_is_met_exactly_and_not_by_more_than_a_step(budget):
+    arch = Arch(width=32, heads=4, kv_heads=2, mlp=256, depth=2, vocab=20)
+    model = TinyLM(arch).double().eval()
+    dense = sum(p.numel() for p in model.parameters())
+    shrunk = _compile(model, [slice(budget=budget)], _arch_calibration(arch), (example_ids(arch),))
+    report = fxslice.report(shrunk)
+    assert report["parameters"]["after"] <= budget * dense
+    (kept,) = {k for _, _, k in report["inner"]["mlps"]}
+    # One more multiple of 8 in every MLP would break the budget; each channel costs 2 ups + down.
+    per_channel = 3 * arch.width * arch.depth
+    assert report["parameters"]["after"] + 8 * per_channel > budget * dense
+    assert kept % 8 == 0 and report["states"] == []
+
+
+def test_a_rotate_before_a_budget_rotates_nothing():
+    arch = Arch(width=32, heads=4, kv_heads=2, mlp=256, depth=2, vocab=20)
+    model = TinyLM(arch).double().eval()
+    alone = _compile(model, [fuse_norm, slice(budget=0.8)], _arch_calibration(arch), (example_ids(arch),))
+    rotated = _compile(model, [fuse_norm, rotate, slice(budget=0.8)], _arch_calibration(arch), (example_ids(arch),))
+    ids = example_ids(arch, 2, 6, seed=4)
+    assert torch.equal(alone(ids), rotated(ids))
+    assert fxslice.report(rotated)["parameters"] == fxslice.report(alone)["parameters"]
+    assert fxslice.report(rotated)["rotation"] is None and fxslice.report(rotated)["states"] == []
+    assert "not rotated" in plan_of(rotated).details["rotate"]
+
+
+def test_a_budget_is_one_of_three_ways_to_size_a_slice():
+    with pytest.raises(ValueError, match="exactly one"):
+        slice(0.25, budget=0.8)
+    with pytest.raises(ValueError, match="budget must be"):
+        slice(budget=1.5)
+    with pytest.raises(UnsupportedGraphError, match="calibration"):
+        fxslice.compile(TinyLM(Arch()).eval(), [slice(budget=0.9)], example_inputs=(example_ids(Arch()),))

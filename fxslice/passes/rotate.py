@@ -35,6 +35,8 @@ __all__ = ["ROTATED_STATE", "KeepWeights", "RandomRotation", "Rotate", "Rotation
 ROTATED_STATE = "fxslice.rotated_state"
 """``node.meta`` key on each rotated state's anchor: ``{"index": i, "width": d}``."""
 
+KEPT_WHOLE = "not rotated: the slice that follows (slice(budget=…)) keeps every residual state whole"
+
 Apply = Callable[[State, "torch.Tensor | None", "torch.Tensor | None"], int]
 
 
@@ -113,6 +115,10 @@ class Rotate(FxslicePass):
     def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
         # With calibration data the following slice is applied inside this sweep (see the module docstring).
         slicing = context.following(self, "slice") if context.calibration and context.replay is None else None
+        replayed = context.replay.details.get("rotate") if context.replay is not None else None
+        if getattr(slicing, "budget", None) is not None or replayed == KEPT_WHOLE:
+            # Every state keeps its width: a rotation would change nothing but add skip matrices.
+            return plan.with_pass(self.spec(), details={"rotate": KEPT_WHOLE})
         regions = self._regions(gm)
         skipped = skipped_regions(regions, self.strict, "rotate")
         skips = 0 if self.shared else _insert_skips(gm, [r for r in regions if not r.reason()])

@@ -31,39 +31,41 @@ import torch.fx as fx
 
 from ..analysis.mlps import MLP, find_mlps, mlp_module
 from ..errors import UnsupportedGraphError, module_path
-from ..graph import get_tensor, set_tensor
+from ..graph import get_tensor, set_tensor, unique_parameters
 from ..plan import Plan
 from ..rewrite import narrow_axis, select_axis, write_width
 from .base import Context, FxslicePass
 
-__all__ = ["ShrinkMLP", "prune_channels", "shrink_mlp"]
+__all__ = ["ShrinkMLP", "budget_widths", "check_budget", "prune_channels", "shrink_mlp"]
 
 Widths = Mapping[str, int] | Sequence[int] | Callable[[int, int], int]
 
 
-def prune_channels(c: torch.Tensor, w: torch.Tensor, keep: int, ridge: float,
-                   fixed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def prune_channels(c: torch.Tensor, w: torch.Tensor, keep: int, ridge: float, fixed: int = 0,
+                   block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep ``keep`` of the first ``m - fixed`` channels (the last ``fixed`` are always kept): returns the
     kept channel indices (ascending) and the refit ``β`` on them (``keep + fixed`` rows). ``c``: ``Σ hᵀh``
-    (float64, ``m × m``); ``w``: ``m × n``. See the module docstring."""
+    (float64, ``m × m``); ``w``: ``m × n``. See the module docstring; the ``block`` cheapest channels
+    are removed together, with the exact joint update ``β ← β − A_{:J} A_JJ⁻¹ β_J``,
+    ``A ← A − A_{:J} A_JJ⁻¹ A_{J:}``."""
     m = c.shape[0]
     damp = ridge * float(c.diagonal().mean()) or ridge
     a = torch.cholesky_inverse(torch.linalg.cholesky(c + damp * torch.eye(m, dtype=c.dtype)))
     beta = w.to(torch.float64).clone()
-    alive = torch.ones(m, dtype=torch.bool)
-    candidate = alive.clone()
+    candidate = torch.ones(m, dtype=torch.bool)
     candidate[m - fixed:] = False
-    for _ in range(m - fixed - keep):
-        diagonal = a.diagonal()
-        cost = (beta * beta).sum(1) / diagonal
+    remove = m - fixed - keep
+    while remove > 0:
+        cost = (beta * beta).sum(1) / a.diagonal()
         cost[~candidate] = math.inf
-        j = int(torch.argmin(cost))
-        column = a[:, j] / diagonal[j]
-        beta -= column[:, None] * beta[j][None, :]
-        a -= column[:, None] * a[j][None, :]
-        candidate[j] = alive[j] = False
-    kept = alive.nonzero().squeeze(1)
-    return kept[: keep], beta[kept]
+        j = torch.topk(cost, builtins.min(block, remove), largest=False).indices
+        solve = torch.linalg.solve(a[j][:, j], torch.cat([beta[j], a[j]], 1))  # A_JJ⁻¹ [β_J, A_J:]
+        beta -= a[:, j] @ solve[:, : beta.shape[1]]
+        a -= a[:, j] @ solve[:, beta.shape[1]:]
+        candidate[j] = False
+        remove -= j.numel()
+    kept = torch.cat([candidate[: m - fixed].nonzero().squeeze(1), torch.arange(m - fixed, m)])
+    return kept[:keep], beta[kept]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class ShrinkMLP(FxslicePass):
 
     ratio: float | None = None
     widths: Widths | None = field(default=None, compare=False)
+    budget: float | None = None
     multiple_of: int = 8
     ridge: float = 1e-2
     strict: bool = False
@@ -79,8 +82,9 @@ class ShrinkMLP(FxslicePass):
     name = "shrink_mlp"
 
     def __post_init__(self):
-        if (self.ratio is None) == (self.widths is None):
-            raise ValueError("shrink_mlp needs exactly one of ratio=… (e.g. shrink_mlp(0.25)) or widths=…")
+        if sum(x is not None for x in (self.ratio, self.widths, self.budget)) != 1:
+            raise ValueError("shrink_mlp needs exactly one of ratio=… (e.g. shrink_mlp(0.25)), widths=… or budget=…")
+        check_budget(self.budget)
         if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
                                        or not 0.0 <= self.ratio < 1.0):
             raise ValueError(f"shrink_mlp ratio must be a number in [0, 1): the fraction of each MLP's inner "
@@ -113,12 +117,18 @@ class ShrinkMLP(FxslicePass):
         return "shrink_mlp chooses channels and refits the down projections from activations"
 
     def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
+        details, seconds = self.shrink(gm, plan, context)
+        return plan.with_pass(self.spec(), details={self.name: details}, timings={f"{self.name}_s": seconds})
+
+    def shrink(self, gm: fx.GraphModule, plan: Plan, context: Context) -> tuple[dict, float]:
+        """Shrink every MLP (or, replaying, rebuild the recorded widths); returns what the plan records
+        under ``details["shrink_mlp"]`` and the seconds it took."""
         start = time.perf_counter()
         mlps, skipped = find_mlps(gm)
         if self.strict and skipped:
             raise UnsupportedGraphError("shrink_mlp: " + " | ".join(str(s) for s in skipped))
         if context.replay is not None:
-            recorded = {name: kept for name, _, kept in context.replay.details.get(self.name, {}).get("mlps", ())}
+            recorded = {name: kept for name, _, kept in context.replay.details.get(ShrinkMLP.name, {}).get("mlps", ())}
             missing = [m.name for m in mlps if m.name not in recorded]
             if missing or len(recorded) != len(mlps):
                 raise UnsupportedGraphError(f"shrink_mlp: the plan records the MLPs {sorted(recorded)}, the graph "
@@ -129,14 +139,17 @@ class ShrinkMLP(FxslicePass):
                     narrow_axis(gm, side, k)
                 write_width(mlp.literals, k)
         else:
-            widths = [self.width(i, m) for i, m in enumerate(mlps)]
+            if self.budget is not None:
+                widths = budget_widths(gm, mlps, self.budget, plan.parameters_before or unique_parameters(gm),
+                                       self.multiple_of)
+            else:
+                widths = [self.width(i, m) for i, m in enumerate(mlps)]
             self._calibrate(gm, mlps, widths, context)
         prefix = plan.module_prefix
         details = {"mlps": [[m.name, m.width, k] for m, k in zip(mlps, widths)],
                    "modules": [mlp_module(m, prefix) for m in mlps],
                    "skipped": [f"{module_path(s.node, prefix)}: {s.reason}" for s in skipped]}
-        return plan.with_pass(self.spec(), details={self.name: details},
-                              timings={f"{self.name}_s": time.perf_counter() - start})
+        return details, time.perf_counter() - start
 
     def _calibrate(self, gm: fx.GraphModule, mlps: list[MLP], widths: list[int], context: Context) -> None:
         from ..calibrate import sweep_inner
@@ -173,7 +186,34 @@ class ShrinkMLP(FxslicePass):
         sweep_inner(gm, list(context.calibration), [m.inner for m in mlps], apply, progress=self.progress)
 
 
-def shrink_mlp(ratio: float | None = None, *, widths: Widths | None = None, multiple_of: int = 8,
-               ridge: float = 1e-2) -> ShrinkMLP:
+def check_budget(budget) -> None:
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0.0 < budget <= 1.0):
+        raise ValueError(f"budget must be a number in (0, 1]: the largest parameter count allowed, as a fraction "
+                         f"of the dense model's; got {budget!r}")
+
+
+def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int, multiple_of: int = 8) -> list[int]:
+    """The widest MLPs, every one keeping the same fraction of its channels (rounded down to
+    ``multiple_of``), that leave ``gm`` with at most ``budget · dense`` parameters (counted exactly)."""
+    per_channel = []
+    for mlp in mlps:
+        sides = (*mlp.channel_sides(), mlp.down.input_side())
+        per_channel.append(sum(get_tensor(gm, side.target).numel() // get_tensor(gm, side.target).shape[side.axis]
+                               for side in dict.fromkeys(sides)))
+    now, goal = unique_parameters(gm), budget * dense
+    for step in range(1024, -1, -1):
+        widths = [builtins.max(math.floor(step / 1024 * m.width / multiple_of) * multiple_of,
+                               builtins.min(multiple_of, m.width)) for m in mlps]
+        if now - sum((m.width - k) * n for m, k, n in zip(mlps, widths, per_channel)) <= goal:
+            return widths
+    reachable = (now - sum((m.width - k) * n for m, k, n in zip(mlps, widths, per_channel))) / dense
+    raise UnsupportedGraphError(f"a budget of {budget} of the dense parameters cannot be met by shrinking the "
+                                f"{len(mlps)} MLPs found (at most down to {reachable:.3f}): the residual stream and "
+                                "attention stay whole; choose a larger budget or add slice(ratio) before")
+
+
+def shrink_mlp(ratio: float | None = None, *, widths: Widths | None = None, budget: float | None = None,
+               multiple_of: int = 8, ridge: float = 1e-2) -> ShrinkMLP:
     """``shrink_mlp(0.25)``: the ``ShrinkMLP`` pass."""
-    return ShrinkMLP(ratio=ratio, widths=widths, multiple_of=multiple_of, ridge=ridge)
+    return ShrinkMLP(ratio=ratio, widths=widths, budget=budget, multiple_of=multiple_of, ridge=ridge)

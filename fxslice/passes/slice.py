@@ -11,6 +11,12 @@ leave the model no smaller than dense (``head=True`` always slices them, ``head=
 parameter budget of ``slice(0.25)`` where the PCA spectrum says it matters (``Slice.plan``; needs
 calibration data).
 
+``slice(budget=0.75)`` spends a parameter budget instead: the model ends with at most 0.75× the dense
+parameter count (every parameter counted once). It keeps the residual stream whole (a preceding ``rotate``
+then rotates nothing, since skip matrices would only add parameters) and shrinks the MLPs' inner widths
+(``fxslice.passes.shrink_mlp``), every MLP keeping the same fraction of its channels; a budget the MLPs
+alone cannot meet is refused. Needs calibration data.
+
 ``rescale`` (on by default; calibrated slicing with one rotation per state): a sliced state's tokens keep
 a fraction ``r = ‖xQ_k‖ / ‖x‖`` of their length and the norms reading it renormalise what is left, so
 each token loses the deleted directions' share of every dot product its norm's sinks compute. Those
@@ -38,6 +44,7 @@ from ..plan import Plan
 from ..rewrite import slice_state
 from .base import Context, FxslicePass
 from .rotate import ROTATED_STATE, Rotate
+from .shrink_mlp import ShrinkMLP, check_budget
 
 __all__ = ["Slice", "slice"]
 
@@ -55,12 +62,18 @@ class Slice(FxslicePass):
     schedule: str = "constant"
     head: bool | None = None
     rescale: bool = True
+    budget: float | None = None
     name = "slice"
-    requires = (Rotate,)
+
+    @property
+    def requires(self) -> tuple:
+        return () if self.budget is not None else (Rotate,)
 
     def __post_init__(self):
-        if (self.ratio is None) == (self.widths is None):
-            raise ValueError("slice needs exactly one of ratio=… (e.g. slice(0.25)) or widths=…")
+        if sum(x is not None for x in (self.ratio, self.widths, self.budget)) != 1:
+            raise ValueError("slice needs exactly one of ratio=… (e.g. slice(0.25)), widths=… or budget=… "
+                             "(e.g. slice(budget=0.75))")
+        check_budget(self.budget)
         if self.ratio is not None:
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or math.isnan(self.ratio):
                 raise ValueError(f"slice ratio must be a number in [0, 1); got {self.ratio!r}")
@@ -150,11 +163,17 @@ class Slice(FxslicePass):
         return dict(enumerate(widths))
 
     def needs_calibration(self) -> str | None:
+        if self.budget is not None:
+            return "slice(budget=…) chooses the MLPs' inner channels from activations"
         if self.schedule != "constant":
             return f"slice(schedule={self.schedule!r}) reads the spectrum of the activations"
         return None
 
     def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
+        if self.budget is not None:
+            inner = ShrinkMLP(budget=self.budget, multiple_of=self.multiple_of)
+            details, seconds = inner.shrink(gm, plan, context)
+            return plan.with_pass(self.spec(), details={inner.name: details}, timings={"slice_s": seconds})
         if plan.states and all(s.kept is not None for s in plan.states):
             # A calibrated rotate already sliced each state as it went, with this pass's widths.
             return plan.with_pass(self._resolved_spec(plan))
@@ -215,9 +234,11 @@ def slice(  # noqa: A001
     schedule: str = "constant",
     head: bool | None = None,
     rescale: bool = True,
+    budget: float | None = None,
 ) -> Slice:
     """``slice(0.25)``: the ``Slice`` pass (exported under this name and as the class ``Slice``)."""
-    return Slice(ratio=ratio, widths=widths, multiple_of=multiple_of, schedule=schedule, head=head, rescale=rescale)
+    return Slice(ratio=ratio, widths=widths, multiple_of=multiple_of, schedule=schedule, head=head, rescale=rescale,
+                 budget=budget)
 
 
 def head_states(gm: fx.GraphModule, states: list[State]) -> set[int]:
