@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                 # the whole table (about an hour on 2 cores)
     python benchmarks/quality.py --rows dense "0.25 constant"
+    python benchmarks/quality.py --rows budgets  # slice(budget=…) at 0.90 … 0.70
 
 Protocol: the reference SliceGPT's stream (``fxslice.data.join_rows``: the dataset's rows joined by
 blank lines) for calibration and evaluation alike; calibration on 64 windows x 512 tokens drawn from the
@@ -39,7 +40,12 @@ ROWS = [
 ]
 """``ratio schedule [head] [shared] [norescale] [seed=N]``: ``head`` slices the states the head reads too;
 ``shared`` uses one rotation for the whole stream (no skip matrices); ``norescale`` is SliceGPT's
-algorithm (``slice(..., rescale=False)``); ``seed`` draws other calibration windows."""
+algorithm (``slice(..., rescale=False)``); ``seed`` draws other calibration windows. ``budget B [seed=N]``:
+``[fuse_norm, slice(budget=B)]`` (at most B× the dense parameters, MLP inner widths)."""
+
+BUDGET_ROWS = ["dense", "budget 0.90", "budget 0.89", "budget 0.89 seed=43", "budget 0.89 seed=44", "budget 0.85",
+               "budget 0.80", "budget 0.75", "budget 0.70"]
+"""``--rows budgets``: the parameter budgets of ``slice(budget=…)``."""
 
 REFERENCE = {"dense": 26.78, "0.20": 41.48, "0.25": 46.63}
 """The reference SliceGPT's perplexity on this protocol and stream; its 25% model has 140.65M parameters
@@ -110,10 +116,13 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
         row["parameters"] = unique_parameters(model)
         row["perplexity"] = perplexity(model, tokenizer, test, seq_len, max_windows=windows)
         return row
-    ratio, schedule = float(words[0]), words[1]
-    rotation = Rotate(shared="shared" in words, progress=False)
-    passes = [fuse_norm, rotation, slice(ratio, schedule=schedule, head="head" in words,
-                                         rescale="norescale" not in words)]
+    if words[0] == "budget":
+        passes = [fuse_norm, slice(budget=float(words[1]))]
+    else:
+        ratio, schedule = float(words[0]), words[1]
+        rotation = Rotate(shared="shared" in words, progress=False)
+        passes = [fuse_norm, rotation, slice(ratio, schedule=schedule, head="head" in words,
+                                             rescale="norescale" not in words)]
     if memory:
         before = PeakRSS.now()
         with PeakRSS() as rss:
@@ -128,9 +137,10 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
     compressed = fxslice.compile(model, passes, calibration=calibration)
     row["compress_s"] = time.perf_counter() - start
     report = fxslice.report(compressed)
-    row["eigh_s"] = report["rotation"]["eigh_s"]
+    row["eigh_s"] = (report["rotation"] or {}).get("eigh_s", 0.0)
     row["parameters"] = report["parameters"]["after"]
     row["widths"] = [s["width_after"] for s in report["states"]]
+    row["inner_widths"] = [kept for _, _, kept in (report["inner"] or {}).get("mlps", [])]
     row["perplexity"] = perplexity(compressed, tokenizer, test, seq_len, max_windows=windows)
     return row
 
@@ -149,6 +159,8 @@ def main() -> None:
     parser.add_argument("--table", metavar="ROWS.jsonl", help="only print the table of rows a run already measured "
                         "(the JSON lines it writes to stderr, e.g. from a run stopped before its last rows)")
     args = parser.parse_args()
+    if args.rows == ["budgets"]:
+        args.rows = BUDGET_ROWS
     if args.one:
         print(json.dumps(one_row(args.one, args.samples, args.seq_len, args.windows, args.memory,
                                  timed=not args.perplexity_only)), flush=True)

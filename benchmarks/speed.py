@@ -25,8 +25,8 @@ import torch
 from common import VALID, load_smollm2, machine
 
 ROWS = ["dense", "0.10", "0.25", "0.30", "0.25 head", "0.25 shared head"]
-"""``dense`` or ``ratio [head] [shared]``: ``head`` also slices the states the head reads; ``shared`` uses
-one rotation per stream (no skip matrices)."""
+"""``dense``, ``ratio [head] [shared]`` or ``budget B``: ``head`` also slices the states the head reads;
+``shared`` uses one rotation per stream (no skip matrices); ``budget B`` is ``slice(budget=B)``."""
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -48,7 +48,10 @@ def build(spec: str, model, tokenizer):
         return model
     words = spec.split()
     calibration = calibration_batches(tokenizer, VALID, n_samples=16, seq_len=128, batch_size=8, seed=42)
-    passes = [fuse_norm, Rotate(shared="shared" in words, progress=False), slice(float(words[0]), head="head" in words)]
+    if words[0] == "budget":
+        passes = [fuse_norm, slice(budget=float(words[1]))]
+    else:
+        passes = [fuse_norm, Rotate(shared="shared" in words, progress=False), slice(float(words[0]), head="head" in words)]
     return fxslice.compile(model, passes, calibration=calibration)
 
 

@@ -6,13 +6,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from torch import nn
 
 import fxslice
 from conftest import relative_error
 from fxslice import UnsupportedGraphError, fuse_norm, rotate, shrink_mlp, slice
-from fxslice.analysis.mlps import find_mlps
 from fxslice.passes.shrink_mlp import prune_channels
 from fxslice.plan import plan_of
 from hf_zoo import LISTED, tiny_model
@@ -29,7 +28,6 @@ def _arch_calibration(arch: Arch) -> list:
     return [example_ids(arch, 4, 9, seed=s) for s in (10, 11)]
 
 
-@settings(max_examples=25, deadline=None)
 @given(architectures())
 def test_shrink_mlp_zero_is_exact(arch):
     model = TinyLM(arch).double().eval()
@@ -40,24 +38,17 @@ def test_shrink_mlp_zero_is_exact(arch):
     assert [(m, k) for _, m, k in widths] == [(arch.mlp, arch.mlp)] * arch.depth
 
 
-@settings(max_examples=25, deadline=None)
 @given(architectures())
 def test_every_mlp_keeps_the_channels_asked_and_the_count_follows(arch):
     model = TinyLM(arch).double().eval()
-    passes = [fuse_norm, rotate, slice(0.25, multiple_of=2), shrink_mlp(0.5, multiple_of=2)]
-    shrunk = _compile(model, passes, _arch_calibration(arch), (example_ids(arch),))
-    sliced = _compile(model, passes[:3], _arch_calibration(arch), (example_ids(arch),))
+    shrunk = _compile(model, [shrink_mlp(0.5, multiple_of=2)], _arch_calibration(arch), (example_ids(arch),))
     keep, gone = arch.mlp // 2, arch.mlp - arch.mlp // 2
     assert [k for _, _, k in fxslice.report(shrunk)["inner"]["mlps"]] == [keep] * arch.depth
-    # Each up loses `gone` rows (and bias entries), the down projection `gone` input columns.
-    expected = 0
-    for mlp in find_mlps(sliced)[0]:
-        for use in (*mlp.ups, mlp.down):
-            weight = sliced.get_parameter(use.weight)
-            other = weight.shape[1 - (use.out_axis if use in mlp.ups else use.in_axis)]
-            expected += gone * (other + (1 if use.bias and use in mlp.ups else 0))
-    lost = fxslice.report(sliced)["parameters"]["after"] - fxslice.report(shrunk)["parameters"]["after"]
-    assert lost == expected
+    # Each up loses `gone` rows of `width` (and `gone` bias entries), the down projection `gone` columns.
+    ups = 2 if arch.gated else 1
+    per_block = gone * (ups * (arch.width + arch.bias) + arch.width)
+    before = sum(p.numel() for p in model.parameters())  # a tied head's weight once
+    assert fxslice.report(shrunk)["parameters"]["after"] == before - arch.depth * per_block
     logits = shrunk(example_ids(arch, 2, 6, seed=4))
     assert logits.shape == (2, 6, arch.vocab) and torch.isfinite(logits).all()
 
