@@ -23,10 +23,11 @@ from pathlib import Path
 from common import TEST, VALID, machine
 
 VARIANTS = {
-    "default": {},  # head=None: the head's states are sliced too when keeping them would not shrink the model
-    "keep-head": {"head": False},
-    "no-rescale": {"rescale": False},
-    "spectrum": {"schedule": "spectrum"},
+    "default": {"ratio": 0.25},  # head=None: the head's states are sliced too when keeping them would not shrink the model
+    "keep-head": {"ratio": 0.25, "head": False},
+    "no-rescale": {"ratio": 0.25, "rescale": False},
+    "spectrum": {"ratio": 0.25, "schedule": "spectrum"},
+    "budget-0.90": {"budget": 0.90},  # MLP inner widths only: the residual stream stays whole
 }
 
 
@@ -67,11 +68,14 @@ def main() -> None:
     calibration = calibration_batches(tokenizer, texts["valid"], args.samples, args.seq_len, 8, seed=42)
     for variant in args.variants:
         start = time.perf_counter()
-        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25, **VARIANTS[variant])], calibration=calibration)
+        options = VARIANTS[variant]
+        passes = [fuse_norm, slice(**options)] if "budget" in options else [fuse_norm, rotate, slice(**options)]
+        sliced = fxslice.compile(model, passes, calibration=calibration)
         seconds = time.perf_counter() - start
         parameters = fxslice.report(sliced)["parameters"]
         got = scores(sliced)
-        print(f"| slice(0.25) {variant} | {parameters['after'] / 1e6:.2f}M ({parameters['ratio']:.3f}×) "
+        name = f"slice(budget={options['budget']})" if "budget" in options else f"slice(0.25) {variant}"
+        print(f"| {name} | {parameters['after'] / 1e6:.2f}M ({parameters['ratio']:.3f}×) "
               f"| {got['test']:.2f} ({got['test'] / dense['test']:.2f}×) "
               f"| {got['valid']:.2f} ({got['valid'] / dense['valid']:.2f}×) | {seconds:.0f} |", flush=True)
         print("<!-- " + json.dumps({"variant": variant, "ratio": parameters["ratio"], **got}) + " -->", flush=True)

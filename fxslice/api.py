@@ -49,8 +49,9 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
     """What was done to a compiled (or loaded) model, as JSON-serialisable data, from its plan.
 
     ``states``: every residual state with the module that writes it, its width before and after, where
-    its ``Q`` came from (and, with PCA, the variance kept); ``inner``: after ``shrink_mlp``, every MLP's
-    down projection with its inner width before and after (``mlps``), its module and what was skipped; ``skipped``: regions left alone and why;
+    its ``Q`` came from (and, with PCA, the variance kept); ``inner``: after ``shrink_mlp`` or
+    ``slice(budget=…)``, every MLP's down projection with its inner width before and after (``mlps``),
+    its module, and the candidates skipped with the reason; ``skipped``: regions left alone and why;
     ``parameters``: counts before and after, every parameter counted once, inserted skip / bridge
     matrices included.
     """

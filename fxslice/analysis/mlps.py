@@ -20,14 +20,10 @@ import torch
 import torch.fx as fx
 
 from ..errors import describe_node, module_path
-from ..graph import is_op, val
+from ..graph import val
 from .ops import ParamAxis, ShapeLiteral, StepKind, WeightUse, last_dim, stream_step, weight_use
 
 __all__ = ["MLP", "SkippedMLP", "find_mlps", "mlp_module"]
-
-_CASTS = ("aten::to", "aten::_to_copy", "aten::type_as", "aten::clone", "aten::contiguous", "aten::alias",
-          "aten::detach")
-
 
 @dataclass(frozen=True, eq=False)
 class MLP:
@@ -64,11 +60,8 @@ class SkippedMLP:
 
 
 def _is_pointwise(node: fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    if is_op(node, *_CASTS):
-        return True
-    return torch.Tag.pointwise in getattr(node.target, "tags", ())
+    """An elementwise ATen op (``torch.Tag.pointwise``); casts and views are the stream analysis's."""
+    return node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
 
 
 def _reads_shape(user: fx.Node, node: fx.Node) -> bool:
@@ -130,7 +123,7 @@ def _walk(down: WeightUse, uses: dict[str, int], order: dict[fx.Node, int]) -> M
             step = stream_step(node, operand) if isinstance(operand, fx.Node) else None
             if step is not None and step.kind is StepKind.COMMUTES and last_dim(operand) == width:
                 literals += [step.literal] if step.literal is not None else []
-                queue.add(operand)  # a view that keeps the channel axis
+                queue.add(operand)  # a cast, or a view that keeps the channel axis
             else:
                 problem = problem or (node, f"the inner value passes through {node.target}, not a pointwise op")
             continue
