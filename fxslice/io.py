@@ -4,8 +4,8 @@ A saved directory holds
 
 * ``model.safetensors``: every tensor the graph reads (parameters, buffers, constants), by attribute path;
 * ``fxslice.json``: format version, library versions, the graph's ``Plan`` (the passes with their
-  options, per residual state its ``Q``'s origin and width), the dtypes of the tensors and a fingerprint
-  of the rewritten graph;
+  options, per residual state its ``Q``'s origin and width), the dtypes of the tensors, a fingerprint
+  of the rewritten graph and the sha256 of the weights file (``load`` checks it);
 * for Hugging Face models, ``config.json`` (and the tokenizer's files when one is given).
 
 ``load`` rebuilds the original architecture from ``config.json`` with uninitialised weights, captures it,
@@ -91,6 +91,7 @@ def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = 
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
     try:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", "fxslice": str(FORMAT)})
+        recipe["sha256"] = {WEIGHTS_FILE: _sha256(staging / WEIGHTS_FILE)}
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
         if isinstance(model, SlicedCausalLM):
             model.config.save_pretrained(staging)
@@ -107,6 +108,11 @@ def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _read_recipe(directory: Path) -> dict:
@@ -139,15 +145,24 @@ def _rebuild_causal_lm(directory: Path, dtype: torch.dtype):
     return empty_causal_lm(config, dtype), config
 
 
-def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, example_inputs: Any = None) -> torch.nn.Module:
+def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, example_inputs: Any = None,
+         verify: bool = True) -> torch.nn.Module:
     """Load a directory written by ``fxslice.save``.
 
     A Hugging Face causal LM is rebuilt from its ``config.json``. For any other module pass ``model``, an
     instance of the original architecture (its weights do not matter), and the ``example_inputs`` it was
-    compiled with.
+    compiled with. The weights file must have the sha256 recorded when it was saved (``verify=False``
+    skips reading it twice, for a file you trust).
     """
     directory = Path(directory)
     recipe = _read_recipe(directory)
+    recorded = recipe.get("sha256", {}).get(WEIGHTS_FILE)
+    if verify and recorded is not None and (directory / WEIGHTS_FILE).is_file():
+        if _sha256(directory / WEIGHTS_FILE) != recorded:
+            raise UnsupportedGraphError(f"{directory / WEIGHTS_FILE} does not have the sha256 recorded in "
+                                        f"{directory / RECIPE_FILE} when it was saved: the file was changed or "
+                                        "corrupted; save the model again (fxslice.load(..., verify=False) loads it "
+                                        "anyway)")
     plan: Plan = recipe["plan"]
     dtype = getattr(torch, recipe.get("dtype", "float32"))
     config = None

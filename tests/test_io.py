@@ -131,3 +131,22 @@ def test_a_constant_lifted_from_the_model_code_saves_and_loads(tmp_path):
     loaded = fxslice.load(tmp_path / "m", model=ConstantLM(arch, seed=7), example_inputs=(example_ids(arch),))
     ids = example_ids(arch, 3, 5, seed=2)
     assert torch.equal(loaded(ids), compiled(ids))
+
+
+def test_a_corrupted_weights_file_is_refused_by_its_checksum(saved, tmp_path):
+    import shutil
+
+    compiled, directory = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    weights = copy / "model.safetensors"
+    recipe = json.loads((copy / "fxslice.json").read_text())
+    assert len(recipe["sha256"]["model.safetensors"]) == 64
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedGraphError, match="sha256"):
+        fxslice.load(copy)
+    loaded = fxslice.load(copy, verify=False)  # the file's own structure is intact: it loads, wrongly
+    assert not torch.equal(loaded(input_ids=IDS).logits, compiled(input_ids=IDS).logits)
