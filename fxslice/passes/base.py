@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Sequence
@@ -31,7 +32,7 @@ from ..graph import eliminate_dead_code, get_tensor, refresh_shapes, remove_unus
 from ..plan import PassSpec, Plan, Skipped, plan_of, set_plan
 
 __all__ = ["CONTEXT", "Context", "FxslicePass", "PassResult", "calibrated", "check_invariants", "context_of",
-           "order_problems", "replaying", "run_passes", "skipped_regions"]
+           "kept_width", "order_problems", "replaying", "run_passes", "skipped_regions"]
 
 CONTEXT = "fxslice.context"
 """``gm.meta`` key of the ``Context`` while a pipeline runs (never saved)."""
@@ -56,6 +57,12 @@ class Context:
                 return q
             later = later or q is p
         return None
+
+
+def kept_width(fraction: float, width: int, multiple_of: int) -> int:
+    """``fraction · width`` rounded down to a multiple of ``multiple_of`` (fast matmuls), but never below
+    one multiple (or ``width``, if smaller)."""
+    return max(math.floor(fraction * width / multiple_of) * multiple_of, min(multiple_of, width))
 
 
 def context_of(gm: fx.GraphModule) -> Context:

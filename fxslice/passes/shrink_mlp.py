@@ -4,10 +4,11 @@ For an MLP ``y = h W`` (``h``: the ``m`` inner channels after the activation, ``
 in the row-vector convention, ``m × n``) keeping the channels ``S`` is exact up to ``h``
 (``fxslice.analysis.mlps``), and the down projection becomes ``β_S``, chosen to keep
 ``‖h W − h_S β_S‖²`` small over the calibration tokens. With ``C = Σ hᵀh`` that error is
-``tr((W − β)ᵀ C (W − β))`` where ``β`` is zero outside ``S``. Channels are removed one at a time, the
-one whose removal raises the error least (Optimal Brain Surgeon): with ``A = (C + λI)⁻¹`` removing
-channel ``j`` and re-solving for the others costs ``‖β_j‖² / A_jj``, and the solution updates as
-``β ← β − A_{:j} β_j / A_jj``, ``A ← A − A_{:j} A_{j:} / A_jj``. The damping ``λ`` (``ridge`` times
+``tr((W − β)ᵀ C (W − β))`` where ``β`` is zero outside ``S``. Channels are removed greedily, those whose
+removal raises the error least first (Optimal Brain Surgeon): with ``A = (C + λI)⁻¹`` removing channel
+``j`` and re-solving for the others costs ``‖β_j‖² / A_jj``, and the solution updates as
+``β ← β − A_{:j} β_j / A_jj``, ``A ← A − A_{:j} A_{j:} / A_jj`` (``prune_channels`` removes a few
+at a time with the joint form of the same update). The damping ``λ`` (``ridge`` times
 the mean of ``diag C``) keeps ``A`` defined for dead channels and shrinks the refit toward ``W``.
 When the down projection has a bias, a constant channel that is never removed lets the refit move the
 bias too (the deleted channels' mean output).
@@ -34,7 +35,7 @@ from ..errors import UnsupportedGraphError, module_path
 from ..graph import get_tensor, set_tensor, unique_parameters
 from ..plan import Plan
 from ..rewrite import narrow_axis, select_axis, write_width
-from .base import Context, FxslicePass
+from .base import Context, FxslicePass, kept_width
 
 __all__ = ["ShrinkMLP", "budget_widths", "check_budget", "prune_channels", "shrink_mlp"]
 
@@ -106,8 +107,7 @@ class ShrinkMLP(FxslicePass):
         elif self.ratio == 0:
             k = m
         else:
-            step = self.multiple_of
-            k = builtins.max(math.floor((1.0 - self.ratio) * m / step) * step, builtins.min(step, m))
+            k = kept_width(1.0 - self.ratio, m, self.multiple_of)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
             raise UnsupportedGraphError(f"shrink_mlp: width {k!r} for the MLP of {mlp_module(mlp)} is not an "
                                         f"integer in [1, {m}]")
@@ -203,8 +203,7 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
                                for side in dict.fromkeys(sides)))
     now, goal = unique_parameters(gm), budget * dense
     for step in range(1024, -1, -1):
-        widths = [builtins.max(math.floor(step / 1024 * m.width / multiple_of) * multiple_of,
-                               builtins.min(multiple_of, m.width)) for m in mlps]
+        widths = [kept_width(step / 1024, m.width, multiple_of) for m in mlps]
         if now - sum((m.width - k) * n for m, k, n in zip(mlps, widths, per_channel)) <= goal:
             return widths
     reachable = (now - sum((m.width - k) * n for m, k, n in zip(mlps, widths, per_channel))) / dense

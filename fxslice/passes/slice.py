@@ -42,7 +42,7 @@ from ..errors import UnsupportedGraphError
 from ..graph import get_tensor, unique_parameters
 from ..plan import Plan
 from ..rewrite import slice_state
-from .base import Context, FxslicePass
+from .base import Context, FxslicePass, kept_width
 from .rotate import ROTATED_STATE, Rotate
 from .shrink_mlp import ShrinkMLP, check_budget
 
@@ -101,9 +101,7 @@ class Slice(FxslicePass):
         elif self.ratio == 0:
             k = d
         else:
-            # Round down to a multiple (fast matmuls), but never below one multiple (or d, if smaller).
-            m = self.multiple_of
-            k = builtins.max(math.floor((1.0 - self.ratio) * d / m) * m, builtins.min(m, d))
+            k = kept_width(1.0 - self.ratio, d, self.multiple_of)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
             raise UnsupportedGraphError(f"slice: width {k!r} for state {index} is not an integer in [1, {d}]")
         return k
