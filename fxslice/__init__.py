@@ -7,6 +7,7 @@
 from .api import compile, report  # noqa: A004
 from .capture import capture
 from .errors import CalibrationError, CaptureError, PassOrderError, UnsupportedGraphError
+from .heal import heal
 from .io import load, save
 from .passes import FuseNorm, Rotate, ShrinkMLP, Slice, fuse_norm, rotate, shrink_mlp, slice  # noqa: A004
 
@@ -24,6 +25,7 @@ __all__ = [
     "capture",
     "compile",
     "fuse_norm",
+    "heal",
     "load",
     "report",
     "rotate",

@@ -52,7 +52,8 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
     its ``Q`` came from (and, with PCA, the variance kept); ``inner``: after ``shrink_mlp`` or
     ``slice(budget=…)``, every MLP's down projection with its inner width before and after (``mlps``),
     its module, and the candidates skipped with the reason; ``skipped``: regions left alone and why;
-    ``parameters``: counts before and after, every parameter counted once, inserted skip / bridge
+    ``heal``: after ``fxslice.heal``, its steps, best step, seconds, tokens/s and peak memory (GiB) next to
+    its estimate; ``parameters``: counts before and after, every parameter counted once, inserted skip / bridge
     matrices included.
     """
     gm = graph_module(model)
@@ -78,5 +79,6 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
         "inner": plan.details.get("shrink_mlp"),
         "skipped": [{"pass": s.pass_name, **{k: v for k, v in dataclasses.asdict(s).items() if k != "pass_name"}}
                     for s in plan.skipped],
+        "heal": {k.removeprefix("heal_"): v for k, v in plan.timings.items() if k.startswith("heal_")} or None,
         "parameters": {"before": before, "after": after, "ratio": (after / before) if before else None},
     }

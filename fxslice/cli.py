@@ -2,6 +2,7 @@
 
     fxslice slice MODEL --ratio 0.25 --calibration valid.txt --out sliced/   [--gguf-file NAME]
     fxslice slice MODEL --budget 0.75 --calibration valid.txt --out small/   (inner widths, parameter budget)
+    fxslice heal sliced/ --teacher MODEL --data valid.txt --steps 130 --out healed/   (distil from the dense model)
     fxslice eval sliced/ --text test.txt [--seq-len 512 --max-windows 64]
     fxslice generate sliced/ "The capital of France is" [--max-new-tokens 20]
     fxslice inspect MODEL [--gguf-file NAME]
@@ -96,6 +97,28 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="directory to write the sliced model to")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
+    h = commands.add_parser("heal", help="recover a saved compressed model's quality by distillation from the dense model")
+    h.add_argument("directory", help="a compressed model saved by fxslice (fxslice slice --out)")
+    h.add_argument("--teacher", required=True, help="the dense model it was made from (as for fxslice slice MODEL)")
+    h.add_argument("--gguf-file", help="GGUF file name inside TEACHER")
+    h.add_argument("--data", type=_existing_file, required=True, help="text file to train on (its last tenth of "
+                   "windows is held out for the validation loss)")
+    h.add_argument("--steps", type=_positive, required=True, help="optimiser steps")
+    h.add_argument("--out", required=True, help="directory to write the healed model to")
+    h.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    h.add_argument("--lr", type=float, default=1e-4)
+    h.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
+    h.add_argument("--batch-size", type=_positive, default=2, help="windows per step (default 2)")
+    h.add_argument("--eval-every", type=_positive, default=20, help="steps between validation losses (default 20)")
+    h.add_argument("--patience", type=_positive, help="stop after this many validations without improvement")
+    h.add_argument("--lora-rank", type=_positive, help="train low-rank adapters of this rank (merged at the end) "
+                   "instead of every weight")
+    h.add_argument("--lora-alpha", type=float)
+    h.add_argument("--lm-weight", type=float, default=0.0, help="weight of the next-token loss added to the KL")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--state-dir", help="where the resumable state goes (default: OUT.heal-state beside OUT; "
+                   "run the same command again to continue an interrupted run)")
+
     e = commands.add_parser("eval", help="perplexity of a saved model on a text file")
     e.add_argument("directory")
     e.add_argument("--text", type=_existing_file, required=True)
@@ -143,6 +166,33 @@ def _slice(args) -> None:
     p = report["parameters"]
     print(f"sliced in {time.perf_counter() - start:.0f} s: {p['before'] / 1e6:.2f}M -> {p['after'] / 1e6:.2f}M parameters "
           f"({p['ratio']:.3f}x); saved to {out}")
+
+
+def _heal(args) -> None:
+    import shutil
+
+    import fxslice
+    from fxslice.data import consecutive_windows, windows_to_batches
+    from fxslice.loading import load_causal_lm
+
+    out = _out_directory(args.out, args.overwrite)
+    compressed, tokenizer = _load(args.directory)
+    teacher, _ = load_causal_lm(args.teacher, args.gguf_file)
+    windows = consecutive_windows(tokenizer, args.data, args.seq_len)
+    print(f"healing {args.directory} from {args.teacher}: {windows.shape[0]} windows of {args.seq_len} tokens "
+          f"(the last tenth held out), {args.steps} steps of {args.batch_size}", file=sys.stderr)
+    state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".heal-state")
+    healed = fxslice.heal(compressed, teacher, windows_to_batches(windows, args.batch_size), args.steps, lr=args.lr,
+                          eval_every=args.eval_every, patience=args.patience, lora_rank=args.lora_rank,
+                          lora_alpha=args.lora_alpha, lm_weight=args.lm_weight, seed=args.seed, state_dir=state_dir)
+    fxslice.save(healed, out, tokenizer=tokenizer, overwrite=args.overwrite)
+    (out / "heal.json").write_text(json.dumps({"report": fxslice.report(healed)["heal"],
+                                               "history": healed.heal_history}, indent=1))
+    if not args.state_dir:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    h = fxslice.report(healed)["heal"]
+    print(f"healed in {h['seconds']:.0f} s ({h['seconds_per_step']:.1f} s/step, {h['tokens_per_s']:.0f} tokens/s), "
+          f"best step {h['best_step']:.0f}; saved to {out}")
 
 
 def _load(directory: str):
@@ -212,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers = (UnsupportedGraphError, FileNotFoundError, FileExistsError, ValueError, OSError)
     warnings.simplefilter("ignore")
     try:
-        {"slice": _slice, "eval": _eval, "generate": _generate, "inspect": _inspect}[args.command](args)
+        {"slice": _slice, "heal": _heal, "eval": _eval, "generate": _generate, "inspect": _inspect}[args.command](args)
     except handlers as error:
         print(f"fxslice {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -11,8 +11,8 @@ from datasets import Dataset
 
 from .errors import CalibrationError
 
-__all__ = ["calibration_batches", "join_rows", "leading_tokens", "read_text", "text_windows", "tokenize_text",
-           "windows_to_batches"]
+__all__ = ["calibration_batches", "consecutive_windows", "join_rows", "leading_tokens", "read_text", "text_windows",
+           "tokenize_text", "windows_to_batches"]
 
 
 def read_text(text_or_path: str | os.PathLike) -> str:
@@ -76,6 +76,17 @@ def text_windows(tokenizer: Any, tokens: torch.Tensor, seq_len: int, starts: lis
         raise CalibrationError(f"seq_len={seq_len} leaves no room for text after the tokenizer's "
                                f"{lead.numel()} leading special tokens")
     return torch.stack([torch.cat([lead, tokens[s : s + body]]) for s in starts])
+
+
+def consecutive_windows(tokenizer: Any, text_or_path: str | os.PathLike, seq_len: int = 512) -> torch.Tensor:
+    """Every non-overlapping ``seq_len``-token window of the text, in order (the last partial one dropped):
+    how ``fxslice.eval.perplexity`` scores a text and how ``fxslice heal`` trains on one."""
+    tokens = tokenize_text(tokenizer, text_or_path)
+    body = seq_len - len(leading_tokens(tokenizer))
+    count = tokens.numel() // body if body > 0 else 0
+    if count == 0:
+        raise CalibrationError(f"the text has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    return text_windows(tokenizer, tokens, seq_len, [i * body for i in range(count)])
 
 
 def windows_to_batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:

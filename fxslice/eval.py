@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import leading_tokens, text_windows, tokenize_text
+from .data import consecutive_windows, leading_tokens
 
 __all__ = ["perplexity"]
 
@@ -34,15 +34,10 @@ def perplexity(
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2; got {seq_len}")
-    tokens = tokenize_text(tokenizer, text_or_path)
-    lead = len(leading_tokens(tokenizer))
-    body = seq_len - lead
-    count = tokens.numel() // body if body > 0 else 0
+    windows = consecutive_windows(tokenizer, text_or_path, seq_len)
     if max_windows is not None:
-        count = min(count, max_windows)
-    if count == 0:
-        raise ValueError(f"the text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
-    windows = text_windows(tokenizer, tokens, seq_len, [i * body for i in range(count)])
+        windows = windows[:max_windows]
+    count, lead = windows.shape[0], len(leading_tokens(tokenizer))
     first = max(lead, 1)  # the first position scored: a leading special token is given, not predicted
     device = _device(model)
     total, n = 0.0, 0
