@@ -1,8 +1,8 @@
 """Healing a compressed SmolLM2-135M-Instruct by distillation from the dense model, on WikiText-2 valid only.
 
     python benchmarks/heal.py                                  # slice(0.25), about 35 minutes on 2 cores
-    python benchmarks/heal.py --compress "budget 0.75" --steps 130
-    python benchmarks/heal.py --lora-rank 32 --lr 2e-4
+    python benchmarks/heal.py --compress "budget 0.75"
+    python benchmarks/heal.py --lora-rank 32 --lr 5e-4
 
 Protocol: the reference SliceGPT's stream (rows joined by blank lines). Compression calibrates on 64
 windows x 512 tokens of the valid stream (seed 42), as quality.py. Healing trains on the valid stream's
@@ -26,9 +26,9 @@ from common import TEST, VALID, load_smollm2, machine
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compress", default="0.25", help='"R" for [fuse_norm, rotate, slice(R)] or "budget B"')
-    parser.add_argument("--steps", type=int, default=130)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=2, help="windows of 512 tokens per step")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--lora-rank", type=int, default=None)
     parser.add_argument("--lora-alpha", type=float, default=None)
     parser.add_argument("--lm-weight", type=float, default=0.0)

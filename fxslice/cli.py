@@ -2,7 +2,7 @@
 
     fxslice slice MODEL --ratio 0.25 --calibration valid.txt --out sliced/   [--gguf-file NAME]
     fxslice slice MODEL --budget 0.75 --calibration valid.txt --out small/   (inner widths, parameter budget)
-    fxslice heal sliced/ --teacher MODEL --data valid.txt --steps 130 --out healed/   (distil from the dense model)
+    fxslice heal sliced/ --teacher MODEL --data valid.txt --steps 120 --out healed/   (distil from the dense model)
     fxslice eval sliced/ --text test.txt [--seq-len 512 --max-windows 64]
     fxslice generate sliced/ "The capital of France is" [--max-new-tokens 20]
     fxslice inspect MODEL [--gguf-file NAME]
@@ -101,12 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("directory", help="a compressed model saved by fxslice (fxslice slice --out)")
     h.add_argument("--teacher", required=True, help="the dense model it was made from (as for fxslice slice MODEL)")
     h.add_argument("--gguf-file", help="GGUF file name inside TEACHER")
-    h.add_argument("--data", type=_existing_file, required=True, help="text file to train on (its last tenth of "
-                   "windows is held out for the validation loss)")
+    h.add_argument("--data", type=_existing_file, required=True, help="text file to train on (its last "
+                   "--val-windows windows are held out for the validation loss)")
+    h.add_argument("--val-windows", type=_positive, default=8, help="held-out windows (default 8)")
     h.add_argument("--steps", type=_positive, required=True, help="optimiser steps")
     h.add_argument("--out", required=True, help="directory to write the healed model to")
     h.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    h.add_argument("--lr", type=float, default=1e-4)
+    h.add_argument("--lr", type=float, default=5e-5)
     h.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
     h.add_argument("--batch-size", type=_positive, default=2, help="windows per step (default 2)")
     h.add_argument("--eval-every", type=_positive, default=20, help="steps between validation losses (default 20)")
@@ -179,10 +180,15 @@ def _heal(args) -> None:
     compressed, tokenizer = _load(args.directory)
     teacher, _ = load_causal_lm(args.teacher, args.gguf_file)
     windows = consecutive_windows(tokenizer, args.data, args.seq_len)
-    print(f"healing {args.directory} from {args.teacher}: {windows.shape[0]} windows of {args.seq_len} tokens "
-          f"(the last tenth held out), {args.steps} steps of {args.batch_size}", file=sys.stderr)
+    if windows.shape[0] <= args.val_windows:
+        raise ValueError(f"{args.data} holds {windows.shape[0]} windows of {args.seq_len} tokens: not more than the "
+                         f"{args.val_windows} held out (--val-windows); give more text or hold out fewer")
+    train, held_out = windows[: -args.val_windows], windows[-args.val_windows :]
+    print(f"healing {args.directory} from {args.teacher}: {train.shape[0]} windows of {args.seq_len} tokens "
+          f"({args.val_windows} more held out), {args.steps} steps of {args.batch_size}", file=sys.stderr)
     state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".heal-state")
-    healed = fxslice.heal(compressed, teacher, windows_to_batches(windows, args.batch_size), args.steps, lr=args.lr,
+    healed = fxslice.heal(compressed, teacher, windows_to_batches(train, args.batch_size), args.steps, lr=args.lr,
+                          validation=windows_to_batches(held_out, args.batch_size),
                           eval_every=args.eval_every, patience=args.patience, lora_rank=args.lora_rank,
                           lora_alpha=args.lora_alpha, lm_weight=args.lm_weight, seed=args.seed, state_dir=state_dir)
     fxslice.save(healed, out, tokenizer=tokenizer, overwrite=args.overwrite)

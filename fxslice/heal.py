@@ -30,9 +30,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,6 +44,7 @@ import optree
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch._subclasses.fake_tensor import FakeTensorMode
 from tqdm.auto import tqdm
 
@@ -52,7 +55,7 @@ from .graph import set_tensor
 from .model import SlicedCausalLM, graph_module
 from .plan import plan_of, set_plan
 
-__all__ = ["STATE_FILE", "distillation_loss", "heal", "memory_estimate"]
+__all__ = ["STATE_FILE", "TeacherLogits", "distillation_loss", "heal", "memory_estimate"]
 
 STATE_FILE = "heal_state.pt"
 """The resumable state ``heal(..., state_dir=DIR)`` writes in ``DIR`` (read back with ``weights_only``)."""
@@ -278,6 +281,7 @@ def heal(
     master_dtype: torch.dtype | None = None,
     seed: int = 0,
     state_dir: str | os.PathLike | None = None,
+    teacher_cache: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> torch.nn.Module:
     """Train a copy of ``compressed`` (what ``fxslice.compile`` or ``load`` returned) to match ``teacher``.
@@ -289,7 +293,9 @@ def heal(
     is then not trained on; none when ``data`` is a single batch). ``lr`` warms up linearly over
     ``warmup`` steps (default a tenth of ``steps``) and decays linearly to zero at ``steps``; AdamW with
     betas (0.9, 0.95). ``lora_rank``: train adapters of that rank instead of every weight (``lora_alpha``
-    defaults to the rank). Returns the model of the best validation loss; ``compressed`` is not modified.
+    defaults to the rank). ``teacher_cache``: a directory where the teacher's logits are kept (float16, one
+    file per batch) so later passes over the data, resumed runs and other runs on the same data skip the
+    teacher. Returns the model of the best validation loss; ``compressed`` is not modified.
     The loss history is in the result's ``heal_history``.
     """
     options = _Options(steps, float(lr), eval_every, patience, lora_rank, lora_alpha, float(lm_weight),
@@ -306,7 +312,8 @@ def heal(
         cut = len(batches) - max(1, len(batches) // 10) if len(batches) > 1 else len(batches)
         batches, held_out = batches[:cut], batches[cut:]
     device = next(gm.parameters()).device
-    _check_models(gm, teacher, batches + held_out, device)
+    probe = _check_models(gm, teacher, batches + held_out, device)
+    teacher_logits = TeacherLogits(teacher, teacher_cache, probe, batches + held_out)
 
     work = copy.deepcopy(gm)
     trainable = _Trainable(work, lora_rank, lora_alpha, master_dtype, seed)
@@ -322,8 +329,7 @@ def heal(
     def loss_of(batch: Batch, grad: bool) -> tuple[torch.Tensor, int]:
         args, kwargs = optree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch,
                                        none_is_leaf=True)
-        with torch.no_grad():
-            target = _logits(teacher(*args, **kwargs))
+        target = teacher_logits(batch, args, kwargs)
         with torch.set_grad_enabled(grad):
             student = _logits(torch.func.functional_call(work, trainable.weights(), args, kwargs))
             return distillation_loss(student, target, _mask((args, kwargs), student), options.temperature,
@@ -336,7 +342,7 @@ def heal(
         for batch in held_out:
             loss, n = loss_of(batch, grad=False)
             total, count = total + loss.item(), count + n
-        return total / count
+        return total / max(count, 1)
 
     def order(index: int) -> Batch:
         epoch, position = divmod(index, len(batches))
@@ -366,6 +372,10 @@ def heal(
 
     estimate = memory_estimate(work, teacher, max(batches, key=_tokens), trainable.count,
                                torch.finfo(master_dtype or torch.float32).bits // 8)
+    parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in estimate.items())
+    if progress:
+        print(f"fxslice: healing {trainable.count / 1e6:.2f}M trained elements; estimated memory "
+              f"{sum(estimate.values()) / GiB:.2f} GiB ({parts})", file=sys.stderr)
     started, tokens_seen, steps_run = time.perf_counter(), 0, 0
     bar = tqdm(total=options.steps, initial=step, desc="fxslice: healing", unit="step", disable=not progress)
     try:
@@ -382,12 +392,12 @@ def heal(
                 tokens_seen += _tokens(batch)
             for p in trainable.parameters():  # the gradient of the mean over the step's real tokens
                 if p.grad is not None:
-                    p.grad /= count
+                    p.grad /= max(count, 1)
             optimizer.step()
             step += 1
             steps_run += 1
             elapsed = time.perf_counter() - started
-            record = {"step": step, "train": total / count}
+            record = {"step": step, "train": total / max(count, 1)}
             if step % options.eval_every == 0 or step == options.steps:
                 record["validation"] = validate()
                 if record["validation"] is not None and record["validation"] < best["loss"]:
@@ -419,7 +429,6 @@ def heal(
                "heal_peak_gib": _peak_bytes(device) / GiB, "heal_estimate_gib": sum(estimate.values()) / GiB}
     set_plan(work, dataclasses.replace(plan, timings={**plan.timings, **summary}))
     if progress:
-        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in estimate.items())
         start = history[0].get("validation")
         print(f"fxslice: healed {steps_run} steps in {seconds:.0f} s ({summary['heal_seconds_per_step']:.1f} s/step, "
               f"{summary['heal_tokens_per_s']:.0f} tokens/s); best step {best['step']}"
@@ -431,11 +440,61 @@ def heal(
     return healed
 
 
-def _check_models(gm: fx.GraphModule, teacher: Callable[..., Any], batches: list[Batch], device: torch.device) -> None:
+class TeacherLogits:
+    """The teacher's logits for a batch: computed each time, or (``directory``) computed once, stored as
+    float16 (one safetensors file per batch, named by the sha256 of its inputs) and read back afterwards.
+    Cached or not, the logits are the float16-rounded values, so a run that reads them from the cache
+    trains exactly as one that computed them. ``teacher.json`` holds the sha256 of the teacher's logits on
+    a probe input: a directory made by another teacher is refused."""
+
+    def __init__(self, teacher: Callable[..., Any], directory: str | os.PathLike | None, probe: torch.Tensor,
+                 batches: list[Batch]):
+        self.teacher, self.device = teacher, probe.device
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is None:
+            return
+        signature = hashlib.sha256(probe.to(torch.float16).cpu().numpy().tobytes()).hexdigest()
+        manifest = self.directory / "teacher.json"
+        if manifest.exists() and json.loads(manifest.read_text()).get("teacher") != signature:
+            raise UnsupportedGraphError(f"{self.directory} caches another teacher's logits ({manifest} differs); use "
+                                        "another teacher_cache directory or delete this one")
+        missing = [b for b in batches if not self._path(b).exists()]
+        needed = sum(_tokens(b) for b in missing) * probe.shape[-1] * 2
+        self.directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.directory).free
+        if needed > free:
+            raise UnsupportedGraphError(f"caching the teacher's logits in {self.directory} needs {needed / GiB:.1f} GiB "
+                                        f"and {free / GiB:.1f} GiB is free: use fewer batches, another directory, or "
+                                        "teacher_cache=None (logits computed on the fly)")
+        manifest.write_text(json.dumps({"teacher": signature}))
+
+    def _path(self, batch: Batch) -> Path:
+        return self.directory / f"{_digest([batch])[:40]}.safetensors"
+
+    def __call__(self, batch: Batch, args: tuple, kwargs: dict) -> torch.Tensor:
+        if self.directory is not None and self._path(batch).exists():
+            return load_file(self._path(batch))["logits"].to(self.device).float()
+        with torch.no_grad():
+            logits = _logits(self.teacher(*args, **kwargs))
+        if self.directory is None:
+            return logits
+        rounded = logits.to(torch.float16)
+        path = self._path(batch)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        save_file({"logits": rounded.cpu().contiguous()}, partial)
+        os.replace(partial, path)
+        return rounded.float()
+
+
+def _check_models(gm: fx.GraphModule, teacher: Callable[..., Any], batches: list[Batch],
+                  device: torch.device) -> torch.Tensor:
     """Refuse data and teachers that cannot work, before any weight changes: token ids outside the
-    vocabulary, and a teacher whose logits do not have the compressed model's shape."""
+    vocabulary, and a teacher whose logits do not have the compressed model's shape. Returns the
+    teacher's logits on the first row of the first batch."""
     first_args, first_kwargs = optree.tree_map(lambda x: x[:1].to(device) if isinstance(x, torch.Tensor) and x.dim() else x,
                                                batches[0], none_is_leaf=True)
+    if isinstance(first_kwargs.get("input_ids"), torch.Tensor):  # token 0 exists in every vocabulary
+        first_kwargs["input_ids"] = torch.zeros_like(first_kwargs["input_ids"])
     with torch.no_grad():
         student = _logits(gm(*first_args, **first_kwargs))
         try:
@@ -455,6 +514,7 @@ def _check_models(gm: fx.GraphModule, teacher: Callable[..., Any], batches: list
         if isinstance(ids, torch.Tensor) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise CalibrationError(f"batch {index} has token ids in [{int(ids.min())}, {int(ids.max())}]; the model's "
                                    f"vocabulary is [0, {vocab}): tokenize with the model's own tokenizer")
+    return target
 
 
 def _read_state(path: Path | None, fingerprint: dict) -> dict | None:

@@ -115,3 +115,20 @@ def test_a_budget_out_of_reach_is_refused_and_writes_nothing(tiny_hf_dir, tmp_pa
                      "--seq-len", "16", "--out", out, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot be met by shrinking the 4 MLPs" in result.stderr and not out.exists()
+
+
+def test_heal_distils_into_the_saved_model_and_keeps_its_plan(tiny_hf_dir, sliced_dir, tmp_path):
+    out = tmp_path / "healed"
+    result = fxslice("heal", sliced_dir, "--teacher", tiny_hf_dir, "--data", VALID, "--steps", "4", "--seq-len", "32",
+                     "--batch-size", "4", "--eval-every", "2", "--lr", "3e-4", "--out", out)
+    assert "healed in" in result.stdout and "tokens/s" in result.stdout, result.stdout
+    assert "peak memory" in result.stderr and "estimate" in result.stderr
+    heal = json.loads((out / "heal.json").read_text())
+    assert [h["step"] for h in heal["history"] if "validation" in h] == [0, 2, 4] and heal["report"]["steps"] == 4
+    assert not (tmp_path / "healed.heal-state").exists(), "the resumable state outlived the saved model"
+    saved, healed = (json.loads((d / "fxslice.json").read_text()) for d in (sliced_dir, out))
+    assert {k: v for k, v in saved["plan"].items() if k != "timings"} == \
+        {k: v for k, v in healed["plan"].items() if k != "timings"}
+    # The best validation step's weights are saved: the compressed model's own when no step improved on it.
+    assert (healed["sha256"] != saved["sha256"]) == (heal["report"]["best_step"] > 0)
+    assert float(fxslice("eval", out, "--text", VALID, "--seq-len", "32", "--max-windows", "2").stdout.split()[-1]) > 1

@@ -179,3 +179,26 @@ def test_any_compiled_module_heals_and_bfloat16_masters_work():
         ids = example_ids(arch, 1, 5, seed=3)
         with torch.no_grad():
             assert relative_error(healed(ids), model(ids)) < relative_error(student(ids), model(ids)), master
+
+
+def test_cached_teacher_logits_are_computed_once_and_train_the_same(tmp_path):
+    teacher, student = compressed()
+    data = batches(4)
+    options = dict(steps=4, lr=3e-4, eval_every=2, progress=False, teacher_cache=tmp_path)
+    first = fxslice.heal(student, teacher, data, **options)
+    assert len(list(tmp_path.glob("*.safetensors"))) == len(data)
+
+    calls = 0
+
+    def counted(**inputs):
+        nonlocal calls
+        calls += 1
+        return teacher(**inputs)
+
+    second = fxslice.heal(student, counted, data, **options)
+    assert calls == 1, "the teacher ran on cached batches (only the probe that identifies it should)"
+    for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(a, b), name
+    other = tiny_model("llama", torch.float64, seed=1)
+    with pytest.raises(fxslice.UnsupportedGraphError, match="another teacher"):
+        fxslice.heal(student, other, data, **options)
