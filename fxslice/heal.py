@@ -409,7 +409,9 @@ def heal(
                             tok_s=f"{tokens_seen / elapsed:.0f}", s_step=f"{elapsed / steps_run:.1f}")
             bar.update(1)
             if state_path is not None and "validation" in record:
-                _write_state(state_path, {"fingerprint": fingerprint, "step": step, "tensors": trainable.snapshot(),
+                # The best weights are often these very weights: torch.save then stores them once.
+                current = best["tensors"] if best["step"] == step else trainable.snapshot()
+                _write_state(state_path, {"fingerprint": fingerprint, "step": step, "tensors": current,
                                           "optimizer": optimizer.state_dict(), "history": history, "best": best})
     finally:
         bar.close()

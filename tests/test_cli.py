@@ -118,8 +118,9 @@ def test_a_budget_out_of_reach_is_refused_and_writes_nothing(tiny_hf_dir, tmp_pa
 
 
 def test_heal_distils_into_the_saved_model_and_keeps_its_plan(tiny_hf_dir, sliced_dir, tmp_path):
-    out = tmp_path / "healed"
-    result = fxslice("heal", sliced_dir, "--teacher", tiny_hf_dir, "--data", VALID, "--steps", "4", "--seq-len", "32",
+    out, data = tmp_path / "healed", tmp_path / "some.txt"
+    data.write_text("".join(VALID.read_text().splitlines(keepends=True)[:100]))
+    result = fxslice("heal", sliced_dir, "--teacher", tiny_hf_dir, "--data", data, "--steps", "4", "--seq-len", "32",
                      "--batch-size", "4", "--eval-every", "2", "--lr", "3e-4", "--out", out)
     assert "healed in" in result.stdout and "tokens/s" in result.stdout, result.stdout
     assert "peak memory" in result.stderr and "estimate" in result.stderr
