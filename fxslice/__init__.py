@@ -9,6 +9,7 @@ from .capture import capture
 from .errors import CalibrationError, CaptureError, PassOrderError, UnsupportedGraphError
 from .heal import heal
 from .io import load, save
+from .portable import export
 from .passes import FuseNorm, Rotate, ShrinkMLP, Slice, fuse_norm, rotate, shrink_mlp, slice  # noqa: A004
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "UnsupportedGraphError",
     "capture",
     "compile",
+    "export",
     "fuse_norm",
     "heal",
     "load",

@@ -5,6 +5,7 @@
     fxslice heal sliced/ --teacher MODEL --data valid.txt --steps 120 --out healed/   (distil from the dense model)
     fxslice eval sliced/ --text test.txt [--seq-len 512 --max-windows 64]
     fxslice generate sliced/ "The capital of France is" [--max-new-tokens 20]
+    fxslice export sliced/ --out exported/ [--compiled] [--format hf]   (run with torch alone, or as a HF checkpoint)
     fxslice inspect MODEL [--gguf-file NAME]
 
 Bad input (a ratio outside [0, 1), a missing file, a directory that is not a model, a model that cannot be
@@ -132,6 +133,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=_positive, default=32)
 
+    x = commands.add_parser("export", help="write a saved model as torch.export programs that run with torch alone "
+                            "(or, --format hf, as a standard Hugging Face checkpoint where the structure allows)")
+    x.add_argument("directory", help="a compressed model saved by fxslice")
+    x.add_argument("--out", required=True)
+    x.add_argument("--format", choices=["pt2", "hf"], default="pt2")
+    x.add_argument("--batch-size", type=_positive, default=1, help="batch of the decoding program (default 1)")
+    x.add_argument("--cache-len", type=_positive, default=1024, help="KV-cache positions of the decoding program")
+    x.add_argument("--compiled", action="store_true", help="also AOTInductor-compiled packages (needs a C++ "
+                   "compiler; minutes)")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
     i = commands.add_parser("inspect", help="the residual states fxslice finds in a model, and what it would skip")
     i.add_argument("model")
     i.add_argument("--gguf-file")
@@ -231,6 +243,16 @@ def _generate(args) -> None:
     print(tokenizer.decode(out[0], skip_special_tokens=True))
 
 
+def _export(args) -> None:
+    from fxslice.portable import export
+
+    out = _out_directory(args.out, args.overwrite)
+    model, tokenizer = _load(args.directory)
+    export(model, out, format=args.format, batch_size=args.batch_size, cache_len=args.cache_len,
+           compiled=args.compiled, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"exported {args.directory} to {out} ({args.format})")
+
+
 def _inspect(args) -> None:
     from fxslice.analysis import bind_parameters, find_regions, written_by
     from fxslice.capture import capture
@@ -268,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         handlers = (UnsupportedGraphError, FileNotFoundError, FileExistsError, ValueError, OSError)
     warnings.simplefilter("ignore")
     try:
-        {"slice": _slice, "heal": _heal, "eval": _eval, "generate": _generate, "inspect": _inspect}[args.command](args)
+        {"slice": _slice, "heal": _heal, "eval": _eval, "generate": _generate, "export": _export,
+         "inspect": _inspect}[args.command](args)
     except handlers as error:
         print(f"fxslice {args.command}: error: {error}", file=sys.stderr)
         return 2

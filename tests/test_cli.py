@@ -133,3 +133,18 @@ def test_heal_distils_into_the_saved_model_and_keeps_its_plan(tiny_hf_dir, slice
     # The best validation step's weights are saved: the compressed model's own when no step improved on it.
     assert (healed["sha256"] != saved["sha256"]) == (heal["report"]["best_step"] > 0)
     assert float(fxslice("eval", out, "--text", VALID, "--seq-len", "32", "--max-windows", "2").stdout.split()[-1]) > 1
+
+
+def test_export_writes_programs_that_generate_from_a_prompt_with_torch_alone(sliced_dir, tmp_path):
+    result = fxslice("export", sliced_dir, "--out", tmp_path / "pt2", "--cache-len", "64")
+    assert "exported" in result.stdout and (tmp_path / "pt2" / "tokenizer.json").is_file()
+    code = ("import sys; sys.modules['fxslice'] = None; sys.modules['transformers'] = None; "
+            "sys.path.insert(0, 'examples'); import generate_pt2; "
+            f"generate_pt2.main([{str(tmp_path / 'pt2')!r}, '--prompt', 'the of', '--max-new-tokens', '5'])")
+    alone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=pathlib.Path(__file__).resolve().parent.parent)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert alone.stdout.splitlines()[1].startswith("the of") and len(alone.stdout.split(",")) == 7
+    refused = fxslice("export", sliced_dir, "--out", tmp_path / "hf", "--format", "hf", check=False)
+    assert refused.returncode == 2 and "rotated per state" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    assert not (tmp_path / "hf").exists()

@@ -1,0 +1,410 @@
+"""Taking a compressed model where fxslice is not: ``torch.export`` programs and standard checkpoints.
+
+``export(model, out)`` writes (atomically: a staging directory moved into place at the end)
+
+* ``prefill.pt2``: an ``ExportedProgram``; ``torch.export.load(path).module()(input_ids, attention_mask)``
+  returns the logits ``[batch, tokens, vocab]`` at any batch and length, bitwise those of the model;
+* ``decode.pt2``: one KV-cache step, ``(input_ids [B, T], attention_mask [B, past + T], position_ids [B, T],
+  cache_position [T]) -> logits``, the cache held in the program's buffers (see ``README.md`` written
+  next to it); the prompt is one call, each new token another with ``T = 1``;
+* ``*.aoti.pt2``: the same two compiled ahead of time by AOTInductor (``torch._inductor.aoti_load_package``)
+  when asked and a C++ compiler is present;
+* ``manifest.json``: the calling convention and the sha256 of every file, ``README.md`` and the tokenizer.
+
+Running them needs torch only. ``export(model, out, format="hf")`` instead writes an ordinary Hugging Face
+directory when the compressed model *is* the original architecture with a smaller hidden size (one shared
+rotation, every state the same width, nothing inserted): see ``export_hf``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from .errors import UnsupportedGraphError
+from .model import SlicedCausalLM
+
+__all__ = ["export"]
+
+MANIFEST = "manifest.json"
+PREFILL, DECODE = "prefill.pt2", "decode.pt2"
+
+
+class _Logits(torch.nn.Module):
+    """The compressed graph called as ``(input_ids, attention_mask) -> logits``: a plain tensor out, so
+    the exported program's output needs no transformers class to unflatten."""
+
+    def __init__(self, graph: fx.GraphModule):
+        super().__init__()
+        self.compressed = graph
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.compressed(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def export(model: Any, out: str | os.PathLike, *, format: str = "pt2", batch_size: int = 1,  # noqa: A002
+           cache_len: int = 1024, compiled: bool = False, tokenizer: Any = None, overwrite: bool = False,
+           progress: bool = True) -> Path:
+    """Write ``model`` (a causal LM returned by ``fxslice.compile`` / ``load`` / ``heal``) to ``out``.
+
+    ``format="pt2"``: ``prefill.pt2``, ``decode.pt2`` (batch ``batch_size``, a cache of ``cache_len``
+    tokens) and, with ``compiled=True``, their AOTInductor packages; every program is loaded back and
+    checked against the model before anything is moved into place. ``format="hf"``: a standard Hugging
+    Face checkpoint (``export_hf``). ``out`` is replaced only with ``overwrite=True``.
+    """
+    if format not in ("pt2", "hf"):
+        raise ValueError(f"format must be 'pt2' or 'hf'; got {format!r}")
+    if not isinstance(model, SlicedCausalLM):
+        raise UnsupportedGraphError(
+            f"fxslice.export takes a Hugging Face causal LM compressed by fxslice (what compile/load return for "
+            f"one); got {type(model).__name__}: for any other module call torch.export.export on the graph")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    write = _write_pt2 if format == "pt2" else export_hf
+    options = dict(batch_size=batch_size, cache_len=cache_len, compiled=compiled, progress=progress) if format == "pt2" else {}
+    return _atomically(out, lambda staging: write(model, staging, tokenizer=tokenizer, **options))
+
+
+def _atomically(out: Path, write: Callable[[Path], Any]) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write(staging)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _write_pt2(model: SlicedCausalLM, staging: Path, *, batch_size: int, cache_len: int, compiled: bool,
+               tokenizer: Any, progress: bool) -> None:
+    from .decode import build_decoder
+
+    if batch_size < 1 or cache_len < 2:
+        raise ValueError(f"batch_size must be ≥ 1 and cache_len ≥ 2; got {batch_size}, {cache_len}")
+    if compiled and shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise UnsupportedGraphError("compiled=True needs a C++ compiler for AOTInductor and none was found "
+                                    "(set CXX, or export without --compiled)")
+    say = print if progress else (lambda *a, **k: None)
+    gm = model.graph_module
+    vocab = int(model.config.vocab_size)
+    steps = [("prefill", PREFILL), ("decode", DECODE)]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        say("fxslice export: exporting the prefill program", flush=True)
+        prefill = _export_prefill(gm, vocab)
+        torch.export.save(prefill, staging / PREFILL)
+        say(f"fxslice export: building and exporting the decoding step (batch {batch_size}, cache {cache_len})",
+            flush=True)
+        decoder = build_decoder(model, batch_size, cache_len)
+        decode = _export_decode(decoder, batch_size, cache_len)
+        torch.export.save(decode, staging / DECODE)
+        checks = {"prefill": _check_prefill(gm, torch.export.load(staging / PREFILL).module(), vocab, exact=True),
+                  "decode": _check_decode(decoder, torch.export.load(staging / DECODE).module(), batch_size, vocab,
+                                          exact=True)}
+        if compiled:
+            for name, program, file in (("prefill", prefill, PREFILL), ("decode", decode, DECODE)):
+                path = staging / file.replace(".pt2", ".aoti.pt2")
+                say(f"fxslice export: compiling the {name} program with AOTInductor (minutes)", flush=True)
+                torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+                steps.append((f"{name}_aoti", path.name))
+            loaded = {name: torch._inductor.aoti_load_package(str(staging / file)) for name, file in steps[2:]}
+            checks["prefill_aoti"] = _check_prefill(gm, loaded["prefill_aoti"], vocab, exact=False)
+            checks["decode_aoti"] = _check_decode(decoder, loaded["decode_aoti"], batch_size, vocab, exact=False)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    eos = model.generation_config.eos_token_id
+    manifest = {
+        "format": 1,
+        "torch": torch.__version__,
+        "model": model.config.model_type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "vocab_size": vocab,
+        "eos_token_id": eos,
+        "prefill": {"file": PREFILL, "inputs": ["input_ids [B, T] int64", "attention_mask [B, T] int64"],
+                    "output": "logits [B, T, vocab]"},
+        "decode": {"file": DECODE, "batch_size": batch_size, "cache_len": cache_len,
+                   "inputs": ["input_ids [B, T] int64", "attention_mask [B, past + T] int64",
+                              "position_ids [B, T] int64", "cache_position [T] int64"],
+                   "output": "logits [B, T, vocab]"},
+        "compiled": {name: file for name, file in steps[2:]},
+        "max_relative_error": checks,
+    }
+    (staging / "README.md").write_text(_README.format(batch=batch_size, cache=cache_len, vocab=vocab))
+    manifest["sha256"] = {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _export_prefill(gm: fx.GraphModule, vocab: int) -> torch.export.ExportedProgram:
+    ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    dims = {0: Dim.AUTO, 1: Dim.AUTO}
+    return torch.export.export(_Logits(gm), (ids, torch.ones_like(ids)), dynamic_shapes=(dims, dims), strict=False)
+
+
+def _export_decode(decoder: fx.GraphModule, batch: int, length: int) -> torch.export.ExportedProgram:
+    example = min(5, length - 2)
+    kwargs = {"input_ids": torch.zeros(batch, example, dtype=torch.long),
+              "attention_mask": torch.ones(batch, example + 1, dtype=torch.long),
+              "position_ids": torch.arange(example).expand(batch, -1).contiguous(),
+              "cache_position": torch.arange(example)}
+    tokens, total = Dim("tokens", min=1, max=length - 1), Dim("total", min=1, max=length - 1)
+    shapes = {"input_ids": {1: tokens}, "attention_mask": {1: total}, "position_ids": {1: tokens},
+              "cache_position": {0: tokens}}
+    return torch.export.export(decoder, (), kwargs, dynamic_shapes=shapes, strict=False)
+
+
+def _agreement(mine: torch.Tensor, theirs: torch.Tensor, exact: bool, what: str) -> float:
+    error = float((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6))
+    tolerance = 0.0 if exact else (1e-4 if theirs.dtype in (torch.float32, torch.float64) else 3e-2)
+    if not error <= tolerance:
+        raise RuntimeError(f"the exported {what} does not reproduce the model (relative error {error:.2g}); "
+                           "nothing was written")
+    return error
+
+
+def _check_prefill(gm: fx.GraphModule, program: Any, vocab: int, exact: bool) -> float:
+    ids = torch.randint(0, vocab, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    return _agreement(program(ids, mask), _Logits(gm)(ids, mask), exact, "prefill program")
+
+
+def _check_decode(decoder: fx.GraphModule, program: Any, batch: int, vocab: int, exact: bool) -> float:
+    """A 5-token prompt and 3 single-token steps through both, from the same cleared cache."""
+    ids = torch.randint(0, vocab, (batch, 8), generator=torch.Generator().manual_seed(2))
+    error = 0.0
+    calls = [(slice(0, 5), torch.arange(5))] + [(slice(t, t + 1), torch.tensor([t])) for t in range(5, 8)]
+    for part, positions in calls:
+        kwargs = {"input_ids": ids[:, part], "attention_mask": torch.ones(batch, part.stop, dtype=torch.long),
+                  "position_ids": positions.expand(batch, -1).contiguous(), "cache_position": positions}
+        error = max(error, _agreement(program(**kwargs), decoder(**kwargs), exact, "decoding step"))
+    return error
+
+
+_README = """# A compressed causal LM exported by fxslice
+
+Runs with torch alone (no fxslice, no transformers). Call everything under `torch.no_grad()`.
+
+    import torch
+    prefill = torch.export.load("prefill.pt2").module()
+    logits = prefill(input_ids, attention_mask)          # int64 [B, T] each -> [B, T, {vocab}]
+
+`decode.pt2` is one step of decoding with a KV cache of {cache} positions held in the program's buffers,
+for batch {batch}:
+
+    decode = torch.export.load("decode.pt2").module()
+    logits = decode(input_ids=ids, attention_mask=mask, position_ids=pos, cache_position=cache_pos)
+
+* `input_ids` [B, T]: the new tokens (the whole prompt first, then one token per call);
+* `attention_mask` [B, past + T]: 1 for every real token so far including the new ones, 0 for padding;
+* `position_ids` [B, T]: each new token's position (count of real tokens before it);
+* `cache_position` [T]: the slots the new tokens take in the cache, `arange(past, past + T)`.
+
+A call with `cache_position[0] == 0` starts a new sequence (the cache rewinds); past + T must stay below
+{cache}. `prefill.aoti.pt2` / `decode.aoti.pt2`, when present, are the same programs compiled by AOTInductor:
+`torch._inductor.aoti_load_package(path)(...)` with the same arguments. `manifest.json` holds the sha256 of
+every file: check them before use (`hashlib.sha256(open(f, "rb").read()).hexdigest()`).
+fxslice's `examples/generate_pt2.py` generates greedily from this directory with torch alone.
+"""
+
+
+def export_hf(model: SlicedCausalLM, staging: Path, tokenizer: Any = None) -> None:
+    """Write ``model`` as the original Hugging Face architecture with a smaller hidden size, when it is one.
+
+    It is one when the plan rotated every state with one shared ``Q`` (``Rotate(shared=True)``), every
+    state kept the same width ``k`` and the graph holds no tensor the architecture has no place for (skip
+    or bridge matrices, inner widths of different sizes). fxslice's norms are then RMS norms over ``k``
+    with ``eps·d/k`` and their sinks carry ``√(d/k)`` (``Σx²/d + eps = (k/d)(Σx²/k + eps·d/k)``), which is
+    the architecture's own norm at hidden size ``k`` with ``eps·d/k`` and a unit scale: the config gets
+    ``k`` and that epsilon (the head width stays), every weight the graph reads goes to the parameter of
+    the same name, and each norm's scale is set to what makes it the weightless norm. The result is
+    checked against the model, saved, loaded back with ``from_pretrained`` and checked again.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .capture import HF_PREFIX
+    from .graph import get_tensor, tensor_targets
+    from .plan import plan_of
+
+    gm = model.graph_module
+    plan = plan_of(gm)
+    why = "fxslice export --format hf writes the original architecture with a smaller hidden size, "
+    if plan.rotation == "per_state":
+        raise UnsupportedGraphError(why + "which needs one rotation for every residual state; this model was rotated "
+                                    "per state (skip matrices between states): compress with Rotate(shared=True), "
+                                    "CLI --shared, or export --format pt2")
+    widths = set(plan.widths)
+    if len(widths) > 1:
+        raise UnsupportedGraphError(why + f"which has one hidden size; this model's states have widths "
+                                    f"{sorted(widths)}: use a constant slice, or export --format pt2")
+    config = model.config.get_text_config()
+    dense = int(config.hidden_size)
+    kept = widths.pop() if widths else dense
+    new_config = _with_hidden_size(model.config, dense, kept)
+    read = {t.removeprefix(HF_PREFIX): get_tensor(gm, t) for t in tensor_targets(gm)}
+    target = _build(new_config, model.dtype)
+    for name, tensor in list(read.items()):  # a tied weight is read under one of its names: give it all of them
+        read.update({alias: tensor for alias in _tied_names(target, name)})
+    merged = _fold_bridges(gm, target)
+    if any(_is_tied(target, name) for name in merged):  # the head gets its own weight: untie
+        new_config.tie_word_embeddings = False
+        new_config.get_text_config().tie_word_embeddings = False
+        target = _build(new_config, model.dtype)
+    mine = {**dict(target.named_buffers()), **target.state_dict(keep_vars=True)}  # with non-persistent buffers
+    folded = {bridge for bridge, _ in merged.values()}
+    foreign = [name for name, tensor in read.items() if name not in mine and name not in folded and tensor.dim() > 0]
+    if foreign:
+        raise UnsupportedGraphError(why + f"and this model holds {len(foreign)} tensors the architecture has no place "
+                                    f"for, e.g. {foreign[:3]} (matrices fxslice inserted): export --format pt2")
+    with torch.no_grad():
+        for name, tensor in read.items():
+            if name not in mine:
+                continue
+            if tuple(mine[name].shape) != tuple(tensor.shape):
+                raise UnsupportedGraphError(why + f"but {name} has shape {tuple(tensor.shape)} where the architecture "
+                                            f"at hidden size {kept} has {tuple(mine[name].shape)}: export --format pt2")
+            mine[name].copy_(tensor)
+        for name, (_, weight) in merged.items():
+            mine[name].copy_(weight)
+        for name, parameter in target.named_parameters():
+            if name not in read and name not in merged:
+                _make_weightless(target, name, parameter, kept, _norm_eps(new_config))
+    check = _compare_hf(model, target, "the rebuilt architecture")
+    target.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=model.dtype, local_files_only=True).eval()
+    check = max(check, _compare_hf(model, reloaded, "the checkpoint, loaded back with from_pretrained,"))
+    (staging / "fxslice-export.json").write_text(json.dumps(
+        {"from": plan.model_class, "hidden_size": [dense, kept], "max_relative_error": check,
+         "sha256": {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}}, indent=1))
+
+
+def _build(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def _tied_names(model: torch.nn.Module, name: str) -> list[str]:
+    """Every name of the parameter ``name`` (several when weights are tied)."""
+    everything = dict(model.named_parameters(remove_duplicate=False))
+    return [other for other, p in everything.items() if name in everything and p is everything[name]]
+
+
+def _is_tied(model: torch.nn.Module, name: str) -> bool:
+    return len(_tied_names(model, name)) > 1
+
+
+def _fold_bridges(gm: fx.GraphModule, target: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    """Inserted linears (fuse_norm's bridge before a tied head) that feed one bias-free linear of the
+    architecture, folded into it: ``(xBᵀ)Wᵀ = x(WB)ᵀ``. Returns that linear's parameter name -> (the
+    inserted weight's target, ``WB``)."""
+    from .analysis.ops import weight_use
+    from .capture import HF_PREFIX
+    from .errors import module_path
+    from .graph import get_tensor
+
+    names = {name for name, _ in target.named_parameters(remove_duplicate=False)}
+    merged = {}
+    for node in gm.graph.nodes:
+        inserted = weight_use(node)
+        if inserted is None or inserted.kind != "linear" or inserted.bias is not None:
+            continue
+        if inserted.weight.removeprefix(HF_PREFIX) in names or len(node.users) != 1:
+            continue
+        head = weight_use(next(iter(node.users)))
+        name = module_path(head.node, HF_PREFIX) + ".weight" if head is not None else None
+        if head is None or head.kind != "linear" or head.input is not node or head.bias is not None or name not in names:
+            continue
+        w, b = get_tensor(gm, head.weight), get_tensor(gm, inserted.weight)
+        merged[name] = (inserted.weight.removeprefix(HF_PREFIX), (w.double() @ b.double()).to(w.dtype))
+    return merged
+
+
+def _with_hidden_size(config: Any, dense: int, kept: int) -> Any:
+    """A copy of ``config`` at hidden size ``kept``: attention head width kept, norm epsilons ``× dense/kept``."""
+    import copy
+
+    config = copy.deepcopy(config)
+    text = config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None)
+    if heads:  # a head width derived from the hidden size would shrink with it: pin it
+        text.head_dim = getattr(text, "head_dim", None) or dense // heads
+    text.hidden_size = kept
+    for key, value in vars(text).items():
+        if "eps" in key and isinstance(value, float):
+            setattr(text, key, value * dense / kept)
+    return config
+
+
+def _norm_eps(config: Any) -> float:
+    values = [v for k, v in vars(config.get_text_config()).items() if "eps" in k and isinstance(v, float)]
+    return values[0] if values else 1e-6
+
+
+def _make_weightless(model: torch.nn.Module, name: str, parameter: torch.nn.Parameter, width: int, eps: float) -> None:
+    """Set a parameter the graph does not read (a norm's scale or shift, which fxslice folded away) so that
+    its module computes the weightless RMS norm ``x/√(Σx²/k + eps)``: a shift is zero; a scale ``w`` enters
+    the module's output affinely (``a + b·w``: ``w``, or ``1 + w`` for offset norms), so it is solved from
+    the outputs at ``w = 0`` and ``w = 1`` by least squares."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if parameter.dim() != 1 or parameter.shape[0] != width:
+        raise UnsupportedGraphError(f"{name} (shape {tuple(parameter.shape)}) is a parameter the compressed graph "
+                                    "does not read and not a norm fxslice folded: export --format pt2")
+    if "bias" in leaf:
+        parameter.zero_()
+        return
+    x = torch.randn(4, 7, width, generator=torch.Generator().manual_seed(0)).to(parameter.dtype)
+    target = torch.nn.functional.rms_norm(x.double(), [width], eps=eps)
+    parameter.zero_()
+    a = module(x).double()
+    parameter.fill_(1.0)
+    b = module(x).double() - a
+    solved = ((b * (target - a)).sum((0, 1)) / (b * b).sum((0, 1)).clamp_min(1e-30))
+    parameter.copy_(solved.to(parameter.dtype))
+
+
+def _compare_hf(model: SlicedCausalLM, other: torch.nn.Module, what: str) -> float:
+    ids = torch.randint(0, int(model.config.vocab_size), (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = model(input_ids=ids).logits
+        mine = other(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    error = float((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6))
+    # transformers computes norms in float32 even in a float64 model: the float32 tolerance for both.
+    tolerance = 1e-4 if theirs.dtype in (torch.float32, torch.float64) else 3e-2
+    if not error <= tolerance:
+        raise UnsupportedGraphError(f"{what} does not reproduce the compressed model (relative error {error:.2g} "
+                                    f"> {tolerance:g}): this architecture computes something from its hidden size that "
+                                    "slicing changed (a scale that depends on it, a norm that is not RMS); export "
+                                    "--format pt2")
+    return error
