@@ -6,7 +6,8 @@
     fxslice eval sliced/ --text test.txt [--seq-len 512 --max-windows 64]
     fxslice generate sliced/ "The capital of France is" [--max-new-tokens 20]
     fxslice export sliced/ --out exported/ [--compiled] [--format hf]   (run with torch alone, or as a HF checkpoint)
-    fxslice inspect MODEL [--gguf-file NAME]
+    fxslice inspect MODEL [--gguf-file NAME]      (what fxslice finds in a dense model)
+    fxslice inspect sliced/ --plot plan.png [--curve rows.jsonl]   (what was done to a saved one)
 
 Bad input (a ratio outside [0, 1), a missing file, a directory that is not a model, a model that cannot be
 captured) prints one line on stderr and exits with status 2; nothing is written.
@@ -144,9 +145,14 @@ def _parser() -> argparse.ArgumentParser:
                    "compiler; minutes)")
     x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
-    i = commands.add_parser("inspect", help="the residual states fxslice finds in a model, and what it would skip")
-    i.add_argument("model")
+    i = commands.add_parser("inspect", help="the residual states fxslice finds in a model, and what it would skip; "
+                            "for a saved compressed model, what was done (--plot: as a picture)")
+    i.add_argument("model", help="a model (as for fxslice slice) or a directory saved by fxslice")
     i.add_argument("--gguf-file")
+    i.add_argument("--plot", help="for a saved model: draw widths before/after along the depth, kept variance, "
+                   "and the healing history when heal.json is there, to this file (PNG; needs matplotlib)")
+    i.add_argument("--curve", type=_existing_file, help="JSON lines with 'parameters' and 'perplexity' (as "
+                   "benchmarks/quality.py prints): add a perplexity / parameter panel to --plot")
     return parser
 
 
@@ -254,6 +260,11 @@ def _export(args) -> None:
 
 
 def _inspect(args) -> None:
+    if (Path(args.model) / "fxslice.json").is_file():
+        return _inspect_saved(args)
+    if args.plot or args.curve:
+        raise ValueError(f"--plot and --curve draw what was done to a model saved by fxslice; {args.model} is not "
+                         "one (it has no fxslice.json): run fxslice slice first")
     from fxslice.analysis import bind_parameters, find_regions, written_by
     from fxslice.capture import capture
     from fxslice.errors import module_path
@@ -280,6 +291,28 @@ def _inspect(args) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def _inspect_saved(args) -> None:
+    from fxslice.io import read_plan
+
+    directory = Path(args.model)
+    plan = read_plan(directory)
+    mlps = (plan.details.get("shrink_mlp") or {}).get("mlps") or []
+    print(json.dumps({"model": plan.model_class, "passes": [{"name": p.name, **p.kwargs} for p in plan.passes],
+                      "rotation": plan.rotation,
+                      "states": [{"module": s.module, "width": [s.width, s.width if s.kept is None else s.kept],
+                                  "kept_variance": s.kept_variance} for s in plan.states],
+                      "mlps": [{"name": name, "width": [before, after]} for name, before, after in mlps],
+                      "skipped": len(plan.skipped)}, indent=1))
+    if args.plot:
+        from fxslice.plot import plot_plan
+
+        curve = [json.loads(line) for line in Path(args.curve).read_text().splitlines() if line.strip()] if args.curve else None
+        heal = directory / "heal.json"
+        history = json.loads(heal.read_text()).get("history") if heal.is_file() else None
+        plot_plan(plan, args.plot, curve=curve, heal_history=history, title=directory.name)
+        print(f"plotted to {args.plot}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if os.environ.get("FXSLICE_DEBUG"):
@@ -287,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from fxslice.errors import UnsupportedGraphError
 
-        handlers = (UnsupportedGraphError, FileNotFoundError, FileExistsError, ValueError, OSError)
+        handlers = (UnsupportedGraphError, FileNotFoundError, FileExistsError, ValueError, OSError, ImportError)
     warnings.simplefilter("ignore")
     try:
         {"slice": _slice, "heal": _heal, "eval": _eval, "generate": _generate, "export": _export,

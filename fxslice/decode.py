@@ -153,24 +153,32 @@ class Session:
     cache holds, reordered beams) falls back to recomputing the whole sequence with the compressed graph.
     """
 
-    def __init__(self, compressed: Any, needed: int | None = None):
+    def __init__(self, compressed: Any, needed: int | None = None, compiled: bool = False):
         self.compressed = compressed
+        self.compiled = compiled
         limit = compressed.kv_cache_len
         self.length = cache_length(needed, limit) if needed is not None else limit
         self.seen: torch.Tensor | None = None
         self.decoder: fx.GraphModule | None = None
 
-    def _decoder(self, batch: int) -> fx.GraphModule | None:
+    def _decoder(self, batch: int) -> Any:
         decoders = self.compressed.decoders
-        key = (batch, self.length)
-        if key not in decoders:
+        eager = (batch, self.length, False)
+        if eager not in decoders:
             try:
-                decoders[key] = build_decoder(self.compressed, batch, self.length)
+                decoders[eager] = build_decoder(self.compressed, batch, self.length)
             except Exception as error:  # decoding still works without a cache; say so once
                 warnings.warn(f"fxslice: no KV-cache decoding for this model ({type(error).__name__}: {error}); "
                               "generate() recomputes the whole sequence at every step", stacklevel=4)
-                decoders[key] = None
-        return decoders[key]
+                decoders[eager] = None
+        if not self.compiled or decoders[eager] is None:
+            return decoders[eager]
+        compiled = (batch, self.length, True)
+        if compiled not in decoders:
+            # The prompt and the one-token steps are two shapes: torch.compile specialises on each once
+            # (the growing mask becomes a dynamic dimension) and keeps both for later calls.
+            decoders[compiled] = torch.compile(decoders[eager])
+        return decoders[compiled]
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:

@@ -38,7 +38,7 @@ from .model import SlicedCausalLM, graph_module
 from .plan import Plan, plan_of
 from .replay import replay
 
-__all__ = ["fingerprint", "load", "save"]
+__all__ = ["fingerprint", "load", "read_plan", "save"]
 
 FORMAT = 2
 RECIPE_FILE = "fxslice.json"
@@ -133,6 +133,11 @@ def _read_recipe(directory: Path) -> dict:
     except (KeyError, TypeError, ValueError) as error:
         raise UnsupportedGraphError(f"{path} holds no readable plan ({type(error).__name__}: {error})") from error
     return recipe
+
+
+def read_plan(directory: str | os.PathLike) -> Plan:
+    """The plan recorded in a directory written by ``fxslice.save`` (the weights are not read)."""
+    return _read_recipe(Path(directory))["plan"]
 
 
 def _rebuild_causal_lm(directory: Path, dtype: torch.dtype):

@@ -33,7 +33,7 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
         self.generation_config = GenerationConfig.from_model_config(config)
         self.name_or_path = getattr(config, "_name_or_path", "")
         self.kv_cache_len = 1024  # most tokens (prompt + generated) a decoding graph holds; longer runs recompute
-        self.decoders: dict[tuple[int, int], Any] = {}  # (batch, cache length) -> decoding graph (fxslice.decode)
+        self.decoders: dict[tuple, Any] = {}  # (batch, cache length, compiled) -> decoding graph (fxslice.decode)
         self._session = None
 
     @property
@@ -82,16 +82,18 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
         return CausalLMOutputWithPast(logits=out.logits if hasattr(out, "logits") else out[0])
 
     @torch.no_grad()
-    def generate(self, *args, **kwargs):
-        """transformers' ``generate``, run with fxslice's KV-cache decoding graph where it applies."""
-        with self._incremental(_tokens_needed(self, args, kwargs)):
+    def generate(self, *args, compiled: bool = False, **kwargs):
+        """transformers' ``generate``, run with fxslice's KV-cache decoding graph where it applies;
+        ``compiled=True`` runs that graph through ``torch.compile`` (compiled once per batch size and
+        cache length, and kept for later calls)."""
+        with self._incremental(_tokens_needed(self, args, kwargs), compiled):
             return super().generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _incremental(self, needed: int | None):
+    def _incremental(self, needed: int | None, compiled: bool = False):
         from .decode import Session
 
-        previous, self._session = self._session, Session(self, needed)
+        previous, self._session = self._session, Session(self, needed, compiled)
         try:
             yield
         finally:

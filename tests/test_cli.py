@@ -148,3 +148,24 @@ def test_export_writes_programs_that_generate_from_a_prompt_with_torch_alone(sli
     refused = fxslice("export", sliced_dir, "--out", tmp_path / "hf", "--format", "hf", check=False)
     assert refused.returncode == 2 and "rotated per state" in refused.stderr and len(refused.stderr.splitlines()) == 1
     assert not (tmp_path / "hf").exists()
+
+
+def _png_size(path):
+    data = pathlib.Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_inspect_a_saved_model_prints_its_plan_and_plots_it(sliced_dir, tmp_path):
+    result = fxslice("inspect", sliced_dir)
+    summary = json.loads(result.stdout)
+    assert summary["rotation"] == "per_state" and summary["states"][1]["width"] == [64, 48]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"row": "dense", "parameters": 1000000, "perplexity": 20.0}\n'
+                    '{"row": "0.25", "parameters": 890000, "perplexity": 30.0}\n')
+    fxslice("inspect", sliced_dir, "--plot", tmp_path / "one.png")
+    fxslice("inspect", sliced_dir, "--plot", tmp_path / "two.png", "--curve", rows)
+    (width, one), (_, two) = _png_size(tmp_path / "one.png"), _png_size(tmp_path / "two.png")
+    assert width > 500 and abs(two - 2 * one) < 10  # one panel (residual widths), then a second (the curve)
+    refused = fxslice("inspect", tmp_path / "rows.jsonl", "--plot", tmp_path / "x.png", check=False)
+    assert refused.returncode == 2 and not (tmp_path / "x.png").exists()

@@ -119,3 +119,14 @@ def test_cached_decoding_follows_the_models_own_attention(name, overrides):
         out = sliced.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     assert torch.equal(out, argmax_chain(sliced, ids, 8))
     assert [d is not None for d in sliced.decoders.values()] == [True]
+
+
+def test_compiled_decoding_gives_the_eager_greedy_output():
+    _, model = compressed("llama", torch.float32)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(4))
+    eager = model.generate(ids, max_new_tokens=10, do_sample=False)
+    compiled = model.generate(ids, max_new_tokens=10, do_sample=False, compiled=True)
+    assert torch.equal(compiled, eager)
+    assert any(key[2] for key, decoder in model.decoders.items() if decoder is not None)  # it did compile
+    again = model.generate(ids[:, :4], max_new_tokens=10, do_sample=False, compiled=True)  # another prompt length
+    assert torch.equal(again, model.generate(ids[:, :4], max_new_tokens=10, do_sample=False))
