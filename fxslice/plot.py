@@ -2,7 +2,8 @@
 
 ``plot_plan(plan, "plan.png")`` draws, from the plan alone (no weights):
 
-* every residual state's width before and after, in graph order, with the PCA variance it kept;
+* every residual state's width before and after, in graph order, with the share of the PCA variance
+  it dropped;
 * every MLP's inner width before and after (``shrink_mlp`` / ``slice(budget=…)``), when there are any;
 * a perplexity / parameter curve, from rows such as ``benchmarks/quality.py`` prints (``parameters`` and
   ``perplexity`` per row), when given;
@@ -44,13 +45,13 @@ def plot_plan(plan: Plan, path: str | os.PathLike, curve: list[dict] | None = No
         if panel == "states":
             _widths(ax, [s.width for s in plan.states], list(plan.widths), "residual state (graph order)",
                     "residual widths")
-            variance = [s.kept_variance for s in plan.states]
-            if any(v is not None for v in variance):
+            # The stream's variance sits in a few directions, so the kept share is near 1 everywhere: what
+            # was dropped, on a log scale, is what tells the states apart.
+            dropped = [None if s.kept_variance is None else max(1.0 - s.kept_variance, 1e-12) for s in plan.states]
+            if any(v is not None for v in dropped):
                 twin = ax.twinx()
-                twin.plot(range(len(variance)), [float("nan") if v is None else v for v in variance], "g.:",
-                          label="kept variance")
-                twin.set_ylim(0, 1.02)
-                twin.set_ylabel("kept variance (PCA)", color="g")
+                twin.semilogy(range(len(dropped)), [float("nan") if v is None else v for v in dropped], "g.:")
+                twin.set_ylabel("variance dropped (PCA)", color="g")
         elif panel == "mlps":
             _widths(ax, [m[1] for m in mlps], [m[2] for m in mlps], "MLP (graph order)", "MLP inner widths")
         elif panel == "curve":
