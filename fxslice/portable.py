@@ -261,21 +261,26 @@ def export_hf(model: SlicedCausalLM, staging: Path, tokenizer: Any = None) -> No
     if len(widths) > 1:
         raise UnsupportedGraphError(why + f"which has one hidden size; this model's states have widths "
                                     f"{sorted(widths)}: use a constant slice, or export --format pt2")
+    mlps = (plan.details.get("shrink_mlp") or {}).get("mlps") or []
+    inner = {(before, after) for _, before, after in mlps if after != before}
+    if len(inner) > 1:
+        raise UnsupportedGraphError(why + f"which has one MLP width; this model's MLPs keep "
+                                    f"{sorted({after for _, _, after in mlps})}: export --format pt2")
     config = model.config.get_text_config()
     dense = int(config.hidden_size)
     kept = widths.pop() if widths else dense
-    new_config = _with_hidden_size(model.config, dense, kept)
     read = {t.removeprefix(HF_PREFIX): get_tensor(gm, t) for t in tensor_targets(gm)}
+    new_config = _resized_config(model.config, dense, kept, inner.pop() if inner else None, read)
     target = _build(new_config, model.dtype)
     for name, tensor in list(read.items()):  # a tied weight is read under one of its names: give it all of them
         read.update({alias: tensor for alias in _tied_names(target, name)})
-    merged = _fold_bridges(gm, target)
+    merged, scales = _fold_bridges(gm, target, set(read))
     if any(_is_tied(target, name) for name in merged):  # the head gets its own weight: untie
         new_config.tie_word_embeddings = False
         new_config.get_text_config().tie_word_embeddings = False
         target = _build(new_config, model.dtype)
     mine = {**dict(target.named_buffers()), **target.state_dict(keep_vars=True)}  # with non-persistent buffers
-    folded = {bridge for bridge, _ in merged.values()}
+    folded = {bridge for bridge, _ in (*merged.values(), *scales.values())}
     foreign = [name for name, tensor in read.items() if name not in mine and name not in folded and tensor.dim() > 0]
     if foreign:
         raise UnsupportedGraphError(why + f"and this model holds {len(foreign)} tensors the architecture has no place "
@@ -292,7 +297,8 @@ def export_hf(model: SlicedCausalLM, staging: Path, tokenizer: Any = None) -> No
             mine[name].copy_(weight)
         for name, parameter in target.named_parameters():
             if name not in read and name not in merged:
-                _make_weightless(target, name, parameter, kept, _norm_eps(new_config))
+                scale = scales[name][1] if name in scales else None
+                _make_weightless(target, name, parameter, kept, _norm_eps(new_config), scale)
     check = _compare_hf(model, target, "the rebuilt architecture")
     target.save_pretrained(staging)
     if tokenizer is not None:
@@ -324,17 +330,21 @@ def _is_tied(model: torch.nn.Module, name: str) -> bool:
     return len(_tied_names(model, name)) > 1
 
 
-def _fold_bridges(gm: fx.GraphModule, target: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+def _fold_bridges(gm: fx.GraphModule, target: torch.nn.Module, read: set[str]
+                  ) -> tuple[dict[str, tuple[str, torch.Tensor]], dict[str, tuple[str, torch.Tensor]]]:
     """Inserted linears (fuse_norm's bridge before a tied head) that feed one bias-free linear of the
-    architecture, folded into it: ``(xBᵀ)Wᵀ = x(WB)ᵀ``. Returns that linear's parameter name -> (the
-    inserted weight's target, ``WB``)."""
+    architecture. Unrotated, the bridge is ``diag(γ)`` and goes back where fuse_norm took it from: the
+    scale of the norm it reads, when the graph no longer reads that scale. Rotated (``Qᵀdiag(γ)Q``), it is
+    folded into the linear: ``(xBᵀ)Wᵀ = x(WB)ᵀ``. Returns (linear's parameter name -> (the inserted
+    weight's target, ``WB``), norm scale name -> (the inserted weight's target, ``γ``))."""
     from .analysis.ops import weight_use
     from .capture import HF_PREFIX
     from .errors import module_path
     from .graph import get_tensor
 
-    names = {name for name, _ in target.named_parameters(remove_duplicate=False)}
-    merged = {}
+    parameters = dict(target.named_parameters(remove_duplicate=False))
+    names = set(parameters)
+    merged, scales = {}, {}
     for node in gm.graph.nodes:
         inserted = weight_use(node)
         if inserted is None or inserted.kind != "linear" or inserted.bias is not None:
@@ -346,12 +356,39 @@ def _fold_bridges(gm: fx.GraphModule, target: torch.nn.Module) -> dict[str, tupl
         if head is None or head.kind != "linear" or head.input is not node or head.bias is not None or name not in names:
             continue
         w, b = get_tensor(gm, head.weight), get_tensor(gm, inserted.weight)
-        merged[name] = (inserted.weight.removeprefix(HF_PREFIX), (w.double() @ b.double()).to(w.dtype))
-    return merged
+        bridge = inserted.weight.removeprefix(HF_PREFIX)
+        diagonal = b.dim() == 2 and b.shape[0] == b.shape[1] and torch.equal(b, torch.diag(torch.diagonal(b)))
+        unread = {n for n in names - read if tuple(parameters[n].shape) == (b.shape[0],)}
+        norm = _scale_before(node.args[0], unread) if diagonal else None
+        if norm is not None:
+            scales[norm] = (bridge, torch.diagonal(b).clone())
+        else:
+            merged[name] = (bridge, (w.double() @ b.double()).to(w.dtype))
+    return merged, scales
 
 
-def _with_hidden_size(config: Any, dense: int, kept: int) -> Any:
-    """A copy of ``config`` at hidden size ``kept``: attention head width kept, norm epsilons ``× dense/kept``."""
+def _scale_before(node: Any, unread: set[str], steps: int = 6) -> str | None:
+    """The unread scale (one of ``unread``) of the norm that produced ``node``, looking back through the few
+    ops (casts, the head's ``logits_to_keep`` slice) between a norm and what reads it."""
+    from .capture import HF_PREFIX
+    from .errors import module_path
+
+    for _ in range(steps):
+        if not isinstance(node, fx.Node):
+            return None
+        name = module_path(node, HF_PREFIX) + ".weight"
+        if name in unread:
+            return name
+        node = node.args[0] if node.args else None
+    return None
+
+
+def _resized_config(config: Any, dense: int, kept: int, inner: tuple[int, int] | None,
+                    shapes: dict[str, torch.Tensor]) -> Any:
+    """A copy of ``config`` at hidden size ``kept``: attention head width kept, norm epsilons ``× dense/kept``;
+    ``inner = (m, k)``: the integer setting equal to the MLPs' inner width ``m`` (whatever the config calls
+    it) that, set to ``k``, gives the architecture the shapes of ``shapes`` becomes ``k`` (tried one at a
+    time on the meta device: a vocabulary may be as large as an MLP)."""
     import copy
 
     config = copy.deepcopy(config)
@@ -363,6 +400,17 @@ def _with_hidden_size(config: Any, dense: int, kept: int) -> Any:
     for key, value in vars(text).items():
         if "eps" in key and isinstance(value, float):
             setattr(text, key, value * dense / kept)
+    if inner is None:
+        return config
+    for key, value in list(vars(text).items()):
+        if type(value) is int and value == inner[0] and key != "hidden_size":
+            setattr(text, key, inner[1])
+            with torch.device("meta"):
+                built = _build(config, torch.float32)
+            mine = dict(built.state_dict())
+            if all(tuple(mine[name].shape) == tuple(t.shape) for name, t in shapes.items() if name in mine):
+                return config
+            setattr(text, key, value)
     return config
 
 
@@ -371,9 +419,11 @@ def _norm_eps(config: Any) -> float:
     return values[0] if values else 1e-6
 
 
-def _make_weightless(model: torch.nn.Module, name: str, parameter: torch.nn.Parameter, width: int, eps: float) -> None:
+def _make_weightless(model: torch.nn.Module, name: str, parameter: torch.nn.Parameter, width: int, eps: float,
+                     scale: torch.Tensor | None = None) -> None:
     """Set a parameter the graph does not read (a norm's scale or shift, which fxslice folded away) so that
-    its module computes the weightless RMS norm ``x/√(Σx²/k + eps)``: a shift is zero; a scale ``w`` enters
+    its module computes the weightless RMS norm ``x/√(Σx²/k + eps)`` (times ``scale`` when one is given):
+    a shift is zero; a scale ``w`` enters
     the module's output affinely (``a + b·w``: ``w``, or ``1 + w`` for offset norms), so it is solved from
     the outputs at ``w = 0`` and ``w = 1`` by least squares."""
     owner, _, leaf = name.rpartition(".")
@@ -386,6 +436,8 @@ def _make_weightless(model: torch.nn.Module, name: str, parameter: torch.nn.Para
         return
     x = torch.randn(4, 7, width, generator=torch.Generator().manual_seed(0)).to(parameter.dtype)
     target = torch.nn.functional.rms_norm(x.double(), [width], eps=eps)
+    if scale is not None:
+        target = target * scale.double()
     parameter.zero_()
     a = module(x).double()
     parameter.fill_(1.0)

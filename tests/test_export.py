@@ -120,9 +120,15 @@ def test_export_refuses_bad_input_and_leaves_nothing_on_failure(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
 
 
-@pytest.mark.parametrize("name,tie", [("llama", False), ("llama", True), ("qwen3", None)])
-def test_a_shared_rotation_exports_as_the_original_architecture_loaded_without_fxslice(name, tie, tmp_path):
-    model, sliced = compress(name, torch.float64, (fuse_norm, Rotate(shared=True), slice(0.25)), tie=tie)
+SHARED = (fuse_norm, Rotate(shared=True), slice(0.25))
+BUDGET = (fuse_norm, slice(budget=0.9))
+
+
+@pytest.mark.parametrize("name,tie,passes,hidden,untied", [
+    ("llama", False, SHARED, 48, True), ("llama", True, SHARED, 48, True), ("qwen3", None, SHARED, 48, True),
+    ("llama", True, BUDGET, 64, False), ("qwen2", None, BUDGET, 64, False)])
+def test_the_original_architecture_at_smaller_sizes_loads_without_fxslice(name, tie, passes, hidden, untied, tmp_path):
+    model, sliced = compress(name, torch.float64, passes, tie=tie)
     fxslice.export(sliced, tmp_path / "hf", format="hf")
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(7))
     torch.save(ids, tmp_path / "ids.pt")
@@ -140,14 +146,19 @@ print(model.config.hidden_size, model.config.tie_word_embeddings)
     # transformers computes its norms in float32 even in a float64 model
     assert ((logits - expected).abs().max() / expected.abs().max()) < 1e-5
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["hidden_size"] == 48 and config["head_dim"] == model.config.head_dim  # heads keep their width
-    assert config["tie_word_embeddings"] is False  # a tied head reads fuse_norm's bridge: folded, so untied
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    assert config["hidden_size"] == hidden and config["head_dim"] == head_dim  # heads keep their width
+    inner = {after for _, _, after in (fxslice.report(sliced)["inner"] or {"mlps": [("", 0, 128)]})["mlps"]}
+    assert [config["intermediate_size"]] == sorted(inner)
+    # A tied head reads fuse_norm's bridge diag(γ): rotated, it is folded into an untied head; unrotated, γ
+    # goes back into the final norm and the head stays tied.
+    assert config["tie_word_embeddings"] is (False if untied else bool(model.config.tie_word_embeddings))
 
 
 @pytest.mark.parametrize("name,passes,reason", [
     ("llama", (fuse_norm, rotate, slice(0.25)), "rotated per state"),
     ("phi", (fuse_norm, Rotate(shared=True), slice(0.25)), "a norm that is not RMS"),
-    ("llama", (fuse_norm, slice(budget=0.9)), "has no place for|has shape"),
+    ("llama", (fuse_norm, fxslice.shrink_mlp(widths=[64, 96, 64, 64])), "one MLP width"),
 ])
 def test_a_model_that_is_not_the_original_architecture_is_refused_with_the_reason(name, passes, reason, tmp_path):
     _, compressed = compress(name, torch.float64, passes)
