@@ -51,7 +51,9 @@ def main() -> None:
     calibration = calibration_batches(tokenizer, join_rows(VALID), n_samples=64, seq_len=512, batch_size=8, seed=42)
     test = join_rows(TEST)
     work = Path(tempfile.mkdtemp(prefix="fxslice-export-"))
-    print(f"<!-- {machine()}, CPU, command: python benchmarks/export.py{' --compiled' if args.compiled else ''} -->")
+    command = "python benchmarks/export.py" + (" --compiled" if args.compiled else "") + "".join(
+        f" --saved {d}" for d in args.saved)
+    print(f"<!-- {machine()}, CPU, command: {command} -->")
 
     sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=calibration)
     start = time.perf_counter()
