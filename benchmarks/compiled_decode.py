@@ -70,6 +70,7 @@ def main() -> None:
         return "" if dense is None else f" ({r[key] / dense[key]:.2f}×)"
 
     command = "python benchmarks/compiled_decode.py" + ("" if args.rows == ROWS else " --rows " + " ".join(repr(r) for r in args.rows))
+    command += "" if args.repeats == 5 else f" --repeats {args.repeats}"
     print(f"<!-- {machine()}, CPU, command: {command} -->")
     print("| configuration | parameters | decode tokens/s, eager | decode tokens/s, compiled | compiled prefill 1×512 | first compiled generate |")
     print("|---|---|---|---|---|---|")
