@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -38,7 +38,7 @@ from .model import SlicedCausalLM, graph_module
 from .plan import Plan, plan_of
 from .replay import replay
 
-__all__ = ["fingerprint", "load", "read_plan", "save"]
+__all__ = ["fingerprint", "load", "read_plan", "save", "sha256", "write_atomically"]
 
 FORMAT = 2
 RECIPE_FILE = "fxslice.json"
@@ -87,16 +87,26 @@ def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = 
         "dtypes": {target: str(get_tensor(gm, target).dtype).removeprefix("torch.") for target in tensor_targets(gm)},
         "fingerprint": fingerprint(gm),
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-    try:
+
+    def write(staging: Path) -> None:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", "fxslice": str(FORMAT)})
-        recipe["sha256"] = {WEIGHTS_FILE: _sha256(staging / WEIGHTS_FILE)}
+        recipe["sha256"] = {WEIGHTS_FILE: sha256(staging / WEIGHTS_FILE)}
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
         if isinstance(model, SlicedCausalLM):
             model.config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+
+    return write_atomically(directory, write)
+
+
+def write_atomically(directory: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(staging)`` into a fresh directory beside ``directory``, then move it into place (replacing
+    what was there); on any failure the staging directory is removed and ``directory`` is untouched."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        write(staging)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)
@@ -110,7 +120,7 @@ def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = 
     return directory
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
@@ -163,7 +173,7 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
     recipe = _read_recipe(directory)
     recorded = recipe.get("sha256", {}).get(WEIGHTS_FILE)
     if verify and recorded is not None and (directory / WEIGHTS_FILE).is_file():
-        if _sha256(directory / WEIGHTS_FILE) != recorded:
+        if sha256(directory / WEIGHTS_FILE) != recorded:
             raise UnsupportedGraphError(f"{directory / WEIGHTS_FILE} does not have the sha256 recorded in "
                                         f"{directory / RECIPE_FILE} when it was saved: the file was changed or "
                                         "corrupted; save the model again (fxslice.load(..., verify=False) loads it "

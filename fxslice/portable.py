@@ -18,20 +18,19 @@ rotation, every state the same width, nothing inserted): see ``export_hf``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.export import Dim
 
 from .errors import UnsupportedGraphError
+from .io import sha256, write_atomically
 from .model import SlicedCausalLM
 
 __all__ = ["export"]
@@ -74,30 +73,7 @@ def export(model: Any, out: str | os.PathLike, *, format: str = "pt2", batch_siz
         raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     write = _write_pt2 if format == "pt2" else export_hf
     options = dict(batch_size=batch_size, cache_len=cache_len, compiled=compiled, progress=progress) if format == "pt2" else {}
-    return _atomically(out, lambda staging: write(model, staging, tokenizer=tokenizer, **options))
-
-
-def _atomically(out: Path, write: Callable[[Path], Any]) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        write(staging)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+    return write_atomically(out, lambda staging: write(model, staging, tokenizer=tokenizer, **options))
 
 
 def _write_pt2(model: SlicedCausalLM, staging: Path, *, batch_size: int, cache_len: int, compiled: bool,
