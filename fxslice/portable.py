@@ -12,8 +12,8 @@
 * ``manifest.json``: the calling convention and the sha256 of every file, ``README.md`` and the tokenizer.
 
 Running them needs torch only. ``export(model, out, format="hf")`` instead writes an ordinary Hugging Face
-directory when the compressed model *is* the original architecture with a smaller hidden size (one shared
-rotation, every state the same width, nothing inserted): see ``export_hf``.
+directory when the compressed model *is* the original architecture at smaller sizes (no rotation or one
+shared rotation, equal widths, nothing inserted but a tied head's bridge): see ``export_hf``.
 """
 
 from __future__ import annotations
@@ -209,11 +209,12 @@ fxslice's `examples/generate_pt2.py` generates greedily from this directory with
 
 
 def export_hf(model: SlicedCausalLM, staging: Path, tokenizer: Any = None) -> None:
-    """Write ``model`` as the original Hugging Face architecture with a smaller hidden size, when it is one.
+    """Write ``model`` as the original Hugging Face architecture at smaller sizes, when it is one.
 
-    It is one when the plan rotated every state with one shared ``Q`` (``Rotate(shared=True)``), every
-    state kept the same width ``k`` and the graph holds no tensor the architecture has no place for (skip
-    or bridge matrices, inner widths of different sizes). fxslice's norms are then RMS norms over ``k``
+    It is one when the plan rotated no state or every state with one shared ``Q`` (``Rotate(shared=True)``),
+    every state kept the same width ``k``, every MLP the same inner width, and the graph holds no tensor the
+    architecture has no place for (skip matrices; a tied head's bridge is folded, see ``_fold_bridges``;
+    the config's inner-width setting is found by ``_resized_config``). fxslice's norms are then RMS norms over ``k``
     with ``eps·d/k`` and their sinks carry ``√(d/k)`` (``Σx²/d + eps = (k/d)(Σx²/k + eps·d/k)``), which is
     the architecture's own norm at hidden size ``k`` with ``eps·d/k`` and a unit scale: the config gets
     ``k`` and that epsilon (the head width stays), every weight the graph reads goes to the parameter of
@@ -228,7 +229,7 @@ def export_hf(model: SlicedCausalLM, staging: Path, tokenizer: Any = None) -> No
 
     gm = model.graph_module
     plan = plan_of(gm)
-    why = "fxslice export --format hf writes the original architecture with a smaller hidden size, "
+    why = "fxslice export --format hf writes the original architecture at smaller sizes, "
     if plan.rotation == "per_state":
         raise UnsupportedGraphError(why + "which needs one rotation for every residual state; this model was rotated "
                                     "per state (skip matrices between states): compress with Rotate(shared=True), "
