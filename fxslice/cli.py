@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
                             "for a saved compressed model, what was done (--plot: as a picture)")
     i.add_argument("model", help="a model (as for fxslice slice) or a directory saved by fxslice")
     i.add_argument("--gguf-file")
-    i.add_argument("--plot", help="for a saved model: draw widths before/after along the depth, kept variance, "
+    i.add_argument("--plot", help="for a saved model: draw widths before/after along the depth, dropped variance, "
                    "and the healing history when heal.json is there, to this file (PNG; needs matplotlib)")
     i.add_argument("--curve", type=_existing_file, help="JSON lines with 'parameters' and 'perplexity' (as "
                    "benchmarks/quality.py prints): add a perplexity / parameter panel to --plot")
