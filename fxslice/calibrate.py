@@ -85,7 +85,8 @@ def check_calibration(calibration: Any, model: torch.nn.Module | None = None, hf
 
     Accepts an iterable of input dicts / tuples / tensors, a ``torch.utils.data.DataLoader`` or a
     tokenized ``datasets.Dataset``. Rejects empty data, non-finite values, keys the model does not take,
-    and ``input_ids`` that are not non-empty 2-D integer tensors with a matching ``attention_mask``.
+    ``input_ids`` that are not non-empty 2-D integer tensors with a matching ``attention_mask``, and (for a
+    causal LM) sequences longer than the model's positions.
     """
     if isinstance(calibration, Batches):
         return calibration
@@ -118,7 +119,19 @@ def check_calibration(calibration: Any, model: torch.nn.Module | None = None, hf
                                        f"{tuple(getattr(mask, 'shape', ()))} does not match input_ids {tuple(ids.shape)}")
             if hf and mask is None:
                 kwargs["attention_mask"] = torch.ones_like(ids)
+            positions = _positions(model) if hf else None
+            if positions is not None and ids.shape[1] > positions:
+                raise CalibrationError(f"calibration batch {index} has {ids.shape[1]} tokens per sequence; "
+                                       f"{type(model).__name__} has {positions} positions (max_position_embeddings): "
+                                       f"use sequences of at most {positions} tokens (CLI: --seq-len)")
     return Batches(batches)
+
+
+def _positions(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
