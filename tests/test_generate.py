@@ -33,7 +33,7 @@ def test_greedy_generate_is_the_argmax_chain_of_its_own_logits(name):
     ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3))
     out = sliced.generate(ids, max_new_tokens=10, do_sample=False)
     assert torch.equal(out, argmax_chain(sliced, ids, 10))
-    assert [d is not None for (batch, _), d in sliced.decoders.items() if batch == 1] == [True], \
+    assert [d is not None for (batch, _, _), d in sliced.decoders.items() if batch == 1] == [True], \
         "generate did not use the KV-cache decoding graph"
 
 
