@@ -89,7 +89,9 @@ def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = 
     }
 
     def write(staging: Path) -> None:
-        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", "fxslice": str(FORMAT)})
+        # One metadata entry: safetensors writes its metadata map in hash order, so two entries could
+        # come out in either order and the same weights would not give the same bytes (or sha256).
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         recipe["sha256"] = {WEIGHTS_FILE: sha256(staging / WEIGHTS_FILE)}
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
         if isinstance(model, SlicedCausalLM):

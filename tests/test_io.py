@@ -60,6 +60,14 @@ def test_loaded_model_reports_the_same(saved):
     assert plan_of(loaded.graph_module) == plan_of(compiled.graph_module)
 
 
+def test_the_same_model_saves_to_the_same_bytes(saved, tmp_path):
+    compiled, directory = saved
+    recorded = json.loads((directory / "fxslice.json").read_text())["sha256"]
+    for attempt in range(6):  # a file whose header order varied between writes would differ within a few
+        fxslice.save(compiled, tmp_path / str(attempt))
+        assert json.loads((tmp_path / str(attempt) / "fxslice.json").read_text())["sha256"] == recorded
+
+
 def test_existing_directory_is_kept_unless_overwrite(saved, tmp_path):
     compiled, _ = saved
     target = tmp_path / "out"
