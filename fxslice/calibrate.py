@@ -24,6 +24,7 @@ import torch.fx._pytree as fx_pytree
 from tqdm.auto import tqdm
 
 from .analysis.regions import SKIP_EDGE, State, output_heads
+from .distributed import check_shares, from_rank0, total, world_size
 from .errors import CalibrationError
 from .graph import get_tensor
 from .rewrite import scale_normed_sinks
@@ -83,6 +84,7 @@ def _iterate(calibration: Any) -> list:
 def check_calibration(calibration: Any, model: torch.nn.Module | None = None, hf: bool = False) -> Batches:
     """Materialise and validate calibration batches before any weight changes.
 
+    Under ``torch.distributed`` (see ``fxslice.distributed``) each process passes its own share.
     Accepts an iterable of input dicts / tuples / tensors, a ``torch.utils.data.DataLoader`` or a
     tokenized ``datasets.Dataset``. Rejects empty data, non-finite values, keys the model does not take,
     ``input_ids`` that are not non-empty 2-D integer tensors with a matching ``attention_mask``, and (for a
@@ -91,6 +93,7 @@ def check_calibration(calibration: Any, model: torch.nn.Module | None = None, hf
     if isinstance(calibration, Batches):
         return calibration
     batches = [_as_batch(item, i) for i, item in enumerate(_iterate(calibration))]
+    check_shares(batches)  # under torch.distributed, ``calibration`` is this process's share
     if not batches:
         raise CalibrationError("calibration data is empty")
     for index, (args, kwargs) in enumerate(batches):
@@ -196,7 +199,7 @@ class _Timed:
     def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
         try:
-            return pca(h)
+            return from_rank0(lambda: pca(h))  # one decomposition, the same Q in every process
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -311,6 +314,7 @@ class _Sweep:
                     kept += float(ratio.double().sum())
                     tokens += ratio.numel()
                 env[node] = y.to(x.dtype)
+        kept, tokens = total((kept, tokens)) if anchor is not None else (kept, tokens)
         return kept / tokens if tokens else 1.0
 
 
@@ -396,6 +400,7 @@ def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[fx.Node],
     for index, node in enumerate(tqdm(inputs, desc=desc, disable=not progress, unit="mlp")):
         statistics = InnerStatistics(sweep.masks)
         sweep.run_until(node, statistics)
+        statistics.h, statistics.sum, statistics.tokens = total((statistics.h, statistics.sum, statistics.tokens))
         sweep.select(node, apply(index, statistics))
 
 
@@ -447,11 +452,14 @@ class PCARotation:
         # Before any rotation the skip matrices rotate inserted are identities: the pre-pass skips them.
         identities = frozenset(n for n in gm.graph.nodes if n.meta.get(SKIP_EDGE) and len(n.args) == 2
                                and n.args[1].op == "get_attr" and _is_identity(get_tensor(gm, n.args[1].target)))
-        sweep = _Sweep(gm, first_tokens(self.batches, tokens), [s.anchor for s in states], identities)
+        # Under torch.distributed, the first tokens of every process's share.
+        share = first_tokens(self.batches, -(-tokens // world_size()))
+        sweep = _Sweep(gm, share, [s.anchor for s in states], identities)
         result = []
         for state in tqdm(states, desc="fxslice: measuring spectra", disable=not self.progress, unit="state"):
             folds = _FoldCovariances(sweep.masks, self.folds)
             sweep.run_until(state.anchor, folds)
+            folds.h, folds.unit, folds.tokens = total((folds.h, folds.unit, folds.tokens))
             h = sum(folds.h)
             held = [i for i, n in enumerate(folds.tokens) if n]
             if len(held) > 1:
@@ -472,7 +480,7 @@ class PCARotation:
         for state in tqdm(states, desc="fxslice: rotating residual states", disable=not self.progress, unit="state"):
             covariance = _Covariance(sweep.masks)
             sweep.run_until(state.anchor, covariance)
-            values, rotation = self.pca(covariance.h)
+            values, rotation = self.pca(total(covariance.h))
             width = apply(state, rotation, values)
             rescaling = bool(self.rescale) and width < state.width
             kept = sweep.transform(state.nodes, rotation[:, :width], state.anchor if rescaling else None)
@@ -491,6 +499,6 @@ class PCARotation:
             covariance = _Covariance(sweep.masks)
             for node in reads[state]:
                 sweep.run_until(node, covariance)
-            values, rotation = self.pca(covariance.h)
+            values, rotation = self.pca(total(covariance.h))
             width = apply(state, rotation, values)
             sweep.transform(state.nodes, rotation[:, :width])

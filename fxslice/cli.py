@@ -2,6 +2,7 @@
 
     fxslice slice MODEL --ratio 0.25 --calibration valid.txt --out sliced/   [--gguf-file NAME]
     fxslice slice MODEL --budget 0.75 --calibration valid.txt --out small/   (inner widths, parameter budget)
+    torchrun --nproc-per-node 2 -m fxslice slice ...   (each process calibrates a share of the windows)
     fxslice heal sliced/ --teacher MODEL --data valid.txt --steps 120 --out healed/   (distil from the dense model)
     fxslice eval sliced/ --text test.txt [--seq-len 512 --max-windows 64]
     fxslice generate sliced/ "The capital of France is" [--max-new-tokens 20]
@@ -16,6 +17,7 @@ captured) prints one line on stderr and exits with status 2; nothing is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -164,15 +166,29 @@ def _out_directory(path: str, overwrite: bool) -> Path:
 
 
 def _slice(args) -> None:
+    from fxslice import distributed
+
+    with distributed.joined():
+        if distributed.rank() == 0:
+            return _slice_on_this_process(args)
+        # The other processes under torchrun calibrate their share in silence; rank 0 reports and writes.
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            return _slice_on_this_process(args)
+
+
+def _slice_on_this_process(args) -> None:
     import fxslice
-    from fxslice import Rotate, fuse_norm, slice
+    from fxslice import Rotate, distributed, fuse_norm, slice
     from fxslice.data import calibration_batches
     from fxslice.loading import load_causal_lm
 
     out = _out_directory(args.out, args.overwrite)
     model, tokenizer = load_causal_lm(args.model, args.gguf_file)
-    print(f"loaded {args.model}; calibrating on {args.samples} windows of {args.seq_len} tokens", file=sys.stderr)
+    processes = distributed.world_size()
+    print(f"loaded {args.model}; calibrating on {args.samples} windows of {args.seq_len} tokens"
+          + (f" in {processes} processes" if processes > 1 else ""), file=sys.stderr)
     batches = calibration_batches(tokenizer, args.calibration, args.samples, args.seq_len, args.batch_size, args.seed)
+    batches = distributed.share(batches)  # under torchrun, this process's share of the batches
     start = time.perf_counter()
     if args.budget is not None:
         passes = [fuse_norm, slice(budget=args.budget)]

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .capture import HF_PREFIX, capture
+from .distributed import on_rank0
 from .errors import UnsupportedGraphError
 from .graph import get_tensor, set_tensor, tensor_targets
 from .loading import empty_causal_lm, match_buffer_dtypes
@@ -59,10 +60,15 @@ def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = 
 
     Everything is written to a temporary directory beside the target and moved into place at the end,
     so a failure leaves no half-written directory. An existing directory is replaced only with
-    ``overwrite=True``.
+    ``overwrite=True``. Under ``torch.distributed`` only rank 0 writes; the others return when it is done.
     """
-    gm = graph_module(model)
+    # Every process holds the same model: rank 0 writes, the others wait (and see rank 0's error).
     directory = Path(directory)
+    written = on_rank0(lambda: _save(graph_module(model), model, directory, tokenizer, overwrite), f"save {directory}")
+    return directory if written is None else written
+
+
+def _save(gm: fx.GraphModule, model: torch.nn.Module, directory: Path, tokenizer: Any, overwrite: bool) -> Path:
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
     tensors, aliases = {}, {}

@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis.mlps import MLP, find_mlps, mlp_module
+from ..distributed import from_rank0
 from ..errors import UnsupportedGraphError, module_path
 from ..graph import get_tensor, set_tensor, unique_parameters
 from ..plan import Plan
@@ -171,7 +172,8 @@ class ShrinkMLP(FxslicePass):
                                torch.cat([statistics.sum, total[None]])[None, :]], 0)
                 w = torch.cat([w, w.new_zeros(1, w.shape[1])], 0)
                 fixed = 1
-            kept, beta = prune_channels(c, w, keep, self.ridge, fixed)
+            # Computed once (rank 0 under torch.distributed): every process removes the same channels.
+            kept, beta = from_rank0(lambda: prune_channels(c, w, keep, self.ridge, fixed))
             for channel_side in mlp.channel_sides():
                 select_axis(gm, channel_side, kept)
             write_width(mlp.literals, keep)
