@@ -184,10 +184,19 @@ def gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
 
 
 def pca(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending) and the orthogonal matrix of eigenvectors of a covariance ``H``."""
+    """Eigenvalues (descending) and the orthogonal matrix of eigenvectors of a covariance ``H``, each
+    with a fixed sign (positive along a fixed random direction)."""
     values, vectors = torch.linalg.eigh(h)
     order = torch.argsort(values, descending=True)
-    return values[order], vectors[:, order]
+    values, vectors = values[order], vectors[:, order]
+    # Each eigenvector's sign is arbitrary (q and −q both are one). Fix it, qᵀr > 0 for a fixed random r,
+    # so that H summed in another order (another process count) gives the same Q, not one with flipped
+    # columns (the model would compute the same, but its weights would differ). A random r, not the
+    # largest entry: a dense eigenvector often has two entries of nearly equal magnitude, and a tiny
+    # change in H then flips which is largest; |qᵀr| is rarely that small.
+    r = torch.randn(vectors.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    side = r.to(vectors.device, vectors.dtype) @ vectors
+    return values, vectors * torch.where(side < 0, -1.0, 1.0).to(vectors.dtype)
 
 
 class _Timed:

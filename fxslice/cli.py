@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(slice(..., rescale=False); SliceGPT's behaviour)")
     s.add_argument("--out", required=True, help="directory to write the sliced model to")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--max-memory", type=float, metavar="GIB", help="refuse before calibrating when the estimated "
+                   "memory beyond the loaded model exceeds this (default: what the machine has available)")
 
     h = commands.add_parser("heal", help="recover a saved compressed model's quality by distillation from the dense model")
     h.add_argument("directory", help="a compressed model saved by fxslice (fxslice slice --out)")
@@ -183,6 +185,10 @@ def _slice_on_this_process(args) -> None:
     from fxslice.loading import load_causal_lm
 
     out = _out_directory(args.out, args.overwrite)
+    if args.max_memory is not None:
+        from fxslice.memory import MAX_MEMORY_ENV
+
+        os.environ[MAX_MEMORY_ENV] = str(args.max_memory)
     model, tokenizer = load_causal_lm(args.model, args.gguf_file)
     processes = distributed.world_size()
     print(f"loaded {args.model}; calibrating on {args.samples} windows of {args.seq_len} tokens"

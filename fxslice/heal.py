@@ -45,13 +45,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch._subclasses.fake_tensor import FakeTensorMode
 from tqdm.auto import tqdm
 
 from .analysis.ops import weight_use
-from .calibrate import Batch, check_calibration, flat_inputs
+from .calibrate import Batch, check_calibration
 from .errors import CalibrationError, UnsupportedGraphError
 from .graph import set_tensor
+from .memory import GiB, value_bytes
 from .model import SlicedCausalLM, graph_module
 from .plan import plan_of, set_plan
 
@@ -59,8 +59,6 @@ __all__ = ["STATE_FILE", "TeacherLogits", "distillation_loss", "heal", "memory_e
 
 STATE_FILE = "heal_state.pt"
 """The resumable state ``heal(..., state_dir=DIR)`` writes in ``DIR`` (read back with ``weights_only``)."""
-
-GiB = 1024 ** 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +103,11 @@ class _Options:
             raise ValueError(f"heal: master_dtype must be a floating dtype; got {self.master_dtype!r}")
 
 
+def _is_diagonal(t: torch.Tensor) -> bool:
+    return (t.dim() == 2 and t.shape[0] == t.shape[1] > 1 and t.is_floating_point()
+            and torch.equal(t, torch.diag(torch.diagonal(t))))
+
+
 class _Trainable:
     """The weights being trained: full masters per (tied) parameter, or frozen weights plus adapters."""
 
@@ -125,9 +128,16 @@ class _Trainable:
         self.lora = lora_rank is not None
         self.layout: dict[str, int] = {}  # adapter target -> its weight's output axis
         self.tensors: dict[str, torch.Tensor] = {}
+        # A diagonal matrix (fuse_norm's bridge, diag(γ), in front of a tied head) trains as its diagonal
+        # and stays diagonal: the healed model keeps the structure compression gave it (export --format hf
+        # folds a diagonal bridge back into the norm and keeps the head tied).
+        self.diagonal = {key for key, t in self.frozen.items() if _is_diagonal(t)}
+        for key in sorted(self.diagonal):
+            self.tensors[key] = torch.diagonal(self.frozen[key]).to(self.master[key]).clone().requires_grad_(True)
         if not self.lora:
             for key, weight in self.frozen.items():
-                self.tensors[key] = weight.to(self.master[key]).clone().requires_grad_(True)
+                if key not in self.diagonal:
+                    self.tensors[key] = weight.to(self.master[key]).clone().requires_grad_(True)
             return
         self.scale = (lora_alpha if lora_alpha is not None else lora_rank) / lora_rank
         canonical = {name: names[0] for names in groups.values() for name in names}
@@ -136,7 +146,7 @@ class _Trainable:
             if use is None or use.in_axis is None or use.weight not in canonical:
                 continue
             key = canonical[use.weight]
-            if self.frozen[key].dim() == 2 and key not in self.layout:
+            if self.frozen[key].dim() == 2 and key not in self.layout and key not in self.diagonal:
                 self.layout[key] = use.out_axis
         generator = torch.Generator().manual_seed(seed)
         for key in sorted(self.layout):
@@ -154,6 +164,8 @@ class _Trainable:
 
     def weight(self, key: str) -> torch.Tensor:
         """The weight the model computes with, in its own dtype (differentiable in the masters)."""
+        if key in self.diagonal:
+            return torch.diag(self.tensors[key].to(self.dtype[key]))
         if not self.lora:
             return self.tensors[key].to(self.dtype[key])
         if key not in self.layout:
@@ -163,7 +175,7 @@ class _Trainable:
         return self.frozen[key] + delta.to(self.dtype[key])  # W stays as it was; only B A is trained
 
     def weights(self) -> dict[str, torch.Tensor]:
-        keys = self.layout if self.lora else self.names
+        keys = [*self.layout, *self.diagonal] if self.lora else self.names
         return {name: w for key in keys for w in (self.weight(key),) for name in self.names[key]}
 
     def snapshot(self) -> dict[str, torch.Tensor]:
@@ -233,25 +245,11 @@ def memory_estimate(gm: fx.GraphModule, teacher: Any, batch: Batch, trainable: i
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in gm.parameters()}.values())
     if isinstance(teacher, torch.nn.Module):
         weights += sum(p.numel() * p.element_size() for p in {id(p): p for p in teacher.parameters()}.values())
-    activations = 0
-
-    class _Count(torch.fx.Interpreter):
-        def run_node(self, node):
-            nonlocal activations
-            result = super().run_node(node)
-            if node.op == "call_function":
-                for leaf in optree.tree_leaves(result):
-                    if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-                        activations += leaf.numel() * leaf.element_size()
-            return result
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        inputs = flat_inputs(gm, *batch)
-        out = _Count(gm).run(*inputs)
-    logits = next((x for x in optree.tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point()), None)
-    if logits is not None:
-        activations += 4 * logits.numel() * 4  # both log-softmaxes, the KL terms and the logits' gradient
+    sizes = value_bytes(gm, *batch)
+    activations = sum(size for node, size in sizes.items() if node.op == "call_function")
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes
+    logits = next((sizes[n] for n in outputs if sizes.get(n)), 0)
+    activations += 4 * logits  # both log-softmaxes, the KL terms and the logits' gradient
     return {"weights": weights, "optimizer": trainable * (3 * master_bytes + 4), "activations": activations}
 
 

@@ -61,6 +61,8 @@ def test_inspect_lists_states_and_skips(tiny_hf_dir):
     (["inspect", "{tmp}/nowhere"], "not found"),
     (["slice", "{model}", "--ratio", "0.25", "--calibration", VALID, "--samples", "4", "--seq-len", "100000",
       "--out", "{out}"], "has 256 positions"),
+    (["slice", "{model}", "--ratio", "0.25", "--calibration", VALID, "--samples", "64", "--seq-len", "256",
+      "--max-memory", "0.001", "--out", "{out}"], "needs an estimated"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, arguments, message):
     out = tmp_path / "out"

@@ -21,6 +21,7 @@ VALID = TESTS.parent / "data" / "wikitext-2" / "valid.txt"
 SETUP = f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n" + """
 import torch
 from fxslice import fuse_norm, rotate, slice
+from hf_zoo import tiny_model
 model = tiny_model("llama", torch.float64)
 batches = [{"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(i))} for i in range(5)]
 PIPELINES = {

@@ -202,3 +202,22 @@ def test_cached_teacher_logits_are_computed_once_and_train_the_same(tmp_path):
     other = tiny_model("llama", torch.float64, seed=1)
     with pytest.raises(fxslice.UnsupportedGraphError, match="another teacher"):
         fxslice.heal(student, other, data, **options)
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_a_diagonal_bridge_is_trained_and_stays_diagonal(lora_rank):
+    # Unrotated, fuse_norm's bridge in front of the tied head is diag(γ): healing keeps it diagonal, so
+    # export --format hf can still fold it back into the final norm and keep the head tied.
+    teacher, student = compressed("gemma", passes=(fuse_norm, slice(budget=0.9)))  # a tied head
+    diagonal = {name for name, p in student.named_parameters()
+                if p.dim() == 2 and p.shape[0] == p.shape[1] and torch.equal(p, torch.diag(torch.diagonal(p)))}
+    assert diagonal, "the tiny model has no diagonal bridge to test"
+    before = snapshot(student)
+    data = batches()
+    # One batch and no validation: the last step's weights come back (this model is already so close to
+    # its teacher that no step would improve a validation loss).
+    healed = fxslice.heal(student, teacher, data[:1], steps=3, lr=3e-4, warmup=0, lora_rank=lora_rank, progress=False)
+    for name, p in healed.named_parameters():
+        if name in diagonal:
+            assert torch.equal(p, torch.diag(torch.diagonal(p))), f"{name} is no longer diagonal"
+            assert not torch.equal(p, before[name]), f"{name} was not trained"

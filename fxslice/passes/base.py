@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Sequence
@@ -91,12 +92,19 @@ def calibrated(gm: fx.GraphModule, calibration: Any, passes: Sequence[Any]):
         with fxslice.passes.calibrated(gm, batches, passes):
             gm = PassManager(passes)(gm).graph_module
 
-    ``calibration`` is validated against the graph's inputs first (``CalibrationError`` before anything
-    changes); ``run_passes(gm, passes, calibration=batches)`` and ``fxslice.compile`` do exactly this.
+    ``calibration`` is validated against the graph's inputs first, and the memory the sweep will need
+    estimated (``fxslice.memory``; ``CalibrationError`` before anything changes when either fails); ``run_passes(gm, passes, calibration=batches)`` and ``fxslice.compile`` do exactly this.
     """
     from ..calibrate import check_calibration
+    from ..memory import calibration_estimate, check_fits, describe
 
     batches = check_calibration(calibration, gm, hf=plan_of(gm).kind == "causal_lm")
+    estimate = calibration_estimate(gm, list(batches))
+    check_fits(estimate, f"calibrating on {len(batches)} batches",
+               "use fewer or shorter calibration sequences (CLI: --samples, --seq-len), smaller batches "
+               "(--batch-size), or more processes (under torchrun each holds only its share of the batches)")
+    if any(getattr(p, "progress", False) for p in passes):
+        print(f"fxslice: calibration will need about {describe(estimate)} beyond the model", file=sys.stderr)
     return _attached(gm, Context(calibration=batches, passes=tuple(passes)))
 
 

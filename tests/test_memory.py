@@ -1,0 +1,59 @@
+"""Memory known before a job starts: the calibration estimate, and a refusal before anything changes."""
+
+import pytest
+import torch
+
+import fxslice
+from fxslice import fuse_norm, rotate, slice
+from fxslice.capture import capture
+from fxslice.errors import CalibrationError
+from fxslice.memory import MAX_MEMORY_ENV, available_bytes, calibration_estimate, value_bytes
+from hf_zoo import tiny_model
+
+
+def batches(count, length=32, rows=2):
+    return [((), {"input_ids": torch.randint(0, 100, (rows, length), generator=torch.Generator().manual_seed(i)),
+                  "attention_mask": torch.ones(rows, length, dtype=torch.long)}) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_model("llama")
+    return model, capture(model)
+
+
+def test_values_are_measured_on_fake_tensors_with_the_batch_shapes(llama):
+    model, gm = llama
+    (args, kwargs), = batches(1, length=40, rows=3)
+    sizes = value_bytes(gm, args, kwargs)
+    logits = next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes[0]
+    assert sizes[logits] == 3 * 40 * model.config.vocab_size * 4
+
+
+def test_cached_activations_grow_with_the_batches_and_hold_at_least_the_stream(llama):
+    model, gm = llama
+    one, four = (calibration_estimate(gm, batches(n)) for n in (1, 4))
+    assert four["cached"] == 4 * one["cached"] and four["batch"] == one["batch"]
+    stream = 2 * 32 * model.config.hidden_size * 4  # the residual stream of one batch, float32
+    assert stream <= one["cached"] <= one["batch"]
+    longer = calibration_estimate(gm, batches(1, length=128))
+    assert longer["batch"] >= 4 * one["batch"] and longer["cached"] == 4 * one["cached"]
+    assert one["statistics"] >= 8 * model.config.intermediate_size ** 2
+
+
+def test_a_job_that_cannot_fit_is_refused_before_the_model_changes(monkeypatch):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setenv(MAX_MEMORY_ENV, "0.0001")
+    with pytest.raises(CalibrationError, match=r"needs an estimated .* GiB is available: use fewer or shorter"):
+        fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=[b[1] for b in batches(2)])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    monkeypatch.setenv(MAX_MEMORY_ENV, "lots")
+    with pytest.raises(ValueError, match=MAX_MEMORY_ENV):
+        available_bytes()
+
+
+def test_the_machine_reports_what_is_available(monkeypatch):
+    monkeypatch.delenv(MAX_MEMORY_ENV, raising=False)
+    free = available_bytes()
+    assert free is None or free > 0
