@@ -24,7 +24,7 @@ import torch.fx._pytree as fx_pytree
 from tqdm.auto import tqdm
 
 from .analysis.regions import SKIP_EDGE, State, output_heads
-from .distributed import check_shares, from_rank0, total, world_size
+from .distributed import agreed, check_shares, from_rank0, total, world_size
 from .errors import CalibrationError
 from .graph import get_tensor
 from .rewrite import scale_normed_sinks
@@ -94,6 +94,11 @@ def check_calibration(calibration: Any, model: torch.nn.Module | None = None, hf
         return calibration
     batches = [_as_batch(item, i) for i, item in enumerate(_iterate(calibration))]
     check_shares(batches)  # under torch.distributed, ``calibration`` is this process's share
+    agreed(lambda: _check_batches(batches, model, hf))
+    return Batches(batches)
+
+
+def _check_batches(batches: list[Batch], model: torch.nn.Module | None, hf: bool) -> None:
     if not batches:
         raise CalibrationError("calibration data is empty")
     for index, (args, kwargs) in enumerate(batches):
@@ -127,7 +132,6 @@ def check_calibration(calibration: Any, model: torch.nn.Module | None = None, hf
                 raise CalibrationError(f"calibration batch {index} has {ids.shape[1]} tokens per sequence; "
                                        f"{type(model).__name__} has {positions} positions (max_position_embeddings): "
                                        f"use sequences of at most {positions} tokens (CLI: --seq-len)")
-    return Batches(batches)
 
 
 def _positions(model: Any) -> int | None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .errors import CalibrationError
 
-__all__ = ["check_shares", "from_rank0", "joined", "on_rank0", "rank", "share", "total", "world_size"]
+__all__ = ["agreed", "check_shares", "from_rank0", "joined", "on_rank0", "rank", "share", "total", "world_size"]
 
 T = TypeVar("T")
 
@@ -107,6 +107,26 @@ def on_rank0(action: Callable[[], T], what: str) -> T | None:
     if outcome[0] is not None:
         raise RuntimeError(f"rank 0 failed to {what}: {outcome[0]}")
     return result
+
+
+def agreed(check: Callable[[], None]) -> None:
+    """``check()`` in every process; if it raised in any, it raises in all (its own error where it failed,
+    a ``CalibrationError`` naming the ranks elsewhere), so no process goes on to wait for the others in
+    a collective they will never reach."""
+    if world_size() == 1:
+        return check()
+    problem = None
+    try:
+        check()
+    except Exception as error:  # re-raised below, after every process has said how its check went
+        problem = error
+    failed: list = [None] * world_size()
+    dist.all_gather_object(failed, problem is not None)
+    if problem is not None:
+        raise problem
+    if any(failed):
+        ranks = [i for i, f in enumerate(failed) if f]
+        raise CalibrationError(f"the check failed in process(es) {ranks} (see their error); nothing was changed")
 
 
 def share(batches: list[Any]) -> list[Any]:

@@ -118,23 +118,28 @@ def test_without_a_process_group_nothing_is_shared():
     assert distributed.share([1, 2, 3]) == [1, 2, 3] and distributed.total(2.5) == 2.5
 
 
-def test_a_process_without_batches_is_refused_on_every_process(tmp_path):
-    script = tmp_path / "empty.py"
-    script.write_text(SETUP + textwrap.dedent("""
+@pytest.mark.parametrize("share, message", [
+    ("distributed.share(batches[:1])", "batches per rank: [1, 0]"),  # rank 1 has none
+    ("[{'input_ids': batches[0]['input_ids'].float() if distributed.rank() == 0 else batches[0]['input_ids']}]",
+     "failed in process(es) [0]"),  # only rank 0's share is malformed
+])
+def test_a_bad_share_is_refused_on_every_process(tmp_path, share, message):
+    script = tmp_path / "bad.py"
+    script.write_text(SETUP + textwrap.dedent(f"""
         import torch.distributed as dist
         import fxslice
         from fxslice import distributed
         from fxslice.errors import CalibrationError
         dist.init_process_group("gloo")
         try:
-            fxslice.compile(model, PIPELINES["per_state"], calibration=distributed.share(batches[:1]))
+            fxslice.compile(model, PIPELINES["per_state"], calibration={share})
         except CalibrationError as error:
-            print(f"rank {distributed.rank()} refused: {error}")
+            print(f"rank {{distributed.rank()}} refused: {{error}}")
         dist.destroy_process_group()
     """))
     result = torchrun(script)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("refused") == 2 and "batches per rank: [1, 0]" in result.stdout, result.stdout
+    assert result.stdout.count("refused") == 2 and message in result.stdout, result.stdout
 
 
 def test_cli_under_torchrun_writes_once_and_matches_one_process(tiny_hf_dir, tmp_path):

@@ -92,17 +92,20 @@ def calibrated(gm: fx.GraphModule, calibration: Any, passes: Sequence[Any]):
         with fxslice.passes.calibrated(gm, batches, passes):
             gm = PassManager(passes)(gm).graph_module
 
-    ``calibration`` is validated against the graph's inputs first, and the memory the sweep will need
-    estimated (``fxslice.memory``; ``CalibrationError`` before anything changes when either fails); ``run_passes(gm, passes, calibration=batches)`` and ``fxslice.compile`` do exactly this.
+    ``calibration`` is validated against the graph's inputs first and the memory the sweep will need is
+    estimated (``fxslice.memory``): ``CalibrationError`` before anything changes when either fails.
+    ``run_passes(gm, passes, calibration=batches)`` and ``fxslice.compile`` do exactly this.
     """
     from ..calibrate import check_calibration
+    from ..distributed import agreed
     from ..memory import calibration_estimate, check_fits, describe
 
     batches = check_calibration(calibration, gm, hf=plan_of(gm).kind == "causal_lm")
     estimate = calibration_estimate(gm, list(batches))
-    check_fits(estimate, f"calibrating on {len(batches)} batches",
-               "use fewer or shorter calibration sequences (CLI: --samples, --seq-len), smaller batches "
-               "(--batch-size), or more processes (under torchrun each holds only its share of the batches)")
+    agreed(lambda: check_fits(estimate, f"calibrating on {len(batches)} batches",
+                              "use fewer or shorter calibration sequences (CLI: --samples, --seq-len), smaller "
+                              "batches (--batch-size), or more processes (under torchrun each holds only its share "
+                              "of the batches)"))
     if any(getattr(p, "progress", False) for p in passes):
         print(f"fxslice: calibration will need about {describe(estimate)} beyond the model", file=sys.stderr)
     return _attached(gm, Context(calibration=batches, passes=tuple(passes)))
