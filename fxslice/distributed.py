@@ -6,8 +6,9 @@ the sweep. Everything a pass computes from the activations is a sum over tokens 
 token counts, kept lengths), so the shares' sums are added across processes (in float64) before they are
 used; every eigendecomposition and channel choice is computed once, on rank 0, and broadcast, so every
 process folds the same ``Q`` into the same weights and the sweep goes on identically everywhere. Only
-rank 0 writes (``fxslice.save``; the others wait for it). Without a process group (or with one process) every function here is
-the identity.
+rank 0 writes (``fxslice.save``; the others wait for it). A check that fails in one process fails in
+all (``agreed``), so none is left waiting in a collective. Without a process group (or with one
+process) every function here is the identity.
 """
 
 from __future__ import annotations
