@@ -24,7 +24,7 @@ import torch.fx._pytree as fx_pytree
 from tqdm.auto import tqdm
 
 from .analysis.regions import SKIP_EDGE, State, output_heads
-from .distributed import agreed, check_shares, from_rank0, total, world_size
+from .distributed import agreed, check_shares, from_rank0, rank, total, world_size
 from .errors import CalibrationError
 from .graph import get_tensor
 from .rewrite import scale_normed_sinks
@@ -410,7 +410,7 @@ def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[fx.Node],
     channels kept; the cached values then keep those channels, so later statistics see the model as
     already shrunk (the same sequential scheme as the residual sweep)."""
     sweep = _Sweep(gm, batches, inputs)
-    for index, node in enumerate(tqdm(inputs, desc=desc, disable=not progress, unit="mlp")):
+    for index, node in enumerate(tqdm(inputs, desc=desc, disable=not progress or rank() != 0, unit="mlp")):
         statistics = InnerStatistics(sweep.masks)
         sweep.run_until(node, statistics)
         statistics.h, statistics.sum, statistics.tokens = total((statistics.h, statistics.sum, statistics.tokens))
@@ -469,7 +469,7 @@ class PCARotation:
         share = first_tokens(self.batches, -(-tokens // world_size()))
         sweep = _Sweep(gm, share, [s.anchor for s in states], identities)
         result = []
-        for state in tqdm(states, desc="fxslice: measuring spectra", disable=not self.progress, unit="state"):
+        for state in tqdm(states, desc="fxslice: measuring spectra", disable=not self.progress or rank() != 0, unit="state"):
             folds = _FoldCovariances(sweep.masks, self.folds)
             sweep.run_until(state.anchor, folds)
             folds.h, folds.unit, folds.tokens = total((folds.h, folds.unit, folds.tokens))
@@ -490,7 +490,7 @@ class PCARotation:
         heads = output_heads(gm)
         # The head, and what feeds it directly (the bridge in front of a tied head): never rescaled.
         heads = frozenset(heads | {n for n in gm.graph.nodes if any(u in heads for u in n.users)})
-        for state in tqdm(states, desc="fxslice: rotating residual states", disable=not self.progress, unit="state"):
+        for state in tqdm(states, desc="fxslice: rotating residual states", disable=not self.progress or rank() != 0, unit="state"):
             covariance = _Covariance(sweep.masks)
             sweep.run_until(state.anchor, covariance)
             values, rotation = self.pca(total(covariance.h))
@@ -508,7 +508,7 @@ class PCARotation:
     def _run_shared(self, gm: fx.GraphModule, states: list[State], apply) -> None:
         reads = {s: sorted({n.input for n in s.norms}, key=list(gm.graph.nodes).index) for s in states}
         sweep = _Sweep(gm, self.batches, [n for s in states for n in reads[s]])
-        for state in tqdm(states, desc="fxslice: rotating residual streams", disable=not self.progress, unit="stream"):
+        for state in tqdm(states, desc="fxslice: rotating residual streams", disable=not self.progress or rank() != 0, unit="stream"):
             covariance = _Covariance(sweep.masks)
             for node in reads[state]:
                 sweep.run_until(node, covariance)

@@ -61,6 +61,8 @@ def two_processes(tmp_path_factory):
     """))
     result = torchrun(script)
     assert result.returncode == 0, result.stderr[-3000:]
+    # One memory report and one set of progress bars per compile: rank 0's, not one per process.
+    assert result.stderr.count("calibration will need about") == 3, result.stderr[-3000:]
     return torch.load(out / "results.pt", weights_only=False), out
 
 

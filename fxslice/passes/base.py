@@ -97,7 +97,7 @@ def calibrated(gm: fx.GraphModule, calibration: Any, passes: Sequence[Any]):
     ``run_passes(gm, passes, calibration=batches)`` and ``fxslice.compile`` do exactly this.
     """
     from ..calibrate import check_calibration
-    from ..distributed import agreed
+    from ..distributed import agreed, rank
     from ..memory import calibration_estimate, check_fits, describe
 
     batches = check_calibration(calibration, gm, hf=plan_of(gm).kind == "causal_lm")
@@ -106,7 +106,8 @@ def calibrated(gm: fx.GraphModule, calibration: Any, passes: Sequence[Any]):
                               "use fewer or shorter calibration sequences (CLI: --samples, --seq-len), smaller "
                               "batches (--batch-size), or more processes (under torchrun each holds only its share "
                               "of the batches)"))
-    if any(getattr(p, "progress", False) for p in passes):
+    # Reported with the progress bars (unless a pass turned them off), by one process, not each.
+    if rank() == 0 and all(getattr(p, "progress", True) for p in passes):
         print(f"fxslice: calibration will need about {describe(estimate)} beyond the model", file=sys.stderr)
     return _attached(gm, Context(calibration=batches, passes=tuple(passes)))
 
