@@ -30,7 +30,7 @@ from .graph import get_tensor
 from .rewrite import scale_normed_sinks
 
 __all__ = ["RESCALE_EXPONENT", "SPECTRUM_TOKENS", "Batch", "Batches", "InnerStatistics", "PCARotation",
-           "check_calibration", "first_tokens", "flat_inputs", "gram", "lost_fraction", "pca", "sweep_inner"]
+           "batch_tokens", "check_calibration", "first_tokens", "flat_inputs", "gram", "lost_fraction", "pca", "sweep_inner"]
 
 RESCALE_EXPONENT = 8.0
 """After a state is sliced, the sinks of the norms reading it are multiplied by ``mean(r)^-8``, where
@@ -150,6 +150,12 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     positional = [bound[name] for name in names[: spec.child(0).num_children]]
     keywords = {key: bound[key] for key in spec.child(1).context}
     return fx_pytree.tree_flatten_spec((positional, keywords), spec)
+
+
+def batch_tokens(batch: Batch) -> int:
+    """Sequences × tokens of a batch: the shape of its first input with at least two dims (1 without one)."""
+    leaves = [x for x in optree.tree_leaves(batch) if isinstance(x, torch.Tensor) and x.dim() >= 2]
+    return int(leaves[0].shape[0] * leaves[0].shape[1]) if leaves else 1
 
 
 def first_tokens(batches: list[Batch], tokens: int) -> list[Batch]:

@@ -15,6 +15,7 @@ __all__ = [
     "constant_value",
     "eliminate_dead_code",
     "get_tensor",
+    "is_diagonal",
     "is_op",
     "refresh_shapes",
     "remove_unused_attributes",
@@ -83,6 +84,11 @@ def tensor_targets(gm: fx.GraphModule) -> list[str]:
     """The sorted ``get_attr`` targets of ``gm`` that are tensors: every tensor the graph reads."""
     targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     return sorted(t for t in targets if isinstance(get_tensor(gm, t), torch.Tensor))
+
+
+def is_diagonal(t: torch.Tensor) -> bool:
+    """A square matrix whose entries off the diagonal are all zero (fuse_norm's unrotated bridge ``diag(γ)``)."""
+    return t.dim() == 2 and t.shape[0] == t.shape[1] and torch.equal(t, torch.diag(torch.diagonal(t)))
 
 
 def unique_parameters(module: torch.nn.Module) -> int:

@@ -48,9 +48,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .analysis.ops import weight_use
-from .calibrate import Batch, check_calibration
+from .calibrate import Batch, batch_tokens, check_calibration
 from .errors import CalibrationError, UnsupportedGraphError
-from .graph import set_tensor
+from .graph import is_diagonal, set_tensor
 from .memory import GiB, value_bytes
 from .model import SlicedCausalLM, graph_module
 from .plan import plan_of, set_plan
@@ -103,11 +103,6 @@ class _Options:
             raise ValueError(f"heal: master_dtype must be a floating dtype; got {self.master_dtype!r}")
 
 
-def _is_diagonal(t: torch.Tensor) -> bool:
-    return (t.dim() == 2 and t.shape[0] == t.shape[1] > 1 and t.is_floating_point()
-            and torch.equal(t, torch.diag(torch.diagonal(t))))
-
-
 class _Trainable:
     """The weights being trained: full masters per (tied) parameter, or frozen weights plus adapters."""
 
@@ -131,7 +126,7 @@ class _Trainable:
         # A diagonal matrix (fuse_norm's bridge, diag(γ), in front of a tied head) trains as its diagonal
         # and stays diagonal: the healed model keeps the structure compression gave it (export --format hf
         # folds a diagonal bridge back into the norm and keeps the head tied).
-        self.diagonal = {key for key, t in self.frozen.items() if _is_diagonal(t)}
+        self.diagonal = {key for key, t in self.frozen.items() if is_diagonal(t)}
         for key in sorted(self.diagonal):
             self.tensors[key] = torch.diagonal(self.frozen[key]).to(self.master[key]).clone().requires_grad_(True)
         if not self.lora:
@@ -221,11 +216,6 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.
         ce = F.cross_entropy(student[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
         loss = loss + lm_weight * ce[keep.flatten()].sum() * (mask.sum() / keep.sum().clamp(min=1))
     return loss, int(mask.sum())
-
-
-def _tokens(batch: Batch) -> int:
-    leaves = [x for x in optree.tree_leaves(batch) if isinstance(x, torch.Tensor) and x.dim() >= 2]
-    return int(leaves[0].shape[0] * leaves[0].shape[1]) if leaves else 1
 
 
 def _digest(batches: list[Batch]) -> str:
@@ -368,7 +358,7 @@ def heal(
     bad = sum(1 for h in history if h.get("validation") is not None and best["loss"] is not None
               and h["step"] > best["step"])
 
-    estimate = memory_estimate(work, teacher, max(batches, key=_tokens), trainable.count,
+    estimate = memory_estimate(work, teacher, max(batches, key=batch_tokens), trainable.count,
                                torch.finfo(master_dtype or torch.float32).bits // 8)
     parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in estimate.items())
     if progress:
@@ -387,7 +377,7 @@ def heal(
                 loss, n = loss_of(batch, grad=True)
                 loss.backward()
                 total, count = total + loss.item(), count + n
-                tokens_seen += _tokens(batch)
+                tokens_seen += batch_tokens(batch)
             for p in trainable.parameters():  # the gradient of the mean over the step's real tokens
                 if p.grad is not None:
                     p.grad /= max(count, 1)
@@ -459,7 +449,7 @@ class TeacherLogits:
             raise UnsupportedGraphError(f"{self.directory} caches another teacher's logits ({manifest} differs); use "
                                         "another teacher_cache directory or delete this one")
         missing = [b for b in batches if not self._path(b).exists()]
-        needed = sum(_tokens(b) for b in missing) * probe.shape[-1] * 2
+        needed = sum(batch_tokens(b) for b in missing) * probe.shape[-1] * 2
         self.directory.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.directory).free
         if needed > free:

@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import CalibrationError
 
-__all__ = ["GiB", "available_bytes", "calibration_estimate", "check_fits", "describe", "value_bytes"]
+__all__ = ["GiB", "MAX_MEMORY_ENV", "available_bytes", "calibration_estimate", "check_fits", "describe", "value_bytes"]
 
 GiB = 1024**3
 MAX_MEMORY_ENV = "FXSLICE_MAX_MEMORY_GIB"
@@ -73,13 +73,10 @@ def _alive(gm: fx.GraphModule, sizes: dict[fx.Node, int]) -> tuple[dict[fx.Node,
 def calibration_estimate(gm: fx.GraphModule, batches: list) -> dict[str, int]:
     """Bytes a calibration sweep of ``gm`` over ``batches`` needs, by kind (see the module docstring)."""
     from .analysis.regions import find_regions
+    from .calibrate import batch_tokens
     from .graph import get_tensor, tensor_targets
 
-    def tokens(batch) -> int:
-        leaves = [x for x in optree.tree_leaves(batch) if isinstance(x, torch.Tensor) and x.dim() >= 2]
-        return int(leaves[0].shape[0] * leaves[0].shape[1]) if leaves else 1
-
-    largest = max(batches, key=tokens)
+    largest = max(batches, key=batch_tokens)
     sizes = value_bytes(gm, *largest)
     crossing, peak = _alive(gm, sizes)
     try:
@@ -88,7 +85,7 @@ def calibration_estimate(gm: fx.GraphModule, batches: list) -> dict[str, int]:
         states = []
     anchors = [s.anchor for s in states if s.anchor in crossing]
     boundary = max((crossing[a] for a in anchors), default=max(crossing.values(), default=0))
-    cached = sum(boundary * tokens(b) // tokens(largest) for b in batches)
+    cached = sum(boundary * batch_tokens(b) // batch_tokens(largest) for b in batches)
     widths = [s.width for s in states]
     for target in tensor_targets(gm):
         tensor = get_tensor(gm, target)

@@ -317,7 +317,7 @@ def _fold_bridges(gm: fx.GraphModule, target: torch.nn.Module, read: set[str]
     from .analysis.ops import weight_use
     from .capture import HF_PREFIX
     from .errors import module_path
-    from .graph import get_tensor
+    from .graph import get_tensor, is_diagonal
 
     parameters = dict(target.named_parameters(remove_duplicate=False))
     names = set(parameters)
@@ -334,9 +334,8 @@ def _fold_bridges(gm: fx.GraphModule, target: torch.nn.Module, read: set[str]
             continue
         w, b = get_tensor(gm, head.weight), get_tensor(gm, inserted.weight)
         bridge = inserted.weight.removeprefix(HF_PREFIX)
-        diagonal = b.dim() == 2 and b.shape[0] == b.shape[1] and torch.equal(b, torch.diag(torch.diagonal(b)))
         unread = {n for n in names - read if tuple(parameters[n].shape) == (b.shape[0],)}
-        norm = _scale_before(node.args[0], unread) if diagonal else None
+        norm = _scale_before(node.args[0], unread) if is_diagonal(b) else None
         if norm is not None:
             scales[norm] = (bridge, torch.diagonal(b).clone())
         else:
