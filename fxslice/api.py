@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import torch
 
 from .calibrate import check_calibration
-from .capture import capture, is_hf_causal_lm
+from .capture import HF_PREFIX, capture, is_hf_causal_lm
 from .graph import unique_parameters
 from .model import SlicedCausalLM, graph_module
 from .passes import FxslicePass, fuse_norm, rotate, run_passes
 from .passes import slice as slice_pass
 from .passes.base import check_pipeline
 from .plan import plan_of
+from .streaming import DEFAULT_BUDGET, attach, open_checkpoint
 
 __all__ = ["compile", "report"]
 
 
 def compile(  # noqa: A001 - the library's one verb
-    model: torch.nn.Module,
+    model: torch.nn.Module | str | os.PathLike,
     passes: Sequence[FxslicePass] = (fuse_norm, rotate, slice_pass(0.25)),
     *,
     example_inputs: Any = None,
     calibration: Any = None,
+    stream_budget: int = DEFAULT_BUDGET,
 ) -> torch.nn.Module:
     """Capture ``model``, run ``passes`` on its graph and return the rewritten model.
 
@@ -34,12 +37,23 @@ def compile(  # noqa: A001 - the library's one verb
     activations instead of random rotations. The same as
     ``fxslice.passes.run_passes(fxslice.capture(model, example_inputs), passes, calibration=calibration)``,
     with the pass list and the calibration data checked before the model is captured.
+
+    ``model`` may also be the path of a Hugging Face safetensors checkpoint: its weights then stream
+    (``fxslice.streaming``), at most ``stream_budget`` bytes of them in memory at once, and the result
+    keeps them in the store until ``fxslice.save`` writes them shard by shard (calling the result first
+    reads them all into memory).
     """
     passes = list(passes)
     check_pipeline(passes, (), calibration is not None)
+    store = None
+    if isinstance(model, (str, os.PathLike)):
+        model, store = open_checkpoint(model, budget=stream_budget)
     if calibration is not None:
         calibration = check_calibration(calibration, model, hf=is_hf_causal_lm(model))
-    gm = run_passes(capture(model, example_inputs), passes, calibration=calibration)
+    gm = capture(model, example_inputs)
+    if store is not None:
+        attach(gm, store, HF_PREFIX)
+    gm = run_passes(gm, passes, calibration=calibration)
     if is_hf_causal_lm(model):
         return SlicedCausalLM(gm, model.config)
     return gm

@@ -14,6 +14,7 @@ from typing import Any
 import optree
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim
 
 from .errors import CaptureError
@@ -114,7 +115,17 @@ def capture(model: torch.nn.Module, example_inputs: Any = None) -> fx.GraphModul
     else:
         module = model
         args, kwargs = _normalise_inputs(model, example_inputs)
+    mode = _fake_mode(model)
+    if mode is not None:  # parameters without data (fxslice.streaming): the inputs join their fake mode
+        args, kwargs = optree.tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x,
+                                       (args, kwargs), none_is_leaf=True)
     return export_graph(model, module, args, kwargs, _dynamic_shapes(module, args, kwargs), hf)
+
+
+def _fake_mode(model: torch.nn.Module):
+    """The ``FakeTensorMode`` of ``model``'s parameters when they are fake tensors, else None."""
+    parameter = next(model.parameters(), None)
+    return parameter.fake_mode if isinstance(parameter, FakeTensor) else None
 
 
 def export_graph(model: torch.nn.Module, module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,

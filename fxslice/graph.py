@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 __all__ = [
     "INSERTED",
     "add_parameter",
     "constant_value",
+    "STREAMED",
     "eliminate_dead_code",
+    "fake_weights",
     "get_tensor",
     "is_diagonal",
     "is_op",
     "refresh_shapes",
     "remove_unused_attributes",
     "set_tensor",
+    "tensor_meta",
     "tensor_targets",
     "unique_parameters",
     "val",
@@ -27,6 +31,11 @@ __all__ = [
 
 INSERTED = "fxslice_inserted"
 """Submodule of the GraphModule that holds every parameter fxslice adds (skip, bridge and norm matrices)."""
+
+STREAMED = "fxslice.streamed"
+"""``gm.meta`` key of the ``fxslice.streaming.WeightStore`` holding a streamed graph's weights. Its
+parameters are then meta-device placeholders (shape and dtype, no data; tied weights share one), and
+``get_tensor`` / ``set_tensor`` / ``add_parameter`` read and write the store instead."""
 
 aten = torch.ops.aten
 
@@ -45,20 +54,38 @@ def val(node: Any):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
-def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+def tensor_meta(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The tensor at ``target`` as the graph holds it, never read from disk: for shapes, dtypes and identity
+    (a streamed graph's weights are meta placeholders here; tied weights are one object either way)."""
     owner, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
+def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The tensor at ``target``, with its values (from the graph's ``WeightStore`` when streamed)."""
+    tensor = tensor_meta(gm, target)
+    store = gm.meta.get(STREAMED)
+    if store is not None and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+        return store.get(target)
+    return tensor
+
+
 def set_tensor(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> None:
-    """Replace the parameter or buffer at ``target`` (keeps its kind; parameters never require grad)."""
+    """Replace the parameter or buffer at ``target`` (keeps its kind; parameters never require grad).
+    A streamed weight goes to the store, and the graph keeps its placeholder."""
     owner_path, _, name = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
+    store = gm.meta.get(STREAMED)
+    old = getattr(owner, name, None)
+    placeholder = None
+    if store is not None and isinstance(old, torch.Tensor) and old.is_meta and not tensor.is_meta:
+        placeholder = store.put(target, tensor)  # a Parameter already: tied weights stay one object
     if name in owner._buffers:
-        owner._buffers[name] = tensor
+        owner._buffers[name] = tensor if placeholder is None else placeholder
     elif name in owner._parameters or not hasattr(owner, name):
         owner._parameters.pop(name, None)
-        owner.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+        owner.register_parameter(name, placeholder if placeholder is not None
+                                 else torch.nn.Parameter(tensor, requires_grad=False))
     else:  # a constant torch.export lifted out of the model code (``lifted_tensor_0``): a plain attribute
         setattr(owner, name, tensor)
 
@@ -73,17 +100,19 @@ def add_parameter(gm: fx.GraphModule, hint: str, tensor: torch.Tensor, before: f
     while hasattr(holder, name):
         n += 1
         name = f"{base}_{n}"
-    holder.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    store = gm.meta.get(STREAMED)
+    held = torch.nn.Parameter(tensor, requires_grad=False) if store is None else store.put(f"{INSERTED}.{name}", tensor)
+    holder.register_parameter(name, held)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(f"{INSERTED}.{name}")
-    node.meta["val"] = tensor
+    node.meta["val"] = held
     return node
 
 
 def tensor_targets(gm: fx.GraphModule) -> list[str]:
     """The sorted ``get_attr`` targets of ``gm`` that are tensors: every tensor the graph reads."""
     targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    return sorted(t for t in targets if isinstance(get_tensor(gm, t), torch.Tensor))
+    return sorted(t for t in targets if isinstance(tensor_meta(gm, t), torch.Tensor))
 
 
 def is_diagonal(t: torch.Tensor) -> bool:
@@ -96,7 +125,7 @@ def unique_parameters(module: torch.nn.Module) -> int:
     seen: set[tuple[int, int, tuple]] = set()
     total = 0
     for _, p in module.named_parameters(remove_duplicate=False):
-        key = (p.untyped_storage().data_ptr() if p.device.type != "meta" else id(p), p.storage_offset(), tuple(p.shape))
+        key = (id(p) if p.is_meta or is_fake(p) else p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
         if key not in seen:
             seen.add(key)
             total += p.numel()
@@ -175,7 +204,30 @@ def refresh_shapes(gm: fx.GraphModule) -> None:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         inputs = [_concrete_like(n.meta.get("val")) for n in placeholders]
-    FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
+    with fake_weights(gm, mode):
+        FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
+
+
+@contextlib.contextmanager
+def fake_weights(gm: fx.GraphModule, mode: FakeTensorMode):
+    """While open, a streamed graph's placeholders are fake tensors of ``mode`` on the store's device, so
+    that shape propagation and fake runs see weights where the inputs are (nothing is read or allocated)."""
+    store = gm.meta.get(STREAMED)
+    swapped = []
+    if store is not None:
+        for module in gm.modules():
+            for table in (module._parameters, module._buffers):
+                for name, tensor in table.items():
+                    if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                        with mode:
+                            table[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device=store.device)
+                        swapped.append((table, name, tensor))
+    try:
+        yield
+    finally:
+        for table, name, tensor in swapped:
+            table[name] = tensor
+
 
 
 def _concrete_like(v):

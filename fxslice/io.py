@@ -2,10 +2,12 @@
 
 A saved directory holds
 
-* ``model.safetensors``: every tensor the graph reads (parameters, buffers, constants), by attribute path;
+* ``model.safetensors``: every tensor the graph reads (parameters, buffers, constants), by attribute path
+  (a streamed model's, ``fxslice.streaming``, larger than its store's budget or than 2 GiB: shards
+  ``model-00001-of-0000N.safetensors`` … of at most that size);
 * ``fxslice.json``: format version, library versions, the graph's ``Plan`` (the passes with their
   options, per residual state its ``Q``'s origin and width), the dtypes of the tensors, a fingerprint
-  of the rewritten graph and the sha256 of the weights file (``load`` checks it);
+  of the rewritten graph and the sha256 of each weights file (``load`` checks them);
 * for Hugging Face models, ``config.json`` (and the tokenizer's files when one is given).
 
 ``load`` rebuilds the original architecture from ``config.json`` with uninitialised weights, captures it,
@@ -33,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from .capture import HF_PREFIX, capture
 from .distributed import on_rank0
 from .errors import UnsupportedGraphError
-from .graph import get_tensor, set_tensor, tensor_targets
+from .graph import STREAMED, get_tensor, set_tensor, tensor_meta, tensor_targets
 from .loading import empty_causal_lm, match_buffer_dtypes
 from .model import SlicedCausalLM, graph_module
 from .plan import Plan, plan_of
@@ -44,13 +46,15 @@ __all__ = ["fingerprint", "load", "read_plan", "save", "sha256", "write_atomical
 FORMAT = 2
 RECIPE_FILE = "fxslice.json"
 WEIGHTS_FILE = "model.safetensors"
+SHARD_BYTES = 2 * 1024**3
+"""Largest weights file a streamed model is saved in (its store's budget when that is smaller)."""
 
 
 def fingerprint(gm: fx.GraphModule) -> str:
     """sha256 of the generated code and of every tensor's name, shape and dtype."""
     digest = hashlib.sha256(gm.code.encode())
     for target in tensor_targets(gm):
-        tensor = get_tensor(gm, target)
+        tensor = tensor_meta(gm, target)
         digest.update(f"{target}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
     return digest.hexdigest()
 
@@ -71,16 +75,19 @@ def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = 
 def _save(gm: fx.GraphModule, model: torch.nn.Module, directory: Path, tokenizer: Any, overwrite: bool) -> Path:
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-    tensors, aliases = {}, {}
+    stored, aliases = [], {}
     seen: dict[tuple, str] = {}
     for target in tensor_targets(gm):
-        tensor = get_tensor(gm, target).detach()
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        tensor = tensor_meta(gm, target)
+        key = (id(tensor),) if tensor.is_meta else (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+                                                     tuple(tensor.shape), tensor.dtype)
         if key in seen:
             aliases[target] = seen[key]  # a tied weight is stored once
             continue
         seen[key] = target
-        tensors[target] = tensor.to("cpu").contiguous()
+        stored.append(target)
+    store = gm.meta.get(STREAMED)
+    shards = _shards(gm, stored, min(SHARD_BYTES, store.budget) if store is not None else None)
     from . import __version__
     import transformers
 
@@ -88,17 +95,23 @@ def _save(gm: fx.GraphModule, model: torch.nn.Module, directory: Path, tokenizer
         "format": FORMAT,
         "versions": {"fxslice": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "plan": plan_of(gm).to_json(),
-        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        "dtype": str(tensor_meta(gm, stored[0]).dtype).removeprefix("torch."),
         "aliases": aliases,
-        "dtypes": {target: str(get_tensor(gm, target).dtype).removeprefix("torch.") for target in tensor_targets(gm)},
+        "dtypes": {target: str(tensor_meta(gm, target).dtype).removeprefix("torch.") for target in tensor_targets(gm)},
         "fingerprint": fingerprint(gm),
     }
 
     def write(staging: Path) -> None:
         # One metadata entry: safetensors writes its metadata map in hash order, so two entries could
         # come out in either order and the same weights would not give the same bytes (or sha256).
-        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        recipe["sha256"] = {WEIGHTS_FILE: sha256(staging / WEIGHTS_FILE)}
+        names = [WEIGHTS_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                         for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            # A shard at a time: a streamed model's weights are read from its store as they are written.
+            tensors = {target: get_tensor(gm, target).detach().to("cpu").contiguous() for target in shard}
+            save_file(tensors, staging / name, metadata={"format": "pt"})
+            del tensors
+        recipe["sha256"] = {name: sha256(staging / name) for name in names}
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
         if isinstance(model, SlicedCausalLM):
             model.config.save_pretrained(staging)
@@ -106,6 +119,21 @@ def _save(gm: fx.GraphModule, model: torch.nn.Module, directory: Path, tokenizer
             tokenizer.save_pretrained(staging)
 
     return write_atomically(directory, write)
+
+
+def _shards(gm: fx.GraphModule, targets: list[str], limit: int | None) -> list[list[str]]:
+    """``targets`` in order, cut into runs of at most ``limit`` bytes (one run when ``limit`` is None)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for target in targets:
+        tensor = tensor_meta(gm, target)
+        nbytes = tensor.numel() * tensor.element_size()
+        if limit is not None and shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(target)
+        size += nbytes
+    return shards
 
 
 def write_atomically(directory: Path, write: Callable[[Path], Any]) -> Path:
@@ -179,10 +207,11 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
     """
     directory = Path(directory)
     recipe = _read_recipe(directory)
-    recorded = recipe.get("sha256", {}).get(WEIGHTS_FILE)
-    if verify and recorded is not None and (directory / WEIGHTS_FILE).is_file():
-        if sha256(directory / WEIGHTS_FILE) != recorded:
-            raise UnsupportedGraphError(f"{directory / WEIGHTS_FILE} does not have the sha256 recorded in "
+    files = sorted(recipe.get("sha256") or {WEIGHTS_FILE: None})
+    for name in files:
+        recorded = recipe.get("sha256", {}).get(name)
+        if verify and recorded is not None and (directory / name).is_file() and sha256(directory / name) != recorded:
+            raise UnsupportedGraphError(f"{directory / name} does not have the sha256 recorded in "
                                         f"{directory / RECIPE_FILE} when it was saved: the file was changed or "
                                         "corrupted; save the model again (fxslice.load(..., verify=False) loads it "
                                         "anyway)")
@@ -202,15 +231,18 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
         except UnsupportedGraphError as error:
             source = directory / "config.json" if config is not None else f"the {type(model).__name__} passed in"
             raise UnsupportedGraphError(f"cannot rebuild the saved graph from {source}: {error}") from error
-    weights_path = directory / WEIGHTS_FILE
-    try:
-        tensors = load_file(weights_path)
-    except (OSError, SafetensorError, ValueError) as error:
-        raise UnsupportedGraphError(f"{weights_path} is missing or corrupted: {error}") from error
-    for name in list(tensors):
-        # safetensors hands out 8-byte aligned memory; BLAS takes other code paths (rounding differently)
-        # than on the allocator's 64-byte aligned memory the saved model computed with: copy, one at a time.
-        tensors[name] = tensors[name].clone()
+    tensors = {}
+    for name in files:
+        weights_path = directory / name
+        try:
+            shard = load_file(weights_path)
+        except (OSError, SafetensorError, ValueError) as error:
+            raise UnsupportedGraphError(f"{weights_path} is missing or corrupted: {error}") from error
+        for key in list(shard):
+            # safetensors hands out 8-byte aligned memory; BLAS takes other code paths (rounding differently)
+            # than on the allocator's 64-byte aligned memory the saved model computed with: copy, one at a time.
+            tensors[key] = shard.pop(key).clone()
+    weights_path = directory / (files[0] if len(files) == 1 else "model-*.safetensors")
     for target, source in recipe.get("aliases", {}).items():
         if source in tensors:
             tensors[target] = tensors[source]

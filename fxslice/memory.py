@@ -10,7 +10,8 @@ batch's shapes, which gives the bytes of every value it computes. From them:
   runs one batch (the largest batch).
 - ``statistics``: float64 work for the widest state or MLP: ``Σ xᵀx``, its eigendecomposition and
   copies (a few ``d × d`` float64 matrices).
-- ``weights``: the rewritten copy of the weights the passes build next to the model's own.
+- ``weights``: the rewritten copy of the weights the passes build next to the model's own (for a
+  streamed model, the store's budget: ``fxslice.streaming``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import CalibrationError
+from .graph import fake_weights
 
 __all__ = ["GiB", "MAX_MEMORY_ENV", "available_bytes", "calibration_estimate", "check_fits", "describe", "value_bytes"]
 
@@ -48,7 +50,8 @@ def value_bytes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict[fx.Node, 
                                   if isinstance(leaf, torch.Tensor) and leaf.is_floating_point())
             return result
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_weights(gm, mode), mode:
         _Measure(gm).run(*flat_inputs(gm, args, kwargs))
     return sizes
 
@@ -74,7 +77,7 @@ def calibration_estimate(gm: fx.GraphModule, batches: list) -> dict[str, int]:
     """Bytes a calibration sweep of ``gm`` over ``batches`` needs, by kind (see the module docstring)."""
     from .analysis.regions import find_regions
     from .calibrate import batch_tokens
-    from .graph import get_tensor, tensor_targets
+    from .graph import STREAMED, tensor_meta, tensor_targets
 
     largest = max(batches, key=batch_tokens)
     sizes = value_bytes(gm, *largest)
@@ -88,12 +91,15 @@ def calibration_estimate(gm: fx.GraphModule, batches: list) -> dict[str, int]:
     cached = sum(boundary * batch_tokens(b) // batch_tokens(largest) for b in batches)
     widths = [s.width for s in states]
     for target in tensor_targets(gm):
-        tensor = get_tensor(gm, target)
+        tensor = tensor_meta(gm, target)
         if tensor.dim() == 2:
             widths.append(min(tensor.shape))  # an MLP's inner width is the smaller side of its weights
     widest = max(widths, default=0)
     weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in
-                                                          (get_tensor(gm, x) for x in tensor_targets(gm))}.values())
+                                                          (tensor_meta(gm, x) for x in tensor_targets(gm))}.values())
+    store = gm.meta.get(STREAMED)
+    if store is not None:  # streamed: at most the store's budget of weights is in memory
+        weights = min(weights, store.budget)
     return {"weights": weights, "cached": cached, "batch": peak, "statistics": 6 * widest * widest * 8}
 
 

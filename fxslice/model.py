@@ -38,7 +38,10 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
 
     @property
     def device(self) -> torch.device:
-        return next(self.graph_module.parameters()).device
+        from .graph import STREAMED
+
+        store = self.graph_module.meta.get(STREAMED)
+        return store.device if store is not None else next(self.graph_module.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -72,6 +75,9 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+        from .streaming import materialize
+
+        materialize(self.graph_module)  # a streamed model runs with its weights in memory
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self._session is not None:
@@ -86,6 +92,9 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
         """transformers' ``generate``, run with fxslice's KV-cache decoding graph where it applies;
         ``compiled=True`` runs that graph through ``torch.compile`` (compiled once per batch size and
         cache length, and kept for later calls)."""
+        from .streaming import materialize
+
+        materialize(self.graph_module)
         with self._incremental(_tokens_needed(self, args, kwargs), compiled):
             return super().generate(*args, **kwargs)
 

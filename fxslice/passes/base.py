@@ -29,7 +29,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..analysis.regions import find_regions
 from ..errors import PassOrderError, UnsupportedGraphError
-from ..graph import eliminate_dead_code, get_tensor, refresh_shapes, remove_unused_attributes
+from ..graph import eliminate_dead_code, refresh_shapes, tensor_meta, remove_unused_attributes
 from ..plan import PassSpec, Plan, Skipped, plan_of, set_plan
 
 __all__ = ["CONTEXT", "Context", "FxslicePass", "PassResult", "calibrated", "check_invariants", "context_of",
@@ -252,7 +252,7 @@ def check_invariants(gm: fx.GraphModule) -> None:
                     raise AssertionError(f"state {state.index} of region {region.index} mixes widths: "
                                          f"{node.format_node()} has last dim {v.shape[-1]}, expected {state.width}")
             for side, _ in state.param_axes():
-                size = get_tensor(gm, side.target).shape[side.axis]
+                size = tensor_meta(gm, side.target).shape[side.axis]
                 if size != state.width:
                     raise AssertionError(f"state {state.index} of region {region.index} has width {state.width} "
                                          f"but {side.target} axis {side.axis} has size {size}")

@@ -27,7 +27,7 @@ from ..analysis.norms import Norm
 from ..analysis.ops import WeightUse
 from ..analysis.regions import Region, find_regions, parameter_uses
 from ..errors import UnsupportedGraphError, module_path
-from ..graph import add_parameter, aten, eliminate_dead_code, get_tensor, refresh_shapes, set_tensor, val
+from ..graph import add_parameter, aten, eliminate_dead_code, get_tensor, refresh_shapes, set_tensor, tensor_meta, val
 from ..rewrite import emit_norm, insert_linear, multiply_axis, scale_axis
 from ..plan import Plan, plan_of
 from .base import Context, FxslicePass, skipped_regions
@@ -44,8 +44,8 @@ def _uses_by_tensor(gm: fx.GraphModule) -> dict[str, list[WeightUse]]:
     uses = parameter_uses(gm)
     groups: dict[int, list[WeightUse]] = defaultdict(list)
     for target, target_uses in uses.items():
-        groups[id(get_tensor(gm, target))].extend(target_uses)
-    return {target: groups[id(get_tensor(gm, target))] for target in uses}
+        groups[id(tensor_meta(gm, target))].extend(target_uses)
+    return {target: groups[id(tensor_meta(gm, target))] for target in uses}
 
 
 def _add_bias(gm: fx.GraphModule, use: WeightUse, shift: torch.Tensor) -> None:
@@ -54,7 +54,7 @@ def _add_bias(gm: fx.GraphModule, use: WeightUse, shift: torch.Tensor) -> None:
         bias = get_tensor(gm, use.bias)
         set_tensor(gm, use.bias, (bias.detach().to(torch.float64) + shift).to(bias.dtype))
         return
-    dtype = get_tensor(gm, use.weight).dtype
+    dtype = tensor_meta(gm, use.weight).dtype
     node = add_parameter(gm, f"bias_{_where(use.node)}", shift.to(dtype), before=use.node)
     if use.kind == "linear":
         use.node.args = (use.node.args[0], use.node.args[1], node)
@@ -139,7 +139,7 @@ class FuseNorm(FxslicePass):
         """
         width = norm.width
         gamma = norm.weight if norm.weight is not None else torch.ones(width, dtype=torch.float64)
-        dtype = get_tensor(gm, use.weight).dtype
+        dtype = tensor_meta(gm, use.weight).dtype
         bias = norm.bias.to(dtype) if norm.bias is not None and not centred else None
         normed = use.input
         bridge = insert_linear(gm, normed, torch.diag(gamma).to(dtype), bias, f"bridge_{_where(use.node)}", use.node)

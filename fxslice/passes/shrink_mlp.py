@@ -33,7 +33,7 @@ import torch.fx as fx
 from ..analysis.mlps import MLP, find_mlps, mlp_module
 from ..distributed import from_rank0
 from ..errors import UnsupportedGraphError, module_path
-from ..graph import get_tensor, set_tensor, unique_parameters
+from ..graph import get_tensor, set_tensor, tensor_meta, unique_parameters
 from ..plan import Plan
 from ..rewrite import narrow_axis, select_axis, write_width
 from .base import Context, FxslicePass, kept_width
@@ -201,7 +201,7 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
     per_channel = []
     for mlp in mlps:
         sides = (*mlp.channel_sides(), mlp.down.input_side())
-        per_channel.append(sum(get_tensor(gm, side.target).numel() // get_tensor(gm, side.target).shape[side.axis]
+        per_channel.append(sum(tensor_meta(gm, side.target).numel() // tensor_meta(gm, side.target).shape[side.axis]
                                for side in dict.fromkeys(sides)))
     now, goal = unique_parameters(gm), budget * dense
     for step in range(1024, -1, -1):

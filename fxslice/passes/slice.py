@@ -39,7 +39,7 @@ import torch.fx as fx
 from ..analysis.ops import weight_use
 from ..analysis.regions import State, bind_parameters, find_regions, output_heads
 from ..errors import UnsupportedGraphError
-from ..graph import get_tensor, unique_parameters
+from ..graph import tensor_meta, unique_parameters
 from ..plan import Plan
 from ..rewrite import slice_state
 from .base import Context, FxslicePass, kept_width
@@ -206,7 +206,7 @@ class _StateParameters:
         for i, state in enumerate(states):
             for side, _ in state.param_axes():
                 self.bound[(side.target, side.axis)] = i
-        self.shapes = {target: tuple(get_tensor(gm, target).shape) for target, _ in self.bound}
+        self.shapes = {target: tuple(tensor_meta(gm, target).shape) for target, _ in self.bound}
         self.touching: dict[int, list[str]] = {i: [] for i in range(len(states))}
         for target, shape in self.shapes.items():
             for i in {self.bound[(target, a)] for a in range(len(shape)) if (target, a) in self.bound}:
