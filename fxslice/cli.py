@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     s.add_argument("--max-memory", type=float, metavar="GIB", help="refuse before calibrating when the estimated "
                    "memory beyond the loaded model exceeds this (default: what the machine has available)")
+    s.add_argument("--stream-budget", type=float, metavar="GIB", default=2.0, help="a safetensors checkpoint is "
+                   "streamed: its weights are read as the sweep reaches them and at most this many GiB of them are "
+                   "held at once; rewritten ones beyond it spill to the temporary directory (default 2)")
 
     h = commands.add_parser("heal", help="recover a saved compressed model's quality by distillation from the dense model")
     h.add_argument("directory", help="a compressed model saved by fxslice (fxslice slice --out)")
@@ -182,16 +185,21 @@ def _slice_on_this_process(args) -> None:
     import fxslice
     from fxslice import Rotate, distributed, fuse_norm, slice
     from fxslice.data import calibration_batches
-    from fxslice.loading import load_causal_lm
+    from fxslice.loading import load_causal_lm, load_tokenizer
+    from fxslice.streaming import is_checkpoint
 
     out = _out_directory(args.out, args.overwrite)
     if args.max_memory is not None:
         from fxslice.memory import MAX_MEMORY_ENV
 
         os.environ[MAX_MEMORY_ENV] = str(args.max_memory)
-    model, tokenizer = load_causal_lm(args.model, args.gguf_file)
+    streamed = args.gguf_file is None and is_checkpoint(args.model)
+    if streamed:  # the weights are read as the passes reach them (fxslice.streaming)
+        model, tokenizer = args.model, load_tokenizer(args.model)
+    else:
+        model, tokenizer = load_causal_lm(args.model, args.gguf_file)
     processes = distributed.world_size()
-    print(f"loaded {args.model}; calibrating on {args.samples} windows of {args.seq_len} tokens"
+    print(f"{'streaming' if streamed else 'loaded'} {args.model}; calibrating on {args.samples} windows of {args.seq_len} tokens"
           + (f" in {processes} processes" if processes > 1 else ""), file=sys.stderr)
     batches = calibration_batches(tokenizer, args.calibration, args.samples, args.seq_len, args.batch_size, args.seed)
     batches = distributed.share(batches)  # under torchrun, this process's share of the batches
@@ -201,7 +209,7 @@ def _slice_on_this_process(args) -> None:
     else:
         passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.head,
                                                                  rescale=not args.no_rescale)]
-    sliced = fxslice.compile(model, passes, calibration=batches)
+    sliced = fxslice.compile(model, passes, calibration=batches, stream_budget=int(args.stream_budget * 1024**3))
     report = fxslice.report(sliced)
     fxslice.save(sliced, out, tokenizer=tokenizer, overwrite=args.overwrite)
     p = report["parameters"]

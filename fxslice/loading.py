@@ -12,7 +12,7 @@ import torch
 
 from .errors import UnsupportedGraphError
 
-__all__ = ["empty_causal_lm", "load_causal_lm", "match_buffer_dtypes"]
+__all__ = ["empty_causal_lm", "load_causal_lm", "load_tokenizer", "match_buffer_dtypes"]
 
 
 def load_causal_lm(path: str | os.PathLike, gguf_file: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -43,6 +43,18 @@ def load_causal_lm(path: str | os.PathLike, gguf_file: str | None = None, dtype:
             where = path / gguf_file if gguf_file else path
             raise UnsupportedGraphError(f"cannot load a causal LM from {where}: {type(error).__name__}: {error}") from error
     return model.eval(), tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a model directory (never downloads)."""
+    from transformers import AutoTokenizer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as error:  # a missing or damaged file fails in whichever parser reads it
+        raise UnsupportedGraphError(f"cannot load a tokenizer from {path}: {type(error).__name__}: {error}") from error
 
 
 def _installed_package(name: str | os.PathLike) -> Path | None:

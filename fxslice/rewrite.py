@@ -45,27 +45,40 @@ _CHUNK = 1 << 22
 def multiply_axis(gm: fx.GraphModule, side: ParamAxis, matrix: torch.Tensor) -> None:
     """``P ×ₐ M``: axis ``a`` of the parameter (size m) becomes ``(… m) @ M`` (size ``M.shape[1]``).
 
-    Computed in float64, a block of rows at a time, and stored in the parameter's dtype.
+    Computed in float64, a block of rows at a time, and written straight into the result in the
+    parameter's dtype and layout: besides the parameter and its result, only a block is ever held.
     """
     tensor = get_tensor(gm, side.target).detach()
-    moved = torch.movedim(tensor, side.axis, -1)
-    rows = moved.reshape(-1, moved.shape[-1])
     wide = matrix.to(device=tensor.device, dtype=torch.float64)
-    out = torch.empty(rows.shape[0], wide.shape[1], dtype=tensor.dtype, device=tensor.device)
+    shape = list(tensor.shape)
+    shape[side.axis] = wide.shape[1]
+    out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+    if tensor.dim() == 2:  # views with the axis last, of the parameter and of the result: no copies
+        rows, into = torch.movedim(tensor, side.axis, -1), torch.movedim(out, side.axis, -1)
+    else:
+        rows = torch.movedim(tensor, side.axis, -1).reshape(-1, tensor.shape[side.axis])
+        into = torch.empty(rows.shape[0], wide.shape[1], dtype=tensor.dtype, device=tensor.device)
     step = max(1, _CHUNK // max(wide.shape))
     for start in range(0, rows.shape[0], step):
-        out[start : start + step] = rows[start : start + step].to(torch.float64) @ wide
-    result = out.reshape(*moved.shape[:-1], wide.shape[1])
-    set_tensor(gm, side.target, torch.movedim(result, -1, side.axis).contiguous())
+        into[start : start + step] = rows[start : start + step].to(torch.float64) @ wide
+    if tensor.dim() != 2:
+        moved = torch.movedim(tensor, side.axis, -1).shape
+        out = torch.movedim(into.reshape(*moved[:-1], wide.shape[1]), -1, side.axis).contiguous()
+    set_tensor(gm, side.target, out)
 
 
 def scale_axis(gm: fx.GraphModule, side: ParamAxis, vector: torch.Tensor) -> None:
-    """``P ×ₐ diag(v)``, without building the diagonal matrix."""
-    tensor = get_tensor(gm, side.target)
+    """``P ×ₐ diag(v)``, without building the diagonal matrix (in float64, a block of rows at a time)."""
+    tensor = get_tensor(gm, side.target).detach()
     shape = [1] * tensor.dim()
     shape[side.axis] = -1
-    scaled = tensor.detach().to(torch.float64) * vector.to(torch.float64).reshape(shape)
-    set_tensor(gm, side.target, scaled.to(tensor.dtype).contiguous())
+    wide = vector.to(device=tensor.device, dtype=torch.float64).reshape(shape)
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    step = max(1, _CHUNK // max(1, tensor[0].numel()))
+    for start in range(0, tensor.shape[0], step):
+        block = wide[start : start + step] if side.axis == 0 else wide
+        out[start : start + step] = tensor[start : start + step].to(torch.float64) * block
+    set_tensor(gm, side.target, out)
 
 
 def narrow_axis(gm: fx.GraphModule, side: ParamAxis, width: int) -> None:

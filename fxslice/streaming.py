@@ -15,16 +15,17 @@ is the same model.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -84,6 +85,7 @@ class WeightStore:
         self.dtype = dtype
         self.device = torch.device(device)
         self.budget = int(budget)
+        _return_freed_memory()
         self._spill_root = Path(tempfile.mkdtemp(prefix="fxslice-spill-", dir=spill))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._spill_root, True)
         self.keys: dict[str, str] = {}  # target -> key
@@ -95,7 +97,7 @@ class WeightStore:
         self.peak = 0  # most bytes held at once
         self.reads = 0
         self.spilled = 0
-        self._handles: dict[Path, Any] = {}
+        self._evicted = 0  # bytes evicted since the heaps were last trimmed
         self._counter = itertools.count()
 
     # --- what the graph sees ---------------------------------------------------------------------
@@ -165,12 +167,12 @@ class WeightStore:
 
     def _read(self, path: Path, name: str) -> torch.Tensor:
         try:
-            handle = self._handles.get(path)
-            if handle is None:
-                handle = self._handles[path] = safe_open(path, "pt")
-            # safetensors hands out 8-byte aligned memory; a copy gets the allocator's alignment, on
-            # which BLAS rounds as it does for a model loaded in memory.
-            return handle.get_tensor(name).clone()
+            # Opened for each read: an open file stays mapped, and every page read from it would count
+            # as resident memory until it is closed.
+            with safe_open(path, "pt") as handle:
+                # safetensors hands out 8-byte aligned memory; a copy gets the allocator's alignment, on
+                # which BLAS rounds as it does for a model loaded in memory.
+                return handle.get_tensor(name).clone()
         except (OSError, SafetensorError) as error:
             raise UnsupportedGraphError(f"cannot read tensor {name} from {path}: {error}") from error
 
@@ -193,6 +195,11 @@ class WeightStore:
                 self.origin[key] = (path, "value")
                 self.dirty.discard(key)
                 self.spilled += 1
+            self._evicted += tensor.numel() * tensor.element_size()
+            del tensor
+        if self._evicted > self.budget // 4:
+            self._evicted = 0
+            _trim()
 
     def _forget(self, key: str) -> None:
         tensor = self.cache.pop(key, None)
@@ -201,14 +208,39 @@ class WeightStore:
         self.dirty.discard(key)
         path, _ = self.origin.pop(key, (None, None))
         if path is not None and path.parent == self._spill_root:
-            self._handles.pop(path, None)
             path.unlink(missing_ok=True)
         self.placeholders.pop(key, None)
 
     def close(self) -> None:
         """Remove the spill directory (also done when the store is garbage-collected)."""
-        self._handles.clear()
         self._cleanup()
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+_LIBC = _glibc()
+
+
+def _return_freed_memory() -> None:
+    """Make glibc give freed blocks of 1 MiB and more back to the system at once. By default it raises
+    that threshold to the size of the largest block freed so far, so weights read and evicted one after
+    another are recycled inside the process and its resident memory grows toward the model's size."""
+    if _LIBC is not None:
+        M_MMAP_THRESHOLD = -3
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 1024 * 1024)
+
+
+def _trim() -> None:
+    """Give the system back the free pages glibc keeps inside its heaps (smaller blocks freed in between)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def open_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
