@@ -32,6 +32,21 @@ def test_slice_writes_a_loadable_directory_with_tokenizer(sliced_dir):
     assert {"fxslice.json", "model.safetensors", "config.json", "tokenizer.json"} <= names
 
 
+def test_slice_streams_a_checkpoint_within_a_small_budget_to_the_same_model(sliced_dir, tiny_hf_dir, tmp_path):
+    import torch
+
+    import fxslice as library
+
+    out = tmp_path / "streamed"
+    result = fxslice("slice", tiny_hf_dir, "--ratio", "0.25", "--calibration", VALID, "--samples", "8",
+                     "--seq-len", "32", "--stream-budget", "0.00005", "--out", out)  # about 50 kB of weights
+    assert "streaming" in result.stderr
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1  # saved shard by shard, each within the budget
+    ids = torch.arange(2, 26).reshape(2, 12)
+    with torch.no_grad():
+        assert torch.equal(library.load(out)(ids).logits, library.load(sliced_dir)(ids).logits)
+
+
 def test_eval_prints_a_perplexity(sliced_dir):
     result = fxslice("eval", sliced_dir, "--text", VALID, "--seq-len", "32", "--max-windows", "4")
     assert float(result.stdout.split()[-1]) > 1.0
