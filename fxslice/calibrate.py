@@ -13,8 +13,12 @@ already sliced model, as in SliceGPT, and the whole model is run once.
 from __future__ import annotations
 
 import inspect
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import optree
@@ -47,7 +51,18 @@ Batch = tuple[tuple, dict]
 
 
 class Batches(tuple):
-    """Calibration batches ``check_calibration`` has validated (checking them again returns them as they are)."""
+    """Calibration batches ``check_calibration`` has validated (checking them again returns them as they are).
+
+    ``spill``: the sweeps keep their cached values on disk (``fxslice.passes.calibrated`` sets it when
+    they would not fit in memory)."""
+
+    spill = False
+
+    def on_disk(self) -> Batches:
+        """The same batches, with the sweeps' cached values kept on disk."""
+        spilled = Batches(self)
+        spilled.spill = True
+        return spilled
 
 
 def _as_batch(item: Any, index: int) -> Batch:
@@ -276,6 +291,29 @@ class _Sweep:
         self.envs = [dict(zip(placeholders, flat_inputs(gm, args, kwargs))) for args, kwargs in batches]
         self.masks = [kwargs.get("attention_mask") for _, kwargs in batches]
         self.cursor = 0
+        self.by_name = {n.name: n for n in needed}
+        self.spill = None  # the directory cached values are kept in, when they are kept on disk
+        if getattr(batches, "spill", False):
+            self.spill = Path(tempfile.mkdtemp(prefix="fxslice-activations-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self.spill, True)
+        self.spilled_bytes = 0  # most bytes of cached values written to disk at once (all batches)
+
+    def _environments(self):
+        """Each batch's values in turn. When they are kept on disk, a batch's cached tensors are read
+        before it is handed out and written back after, so one batch's are in memory at a time."""
+        written = 0
+        for b, env in enumerate(self.envs):
+            path = self.spill / f"{b}.pt" if self.spill is not None else None
+            if path is not None and path.exists():
+                env.update({self.by_name[k]: v for k, v in torch.load(path, weights_only=True).items()})
+            yield b, env
+            if path is not None:
+                cached = {n.name: v for n, v in env.items() if n.op != "placeholder" and isinstance(v, torch.Tensor)}
+                torch.save(cached, path)
+                written += sum(v.numel() * v.element_size() for v in cached.values())
+                for name in cached:
+                    del env[self.by_name[name]]
+        self.spilled_bytes = max(self.spilled_bytes, written)
 
     def _value(self, node: fx.Node, env: dict):
         # Parameters are read when used, never cached: apply() replaces them as the sweep goes.
@@ -299,7 +337,7 @@ class _Sweep:
         """Compute every node up to ``target`` for all batches; ``observe(batch, value)`` sees target."""
         end = self.position[target]
         segment = self.order[self.cursor : end + 1]
-        for b, env in enumerate(self.envs):
+        for b, env in self._environments():
             for node in segment:
                 env[node] = self._run(node, env)
             if observe is not None:
@@ -310,7 +348,7 @@ class _Sweep:
 
     def select(self, node: fx.Node, channels: torch.Tensor) -> None:
         """Cached values of ``node`` keep only ``channels`` of their last dim."""
-        for env in self.envs:
+        for _, env in self._environments():
             if node in env:
                 env[node] = env[node].index_select(-1, channels.to(env[node].device))
 
@@ -320,7 +358,8 @@ class _Sweep:
         Returns the mean over real tokens of ``‖x @ matrix‖ / ‖x‖`` at ``anchor`` (1.0 if it is not cached).
         """
         kept, tokens = 0.0, 0
-        for env, mask in zip(self.envs, self.masks):
+        for b, env in self._environments():
+            mask = self.masks[b]
             for node in [n for n in env if n in nodes]:
                 x = env[node]
                 compute = torch.promote_types(x.dtype, torch.float32)

@@ -54,6 +54,7 @@ from .graph import is_diagonal, set_tensor
 from .memory import GiB, value_bytes
 from .model import SlicedCausalLM, graph_module
 from .plan import plan_of, set_plan
+from .streaming import materialize
 
 __all__ = ["STATE_FILE", "TeacherLogits", "distillation_loss", "heal", "memory_estimate"]
 
@@ -290,7 +291,7 @@ def heal(
                        float(temperature), steps // 10 if warmup is None else warmup, float(weight_decay), accumulate,
                        str(master_dtype).removeprefix("torch.") if master_dtype else None, seed)
     options.check()
-    gm = graph_module(compressed)
+    gm = materialize(graph_module(compressed))  # a streamed model trains with its weights in memory
     plan = plan_of(gm)
     hf = plan.kind == "causal_lm"
     batches = list(check_calibration(data, None if hf else gm, hf=hf))

@@ -28,7 +28,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .errors import CalibrationError
 from .graph import fake_weights
 
-__all__ = ["GiB", "MAX_MEMORY_ENV", "available_bytes", "calibration_estimate", "check_fits", "describe", "value_bytes"]
+__all__ = ["GiB", "MAX_MEMORY_ENV", "available_bytes", "calibration_estimate", "check_fits", "describe", "fits",
+           "value_bytes"]
 
 GiB = 1024**3
 MAX_MEMORY_ENV = "FXSLICE_MAX_MEMORY_GIB"
@@ -138,10 +139,17 @@ def describe(estimate: dict[str, int]) -> str:
     return f"{sum(estimate.values()) / GiB:.2f} GiB (" + ", ".join(f"{k} {v / GiB:.2f}" for k, v in estimate.items()) + ")"
 
 
+def fits(estimate: dict[str, int], device: torch.device | str = "cpu") -> bool:
+    """Whether the bytes of ``estimate`` (beyond what the process holds now) are at most ``available_bytes``
+    (True where that cannot be read)."""
+    available = available_bytes(device)
+    return available is None or sum(estimate.values()) <= available
+
+
 def check_fits(estimate: dict[str, int], what: str, remedy: str, device: torch.device | str = "cpu") -> None:
     """Refuse (``CalibrationError``) when the bytes of ``estimate`` (beyond what the process holds now) are
     more than ``available_bytes``; the message names the estimate, what is available and ``remedy``."""
     available = available_bytes(device)
-    if available is not None and sum(estimate.values()) > available:
+    if not fits(estimate, device):
         raise CalibrationError(f"{what} needs an estimated {describe(estimate)} more than this process holds, and "
                                f"{available / GiB:.2f} GiB is available: {remedy}")

@@ -32,6 +32,7 @@ from torch.export import Dim
 from .errors import UnsupportedGraphError
 from .io import sha256, write_atomically
 from .model import SlicedCausalLM
+from .streaming import materialize
 
 __all__ = ["export"]
 
@@ -86,7 +87,7 @@ def _write_pt2(model: SlicedCausalLM, staging: Path, *, batch_size: int, cache_l
         raise UnsupportedGraphError("compiled=True needs a C++ compiler for AOTInductor and none was found "
                                     "(set CXX, or export without --compiled)")
     say = print if progress else (lambda *a, **k: None)
-    gm = model.graph_module
+    gm = materialize(model.graph_module)  # a streamed model is exported with its weights in memory
     vocab = int(model.config.vocab_size)
     steps = [("prefill", PREFILL), ("decode", DECODE)]
     with torch.no_grad(), warnings.catch_warnings():
@@ -227,7 +228,7 @@ def export_hf(model: SlicedCausalLM, staging: Path, tokenizer: Any = None) -> No
     from .graph import get_tensor, tensor_targets
     from .plan import plan_of
 
-    gm = model.graph_module
+    gm = materialize(model.graph_module)
     plan = plan_of(gm)
     why = "fxslice export --format hf writes the original architecture at smaller sizes, "
     if plan.rotation == "per_state":

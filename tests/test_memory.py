@@ -57,3 +57,29 @@ def test_the_machine_reports_what_is_available(monkeypatch):
     monkeypatch.delenv(MAX_MEMORY_ENV, raising=False)
     free = available_bytes()
     assert free is None or free > 0
+
+
+def test_cached_activations_that_would_not_fit_wait_on_disk_and_give_the_same_model(monkeypatch, capsys):
+    model = tiny_model("llama").double()
+    data = batches(4)
+    passes = [fuse_norm, rotate, slice(0.25)]
+    in_memory = fxslice.compile(model, passes, calibration=[b[1] for b in data])
+    estimate = calibration_estimate(capture(model), data)
+    on_disk = sum(estimate.values()) - estimate["cached"] + estimate["cached"] // len(data)
+    # Room for everything but the cache of all four batches: one batch's at a time must do.
+    monkeypatch.setenv(MAX_MEMORY_ENV, str((on_disk + sum(estimate.values())) / 2 / 1024**3))
+    saved = []
+
+    def counting_save(obj, path, *args, **kwargs):
+        saved.append(path)
+        return original(obj, path, *args, **kwargs)
+
+    original = torch.save
+    monkeypatch.setattr(torch, "save", counting_save)
+    capsys.readouterr()
+    spilled = fxslice.compile(model, passes, calibration=[b[1] for b in data])
+    assert "with the cached activations on disk" in capsys.readouterr().err
+    assert len({str(p) for p in saved}) == len(data) and len(saved) > 9 * len(data)  # every batch, every state
+    ids = batches(1, length=9)[0][1]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(spilled(ids).logits, in_memory(ids).logits)

@@ -93,22 +93,29 @@ def calibrated(gm: fx.GraphModule, calibration: Any, passes: Sequence[Any]):
             gm = PassManager(passes)(gm).graph_module
 
     ``calibration`` is validated against the graph's inputs first and the memory the sweep will need is
-    estimated (``fxslice.memory``): ``CalibrationError`` before anything changes when either fails.
+    estimated (``fxslice.memory``): ``CalibrationError`` before anything changes when either fails. When
+    only the sweep's cached activations would not fit, they are kept on disk instead.
     ``run_passes(gm, passes, calibration=batches)`` and ``fxslice.compile`` do exactly this.
     """
     from ..calibrate import check_calibration
     from ..distributed import agreed, rank
-    from ..memory import calibration_estimate, check_fits, describe
+    from ..memory import calibration_estimate, check_fits, describe, fits
 
     batches = check_calibration(calibration, gm, hf=plan_of(gm).kind == "causal_lm")
     estimate = calibration_estimate(gm, list(batches))
+    # When the sweep's cached values would not fit, they wait on disk, one batch's in memory at a time.
+    spill = not fits(estimate)
+    if spill:
+        estimate = dict(estimate, cached=estimate["cached"] // len(batches))
+        batches = batches.on_disk()
     agreed(lambda: check_fits(estimate, f"calibrating on {len(batches)} batches",
                               "use fewer or shorter calibration sequences (CLI: --samples, --seq-len), smaller "
                               "batches (--batch-size), or more processes (under torchrun each holds only its share "
                               "of the batches)"))
     # Reported with the progress bars (unless a pass turned them off), by one process, not each.
     if rank() == 0 and all(getattr(p, "progress", True) for p in passes):
-        print(f"fxslice: calibration will need about {describe(estimate)} beyond the model", file=sys.stderr)
+        where = ", with the cached activations on disk" if spill else ""
+        print(f"fxslice: calibration will need about {describe(estimate)} beyond the model{where}", file=sys.stderr)
     return _attached(gm, Context(calibration=batches, passes=tuple(passes)))
 
 
