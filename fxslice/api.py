@@ -28,6 +28,8 @@ def compile(  # noqa: A001 - the library's one verb
     example_inputs: Any = None,
     calibration: Any = None,
     stream_budget: int = DEFAULT_BUDGET,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
 ) -> torch.nn.Module:
     """Capture ``model``, run ``passes`` on its graph and return the rewritten model.
 
@@ -39,15 +41,20 @@ def compile(  # noqa: A001 - the library's one verb
     with the pass list and the calibration data checked before the model is captured.
 
     ``model`` may also be the path of a Hugging Face safetensors checkpoint: its weights then stream
-    (``fxslice.streaming``), at most ``stream_budget`` bytes of them in memory at once, and the result
-    keeps them in the store until ``fxslice.save`` writes them shard by shard (calling the result first
-    reads them all into memory).
+    (``fxslice.streaming``), in ``dtype`` (default float32) onto ``device`` (default the CPU), at most
+    ``stream_budget`` bytes of them in memory at once, and the result keeps them in the store until
+    ``fxslice.save`` writes them shard by shard (calling the result first reads them all into memory).
+    A model in memory computes where its weights are (``model.to(device, dtype)`` before ``compile``);
+    calibration batches are moved to that device.
     """
     passes = list(passes)
     check_pipeline(passes, (), calibration is not None)
     store = None
     if isinstance(model, (str, os.PathLike)):
-        model, store = open_checkpoint(model, budget=stream_budget)
+        model, store = open_checkpoint(model, dtype=dtype or torch.float32, device=device or "cpu", budget=stream_budget)
+    elif dtype is not None or device is not None:
+        raise ValueError("dtype and device choose how a checkpoint path is streamed; move a model in memory "
+                         "yourself (model.to(device, dtype)) before compiling it")
     if calibration is not None:
         calibration = check_calibration(calibration, model, hf=is_hf_causal_lm(model))
     gm = capture(model, example_inputs)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .analysis.regions import SKIP_EDGE, State, output_heads
 from .distributed import agreed, check_shares, from_rank0, rank, total, world_size
 from .errors import CalibrationError
-from .graph import get_tensor
+from .graph import get_tensor, graph_device
 from .rewrite import scale_normed_sinks
 
 __all__ = ["RESCALE_EXPONENT", "SPECTRUM_TOKENS", "Batch", "Batches", "InnerStatistics", "PCARotation",
@@ -288,8 +288,13 @@ class _Sweep:
         self.position = position
         self.last_use = {n: max((position.get(u, -1) for u in n.users), default=-1) for n in needed}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.envs = [dict(zip(placeholders, flat_inputs(gm, args, kwargs))) for args, kwargs in batches]
-        self.masks = [kwargs.get("attention_mask") for _, kwargs in batches]
+        device = graph_device(gm)  # batches may come on another device than the model's
+
+        def moved(values):
+            return [v.to(device) if isinstance(v, torch.Tensor) else v for v in values]
+
+        self.envs = [dict(zip(placeholders, moved(flat_inputs(gm, args, kwargs)))) for args, kwargs in batches]
+        self.masks = [None if m is None else m.to(device) for m in (kwargs.get("attention_mask") for _, kwargs in batches)]
         self.cursor = 0
         self.by_name = {n.name: n for n in needed}
         self.spill = None  # the directory cached values are kept in, when they are kept on disk

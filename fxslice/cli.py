@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     s.add_argument("--max-memory", type=float, metavar="GIB", help="refuse before calibrating when the estimated "
                    "memory beyond the loaded model exceeds this (default: what the machine has available)")
+    s.add_argument("--device", help="compute on this device (e.g. cuda; default cpu): weights, activations and "
+                   "the float64 statistics; the saved model loads on any device")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the weights' dtype while compressing and in the saved model (statistics stay float64)")
     s.add_argument("--stream-budget", type=float, metavar="GIB", default=2.0, help="a safetensors checkpoint is "
                    "streamed: its weights are read as the sweep reaches them and at most this many GiB of them are "
                    "held at once; rewritten ones beyond it spill to the temporary directory (default 2)")
@@ -135,11 +139,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive, default=512)
     e.add_argument("--max-windows", type=_positive)
     e.add_argument("--batch-size", type=_positive, default=8)
+    e.add_argument("--device", help="run on this device (default cpu)")
 
     g = commands.add_parser("generate", help="greedy generation from a saved model")
     g.add_argument("directory")
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=_positive, default=32)
+    g.add_argument("--device", help="run on this device (default cpu)")
 
     x = commands.add_parser("export", help="write a saved model as torch.export programs that run with torch alone "
                             "(or, --format hf, as a standard Hugging Face checkpoint where the structure allows)")
@@ -182,6 +188,8 @@ def _slice(args) -> None:
 
 
 def _slice_on_this_process(args) -> None:
+    import torch
+
     import fxslice
     from fxslice import Rotate, distributed, fuse_norm, slice
     from fxslice.data import calibration_batches
@@ -193,11 +201,14 @@ def _slice_on_this_process(args) -> None:
         from fxslice.memory import MAX_MEMORY_ENV
 
         os.environ[MAX_MEMORY_ENV] = str(args.max_memory)
+    dtype = getattr(torch, args.dtype)
     streamed = args.gguf_file is None and is_checkpoint(args.model)
     if streamed:  # the weights are read as the passes reach them (fxslice.streaming)
         model, tokenizer = args.model, load_tokenizer(args.model)
+        options = {"dtype": dtype, "device": args.device, "stream_budget": int(args.stream_budget * 1024**3)}
     else:
-        model, tokenizer = load_causal_lm(args.model, args.gguf_file)
+        model, tokenizer = load_causal_lm(args.model, args.gguf_file, dtype=dtype)
+        model, options = model.to(args.device or "cpu"), {}
     processes = distributed.world_size()
     print(f"{'streaming' if streamed else 'loaded'} {args.model}; calibrating on {args.samples} windows of {args.seq_len} tokens"
           + (f" in {processes} processes" if processes > 1 else ""), file=sys.stderr)
@@ -209,7 +220,7 @@ def _slice_on_this_process(args) -> None:
     else:
         passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.head,
                                                                  rescale=not args.no_rescale)]
-    sliced = fxslice.compile(model, passes, calibration=batches, stream_budget=int(args.stream_budget * 1024**3))
+    sliced = fxslice.compile(model, passes, calibration=batches, **options)
     report = fxslice.report(sliced)
     fxslice.save(sliced, out, tokenizer=tokenizer, overwrite=args.overwrite)
     p = report["parameters"]
@@ -249,11 +260,11 @@ def _heal(args) -> None:
           f"best step {h['best_step']:.0f}; saved to {out}")
 
 
-def _load(directory: str):
+def _load(directory: str, device: str | None = None):
     import fxslice
     from transformers import AutoTokenizer
 
-    model = fxslice.load(directory)
+    model = fxslice.load(directory, device=device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as error:
@@ -264,7 +275,7 @@ def _load(directory: str):
 def _eval(args) -> None:
     from fxslice.eval import perplexity
 
-    model, tokenizer = _load(args.directory)
+    model, tokenizer = _load(args.directory, args.device)
     ppl = perplexity(model, tokenizer, args.text, args.seq_len, args.max_windows, args.batch_size, progress=True)
     print(f"perplexity {ppl:.3f}")
 
@@ -272,8 +283,8 @@ def _eval(args) -> None:
 def _generate(args) -> None:
     import torch
 
-    model, tokenizer = _load(args.directory)
-    ids = tokenizer(args.prompt, return_tensors="pt")
+    model, tokenizer = _load(args.directory, args.device)
+    ids = tokenizer(args.prompt, return_tensors="pt").to(model.device)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tokenizer.decode(out[0], skip_special_tokens=True))

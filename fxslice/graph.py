@@ -18,6 +18,7 @@ __all__ = [
     "eliminate_dead_code",
     "fake_weights",
     "get_tensor",
+    "graph_device",
     "is_diagonal",
     "is_op",
     "refresh_shapes",
@@ -68,6 +69,18 @@ def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
     if store is not None and isinstance(tensor, torch.Tensor) and tensor.is_meta:
         return store.get(target)
     return tensor
+
+
+def graph_device(gm: fx.GraphModule) -> torch.device:
+    """The device ``gm`` computes on: its store's for a streamed graph, else its first real tensor's (CPU
+    if it holds none)."""
+    store = gm.meta.get(STREAMED)
+    if store is not None:
+        return store.device
+    for tensor in (*gm.parameters(), *gm.buffers()):
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
 
 
 def set_tensor(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> None:

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from .capture import HF_PREFIX, capture
 from .distributed import on_rank0
 from .errors import UnsupportedGraphError
-from .graph import STREAMED, get_tensor, set_tensor, tensor_meta, tensor_targets
+from .graph import STREAMED, get_tensor, graph_device, set_tensor, tensor_meta, tensor_targets
 from .loading import empty_causal_lm, match_buffer_dtypes
 from .model import SlicedCausalLM, graph_module
 from .plan import Plan, plan_of
@@ -50,9 +50,14 @@ SHARD_BYTES = 2 * 1024**3
 """Largest weights file a streamed model is saved in (its store's budget when that is smaller)."""
 
 
-def fingerprint(gm: fx.GraphModule) -> str:
-    """sha256 of the generated code and of every tensor's name, shape and dtype."""
-    digest = hashlib.sha256(gm.code.encode())
+def fingerprint(gm: fx.GraphModule, device: str | torch.device | None = None) -> str:
+    """sha256 of the generated code and of every tensor's name, shape and dtype. With ``device``, the code
+    is read as if it named that device where it names its own (a graph rebuilt on another device than
+    the one it was saved from)."""
+    code = gm.code
+    if device is not None and torch.device(device) != graph_device(gm):
+        code = code.replace(repr(graph_device(gm)), repr(torch.device(device)))
+    digest = hashlib.sha256(code.encode())
     for target in tensor_targets(gm):
         tensor = tensor_meta(gm, target)
         digest.update(f"{target}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
@@ -99,6 +104,7 @@ def _save(gm: fx.GraphModule, model: torch.nn.Module, directory: Path, tokenizer
         "aliases": aliases,
         "dtypes": {target: str(tensor_meta(gm, target).dtype).removeprefix("torch.") for target in tensor_targets(gm)},
         "fingerprint": fingerprint(gm),
+        "device": str(graph_device(gm)),
     }
 
     def write(staging: Path) -> None:
@@ -186,24 +192,25 @@ def read_plan(directory: str | os.PathLike) -> Plan:
     return _read_recipe(Path(directory))["plan"]
 
 
-def _rebuild_causal_lm(directory: Path, dtype: torch.dtype):
+def _rebuild_causal_lm(directory: Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as error:
         raise UnsupportedGraphError(f"{directory / 'config.json'} cannot be read: {error}") from error
-    return empty_causal_lm(config, dtype), config
+    return empty_causal_lm(config, dtype, device), config
 
 
 def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, example_inputs: Any = None,
-         verify: bool = True) -> torch.nn.Module:
+         verify: bool = True, device: str | torch.device | None = None) -> torch.nn.Module:
     """Load a directory written by ``fxslice.save``.
 
-    A Hugging Face causal LM is rebuilt from its ``config.json``. For any other module pass ``model``, an
-    instance of the original architecture (its weights do not matter), and the ``example_inputs`` it was
-    compiled with. The weights file must have the sha256 recorded when it was saved (``verify=False``
-    skips reading it twice, for a file you trust).
+    A Hugging Face causal LM is rebuilt from its ``config.json`` on ``device`` (default the CPU), whatever
+    device it was compressed on: the graph is captured again there. For any other module pass ``model``,
+    an instance of the original architecture (its weights do not matter) on the device to run on, and the
+    ``example_inputs`` it was compiled with. The weights files must have the sha256 recorded when they were
+    saved (``verify=False`` skips reading them twice, for files you trust).
     """
     directory = Path(directory)
     recipe = _read_recipe(directory)
@@ -219,7 +226,7 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
     dtype = getattr(torch, recipe.get("dtype", "float32"))
     config = None
     if plan.kind == "causal_lm":
-        model, config = _rebuild_causal_lm(directory, dtype)
+        model, config = _rebuild_causal_lm(directory, dtype, torch.device(device or "cpu"))
         match_buffer_dtypes(model, {k: getattr(torch, v) for k, v in recipe.get("dtypes", {}).items()}, HF_PREFIX)
     elif model is None:
         raise UnsupportedGraphError(f"{directory} holds a compiled {plan.model_class}; pass model=<an "
@@ -246,24 +253,28 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
     for target, source in recipe.get("aliases", {}).items():
         if source in tensors:
             tensors[target] = tensors[source]
-    if fingerprint(gm) != recipe.get("fingerprint"):
+    saved_on = recipe.get("device", "cpu")
+    if fingerprint(gm, device=saved_on) != recipe.get("fingerprint"):
+        elsewhere = (f"; it was compressed on {saved_on} and rebuilt on {graph_device(gm)}, where the model code "
+                     f"may trace differently — load it on {saved_on}" if torch.device(saved_on) != graph_device(gm) else "")
         raise UnsupportedGraphError(
             f"the graph rebuilt from {directory} differs from the one saved (fingerprint mismatch); it was saved "
-            f"with {recipe.get('versions')} — load it with those versions of torch and transformers"
+            f"with {recipe.get('versions')} — load it with those versions of torch and transformers{elsewhere}"
         )
     expected = tensor_targets(gm)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise UnsupportedGraphError(f"{weights_path} lacks {len(missing)} tensors the rebuilt graph needs, e.g. {missing[:3]}")
     for target in expected:
-        old, new = get_tensor(gm, target), tensors[target]
+        old, new = tensor_meta(gm, target), tensors[target]
         if tuple(old.shape) != tuple(new.shape):
             raise UnsupportedGraphError(f"{weights_path}: {target} has shape {tuple(new.shape)}, the rebuilt graph "
                                         f"needs {tuple(old.shape)}")
     shared: dict[str, torch.Tensor] = {}
+    to = graph_device(gm)
     for target in expected:
         source = recipe.get("aliases", {}).get(target, target)
-        shared.setdefault(source, tensors[target])
+        shared.setdefault(source, tensors[target].to(to))
         set_tensor(gm, target, shared[source])
     return SlicedCausalLM(gm, config) if config is not None else gm
 

@@ -47,6 +47,16 @@ def test_slice_streams_a_checkpoint_within_a_small_budget_to_the_same_model(slic
         assert torch.equal(library.load(out)(ids).logits, library.load(sliced_dir)(ids).logits)
 
 
+def test_slice_in_bfloat16_on_a_named_device_saves_a_bfloat16_model_that_evaluates(tiny_hf_dir, tmp_path):
+    out = tmp_path / "bf16"
+    fxslice("slice", tiny_hf_dir, "--ratio", "0.25", "--calibration", VALID, "--samples", "4", "--seq-len", "32",
+            "--dtype", "bfloat16", "--device", "cpu", "--out", out)
+    recipe = json.loads((out / "fxslice.json").read_text())
+    assert recipe["dtype"] == "bfloat16" and recipe["device"] == "cpu"
+    result = fxslice("eval", out, "--text", VALID, "--seq-len", "32", "--max-windows", "2", "--device", "cpu")
+    assert float(result.stdout.split()[-1]) > 1.0
+
+
 def test_eval_prints_a_perplexity(sliced_dir):
     result = fxslice("eval", sliced_dir, "--text", VALID, "--seq-len", "32", "--max-windows", "4")
     assert float(result.stdout.split()[-1]) > 1.0

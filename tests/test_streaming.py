@@ -25,18 +25,26 @@ BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
-def checkpoint(request, tmp_path_factory):
-    """A tiny random llama saved as safetensors shards of at most 100 kB (about 20 files)."""
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny random llama saved as safetensors shards of at most 100 kB (about 20 files), with its head
+    untied and tied to the embedding."""
     from hf_zoo import tiny_model
 
-    model = tiny_model("llama")
-    if request.param:
-        model.config.tie_word_embeddings = True
-        model.lm_head.weight = model.model.embed_tokens.weight
-    directory = tmp_path_factory.mktemp("checkpoint")
-    model.save_pretrained(directory, max_shard_size="100KB")
-    return directory
+    directories = {}
+    for tied in (False, True):
+        model = tiny_model("llama")
+        if tied:
+            model.config.tie_word_embeddings = True
+            model.lm_head.weight = model.model.embed_tokens.weight
+        directories[tied] = tmp_path_factory.mktemp("checkpoint")
+        model.save_pretrained(directories[tied], max_shard_size="100KB")
+    return directories
+
+
+@pytest.fixture(scope="module")
+def checkpoint(checkpoints):
+    return checkpoints[False]
 
 
 def _batches(vocab: int, seed: int = 0) -> list[dict]:
@@ -54,15 +62,16 @@ def _both(directory, passes, budget):
     return dense, in_memory, streamed
 
 
-@pytest.mark.parametrize("passes", [
-    [fuse_norm, rotate, slice(0.25)],
-    [fuse_norm, rotate, slice(0.3, schedule="spectrum")],
-    [fuse_norm, slice(budget=0.85)],
-], ids=["constant", "spectrum", "budget"])
-def test_a_streamed_checkpoint_compresses_to_the_in_memory_model(checkpoint, passes, tmp_path):
+@pytest.mark.parametrize("passes, tied", [
+    ([fuse_norm, rotate, slice(0.25)], False),
+    ([fuse_norm, rotate, slice(0.25)], True),
+    ([fuse_norm, rotate, slice(0.3, schedule="spectrum")], False),
+    ([fuse_norm, slice(budget=0.85)], True),
+], ids=["constant", "constant-tied", "spectrum", "budget-tied"])
+def test_a_streamed_checkpoint_compresses_to_the_in_memory_model(checkpoints, passes, tied, tmp_path):
     # 60 kB of weights in memory: far less than the model (about 2 MB), so weights are evicted and
     # rewritten ones spill to disk and are read back.
-    dense, in_memory, streamed = _both(checkpoint, passes, budget=60_000)
+    dense, in_memory, streamed = _both(checkpoints[tied], passes, budget=60_000)
     store = streamed.graph_module.meta[STREAMED]
     assert store.spilled > 0 and store.reads > len(store.files)
     assert plan_of(streamed) == plan_of(in_memory)
@@ -147,3 +156,43 @@ def test_a_streamed_compression_holds_a_fraction_of_the_checkpoint_in_memory(tmp
     assert measured["gained"] <= 0.6 * size, (measured, size)
     saved = sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
     assert 0.5 * size < saved < size
+
+
+def test_a_checkpoint_streams_in_bfloat16_as_it_loads_in_bfloat16(checkpoint, tmp_path):
+    passes = [fuse_norm, rotate, slice(0.25)]
+    dense = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    batches = _batches(dense.config.vocab_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_memory = fxslice.compile(dense, passes, calibration=batches)
+        streamed = fxslice.compile(str(checkpoint), passes, calibration=batches, stream_budget=60_000,
+                                   dtype=torch.bfloat16, device="cpu")
+    fxslice.save(streamed, tmp_path / "bf16")
+    loaded = fxslice.load(tmp_path / "bf16", device="cpu")
+    assert loaded.dtype == torch.bfloat16
+    ids = torch.randint(0, dense.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, in_memory(ids).logits)
+    with pytest.raises(ValueError, match="move a model in memory"):
+        fxslice.compile(dense, passes, calibration=batches, dtype=torch.float16)
+
+
+def test_a_model_saved_from_another_device_is_rebuilt_on_this_one(checkpoint, tmp_path):
+    # Saved as if compressed on another device (the recipe names it, the fingerprint reads the code as
+    # naming it): load captures on the CPU and compares the graphs in the saved device's terms.
+    dense = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    sliced = fxslice.compile(dense, [fuse_norm, rotate, slice(0.25)], calibration=_batches(dense.config.vocab_size))
+    fxslice.save(sliced, tmp_path / "saved")
+    recipe_path = tmp_path / "saved" / "fxslice.json"
+    recipe = json.loads(recipe_path.read_text())
+    assert recipe["device"] == "cpu"
+    recipe["device"], recipe["fingerprint"] = "cuda:0", fxslice.io.fingerprint(sliced.graph_module, device="cuda:0")
+    assert recipe["fingerprint"] != fxslice.io.fingerprint(sliced.graph_module)
+    recipe_path.write_text(json.dumps(recipe))
+    ids = torch.arange(3, 15).reshape(2, 6)
+    with torch.no_grad():
+        assert torch.equal(fxslice.load(tmp_path / "saved")(ids).logits, sliced(ids).logits)
+    recipe["fingerprint"] = "0" * 64
+    recipe_path.write_text(json.dumps(recipe))
+    with pytest.raises(UnsupportedGraphError, match="compressed on cuda:0 and rebuilt on cpu"):
+        fxslice.load(tmp_path / "saved")

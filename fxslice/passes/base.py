@@ -29,7 +29,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..analysis.regions import find_regions
 from ..errors import PassOrderError, UnsupportedGraphError
-from ..graph import eliminate_dead_code, refresh_shapes, tensor_meta, remove_unused_attributes
+from ..graph import eliminate_dead_code, graph_device, refresh_shapes, tensor_meta, remove_unused_attributes
 from ..plan import PassSpec, Plan, Skipped, plan_of, set_plan
 
 __all__ = ["CONTEXT", "Context", "FxslicePass", "PassResult", "calibrated", "check_invariants", "context_of",
@@ -104,14 +104,15 @@ def calibrated(gm: fx.GraphModule, calibration: Any, passes: Sequence[Any]):
     batches = check_calibration(calibration, gm, hf=plan_of(gm).kind == "causal_lm")
     estimate = calibration_estimate(gm, list(batches))
     # When the sweep's cached values would not fit, they wait on disk, one batch's in memory at a time.
-    spill = not fits(estimate)
+    device = graph_device(gm)  # its memory is what the sweep fills
+    spill = not fits(estimate, device)
     if spill:
         estimate = dict(estimate, cached=estimate["cached"] // len(batches))
         batches = batches.on_disk()
     agreed(lambda: check_fits(estimate, f"calibrating on {len(batches)} batches",
                               "use fewer or shorter calibration sequences (CLI: --samples, --seq-len), smaller "
                               "batches (--batch-size), or more processes (under torchrun each holds only its share "
-                              "of the batches)"))
+                              "of the batches)", device))
     # Reported with the progress bars (unless a pass turned them off), by one process, not each.
     if rank() == 0 and all(getattr(p, "progress", True) for p in passes):
         where = ", with the cached activations on disk" if spill else ""
