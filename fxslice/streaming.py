@@ -71,18 +71,18 @@ def _checkpoint_files(directory: Path) -> dict[str, Path]:
 
 class WeightStore:
     """A streamed graph's weights, by graph target: read on first use from the checkpoint, held in memory
-    up to ``budget`` bytes, rewritten ones spilled to ``spill`` when they must leave memory.
+    up to ``budget`` bytes, rewritten ones spilled to ``spill`` when they must leave memory. Values are
+    read in their placeholder's dtype onto ``device``.
 
     Each target points to a value (a key); tied weights point to one. ``put`` gives the target a new
     value (the same one as another target's when it is the same tensor object), as assigning a
     parameter does in memory.
     """
 
-    def __init__(self, checkpoint: Path, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 budget: int = DEFAULT_BUDGET, spill: str | os.PathLike | None = None):
+    def __init__(self, checkpoint: Path, device: torch.device | str = "cpu", budget: int = DEFAULT_BUDGET,
+                 spill: str | os.PathLike | None = None):
         self.checkpoint = Path(checkpoint)
         self.files = _checkpoint_files(self.checkpoint)
-        self.dtype = dtype
         self.device = torch.device(device)
         self.budget = int(budget)
         _return_freed_memory()
@@ -279,7 +279,7 @@ def open_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
                         fakes[id(parameter)] = torch.nn.Parameter(
                             torch.empty(parameter.shape, dtype=parameter.dtype, device=device), requires_grad=False)
                 module._parameters[name] = fakes[id(parameter)]
-    store = WeightStore(directory, dtype, device, budget, spill)
+    store = WeightStore(directory, device, budget, spill)
     for name, buffer in list(model.named_buffers()):
         if name in store.files:  # a persistent buffer the checkpoint holds
             owner, _, leaf = name.rpartition(".")

@@ -121,6 +121,8 @@ import json, sys, warnings, torch
 warnings.simplefilter("ignore")
 import fxslice
 from fxslice import fuse_norm, rotate, slice
+sys.path.insert(0, sys.argv[4])
+from streaming import warm_up
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -131,6 +133,7 @@ directory, budget = sys.argv[1], int(sys.argv[2])
 vocab = json.load(open(directory + "/config.json"))["vocab_size"]
 generator = torch.Generator().manual_seed(0)
 batches = [{"input_ids": torch.randint(0, vocab, (1, 64), generator=generator)} for _ in range(2)]
+warm_up()  # what a first compile imports is the process's own
 baseline = status("VmRSS")
 sliced = fxslice.compile(directory, [fuse_norm, rotate, slice(0.25)], calibration=batches, stream_budget=budget)
 fxslice.save(sliced, sys.argv[3])
@@ -145,7 +148,8 @@ def test_a_streamed_compression_holds_a_fraction_of_the_checkpoint_in_memory(tmp
     size = write_checkpoint(tmp_path / "checkpoint", layers=8, hidden=1024, intermediate=2816, heads=8, kv_heads=4,
                             vocab=8192)
     budget = 32 * 1024**2
-    run = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "checkpoint"), str(budget), str(tmp_path / "out")],
+    run = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "checkpoint"), str(budget), str(tmp_path / "out"),
+                          BENCHMARKS],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     measured = json.loads(run.stdout.strip().splitlines()[-1])
@@ -153,7 +157,7 @@ def test_a_streamed_compression_holds_a_fraction_of_the_checkpoint_in_memory(tmp
     assert measured["store_peak"] <= budget + 8192 * 1024 * 4
     # Peak resident memory above the process's after imports: the in-memory path needs the checkpoint
     # and more; streamed, the budget, the tensors being rewritten (float64), the graph's Python objects.
-    assert measured["gained"] <= 0.6 * size, (measured, size)
+    assert measured["gained"] <= 0.5 * size, (measured, size)
     saved = sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
     assert 0.5 * size < saved < size
 
