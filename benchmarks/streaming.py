@@ -101,6 +101,22 @@ def depth_table(depths: list[int], work: Path, budget: int, samples: int, seq_le
         shutil.rmtree(out)
 
 
+def write_safetensors_copy(model, directory: Path) -> None:
+    """``model`` as a Hugging Face safetensors checkpoint (transformers will not save a model it read from
+    GGUF): its config without the GGUF quantisation entry, its state dict with a tied head stored once."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.config)
+    config.__dict__.pop("quantization_config", None)
+    config.save_pretrained(directory)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+
+
 def smollm2(budget: int, windows: int) -> None:
     import torch
 
@@ -115,7 +131,7 @@ def smollm2(budget: int, windows: int) -> None:
     passes = [fuse_norm, rotate, slice(0.25)]
     with tempfile.TemporaryDirectory() as work:
         checkpoint = Path(work) / "smollm2"
-        model.save_pretrained(checkpoint)
+        write_safetensors_copy(model, checkpoint)
         start = time.perf_counter()
         in_memory = fxslice.compile(model, passes, calibration=batches)
         memory_seconds = time.perf_counter() - start

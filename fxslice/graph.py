@@ -12,9 +12,9 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 __all__ = [
     "INSERTED",
+    "STREAMED",
     "add_parameter",
     "constant_value",
-    "STREAMED",
     "eliminate_dead_code",
     "fake_weights",
     "get_tensor",
@@ -240,7 +240,6 @@ def fake_weights(gm: fx.GraphModule, mode: FakeTensorMode):
     finally:
         for table, name, tensor in swapped:
             table[name] = tensor
-
 
 
 def _concrete_like(v):

@@ -38,10 +38,9 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
 
     @property
     def device(self) -> torch.device:
-        from .graph import STREAMED
+        from .graph import graph_device
 
-        store = self.graph_module.meta.get(STREAMED)
-        return store.device if store is not None else next(self.graph_module.parameters()).device
+        return graph_device(self.graph_module)
 
     @property
     def dtype(self) -> torch.dtype:
