@@ -200,3 +200,11 @@ def test_a_model_saved_from_another_device_is_rebuilt_on_this_one(checkpoint, tm
     recipe_path.write_text(json.dumps(recipe))
     with pytest.raises(UnsupportedGraphError, match="compressed on cuda:0 and rebuilt on cpu"):
         fxslice.load(tmp_path / "saved")
+
+
+def test_a_streamed_model_heals_like_any_other(checkpoint):
+    dense, _, streamed = _both(checkpoint, [fuse_norm, rotate, slice(0.25)], budget=60_000)
+    batches = _batches(dense.config.vocab_size, seed=1)
+    healed = fxslice.heal(streamed, teacher=dense, data=batches, steps=2, eval_every=1, progress=False)
+    assert healed.heal_history[-1]["step"] == 2
+    assert plan_of(healed) == plan_of(streamed)
