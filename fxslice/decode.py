@@ -24,7 +24,7 @@ from .loading import empty_causal_lm, match_buffer_dtypes
 from .plan import plan_of
 from .replay import replay
 
-__all__ = ["Session", "build_decoder", "cache_length"]
+__all__ = ["Session", "build_decoder", "cache_length", "logit_error"]
 
 
 class _CachedCausalLMCall(torch.nn.Module):
@@ -125,6 +125,14 @@ def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModu
 
 
 @torch.no_grad()
+def logit_error(mine: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """How far ``mine`` is from ``reference`` (the largest difference over the reference's largest logit)
+    and the most it may be for the reference's dtype: 1e-4 in float32 and float64 (transformers computes
+    norms in float32 even in a float64 model), 3e-2 in half precision."""
+    error = float((mine - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
+    return error, (1e-4 if reference.dtype in (torch.float32, torch.float64) else 3e-2)
+
+
 def _verify(decoder: fx.GraphModule, gm: fx.GraphModule, batch: int, vocab: int) -> None:
     """Prefill 5 tokens and decode 3 more one at a time, then start again from another 3-token prompt (the
     cache rewinds) and decode one: every logit must match the compressed graph's."""
@@ -138,9 +146,8 @@ def _verify(decoder: fx.GraphModule, gm: fx.GraphModule, batch: int, vocab: int)
         for t in range(prompt, prompt + steps):
             logits.append(decoder(input_ids=ids[:, t : t + 1], attention_mask=torch.ones_like(ids[:, : t + 1]),
                                   position_ids=torch.full((batch, 1), t), cache_position=torch.tensor([t])))
-        scale = full.abs().max().clamp_min(1e-6)
-        error = max(error, ((torch.cat(logits, 1) - full).abs().max() / scale).item())
-    tolerance = 1e-4 if full.dtype in (torch.float32, torch.float64) else 3e-2
+        run, tolerance = logit_error(torch.cat(logits, 1), full)
+        error = max(error, run)
     if not error <= tolerance:
         raise RuntimeError(f"the cached decoding graph does not reproduce the model (relative error {error:.2g})")
 

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
+from .decode import logit_error
 from .errors import UnsupportedGraphError
 from .io import sha256, write_atomically
 from .model import SlicedCausalLM
@@ -155,9 +156,8 @@ def _export_decode(decoder: fx.GraphModule, batch: int, length: int) -> torch.ex
 
 
 def _agreement(mine: torch.Tensor, theirs: torch.Tensor, exact: bool, what: str) -> float:
-    error = float((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6))
-    tolerance = 0.0 if exact else (1e-4 if theirs.dtype in (torch.float32, torch.float64) else 3e-2)
-    if not error <= tolerance:
+    error, tolerance = logit_error(mine, theirs)
+    if not error <= (0.0 if exact else tolerance):
         raise RuntimeError(f"the exported {what} does not reproduce the model (relative error {error:.2g}); "
                            "nothing was written")
     return error
@@ -428,9 +428,7 @@ def _compare_hf(model: SlicedCausalLM, other: torch.nn.Module, what: str) -> flo
     with torch.no_grad():
         theirs = model(input_ids=ids).logits
         mine = other(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-    error = float((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6))
-    # transformers computes norms in float32 even in a float64 model: the float32 tolerance for both.
-    tolerance = 1e-4 if theirs.dtype in (torch.float32, torch.float64) else 3e-2
+    error, tolerance = logit_error(mine, theirs)
     if not error <= tolerance:
         raise UnsupportedGraphError(f"{what} does not reproduce the compressed model (relative error {error:.2g} "
                                     f"> {tolerance:g}): this architecture computes something from its hidden size that "
