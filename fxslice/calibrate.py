@@ -301,12 +301,10 @@ class _Sweep:
         if getattr(batches, "spill", False):
             self.spill = Path(tempfile.mkdtemp(prefix="fxslice-activations-"))
             self._cleanup = weakref.finalize(self, shutil.rmtree, self.spill, True)
-        self.spilled_bytes = 0  # most bytes of cached values written to disk at once (all batches)
 
     def _environments(self):
         """Each batch's values in turn. When they are kept on disk, a batch's cached tensors are read
         before it is handed out and written back after, so one batch's are in memory at a time."""
-        written = 0
         for b, env in enumerate(self.envs):
             path = self.spill / f"{b}.pt" if self.spill is not None else None
             if path is not None and path.exists():
@@ -315,10 +313,8 @@ class _Sweep:
             if path is not None:
                 cached = {n.name: v for n, v in env.items() if n.op != "placeholder" and isinstance(v, torch.Tensor)}
                 torch.save(cached, path)
-                written += sum(v.numel() * v.element_size() for v in cached.values())
                 for name in cached:
                     del env[self.by_name[name]]
-        self.spilled_bytes = max(self.spilled_bytes, written)
 
     def _value(self, node: fx.Node, env: dict):
         # Parameters are read when used, never cached: apply() replaces them as the sweep goes.

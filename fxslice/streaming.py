@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from safetensors import SafetensorError, safe_open
-from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from safetensors.torch import save_file
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from .errors import UnsupportedGraphError
 from .graph import STREAMED, tensor_meta, tensor_targets
 
-__all__ = ["DEFAULT_BUDGET", "WeightStore", "attach", "is_checkpoint", "is_streamed", "materialize", "open_checkpoint"]
+__all__ = ["DEFAULT_BUDGET", "WeightStore", "attach", "is_checkpoint", "materialize", "open_checkpoint"]
 
 DEFAULT_BUDGET = 2 * 1024**3
 """Bytes of weights a store keeps in memory unless told otherwise (``budget=``; CLI ``--stream-budget``)."""
@@ -60,7 +60,6 @@ def _checkpoint_files(directory: Path) -> dict[str, Path]:
             raise UnsupportedGraphError(f"{directory / _INDEX} is not a readable safetensors index: {error}") from error
         files = {name: directory / file for name, file in weight_map.items()}
     else:
-        files = {}
         with safe_open(directory / _SINGLE, "pt") as handle:
             files = dict.fromkeys(handle.keys(), directory / _SINGLE)
     for path in set(files.values()):
@@ -125,8 +124,7 @@ class WeightStore:
         same = next((k for k, v in self.cache.items() if v is tensor), None)
         if same is None:
             same = f"v{next(self._counter)}"
-            self.placeholders[same] = torch.nn.Parameter(torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"),
-                                                         requires_grad=False)
+            self.placeholders[same] = _placeholder(tensor)
             self.dirty.add(same)
             self._hold(same, tensor)
         self.keys[target] = same
@@ -150,8 +148,7 @@ class WeightStore:
             key = by_tensor.get(id(tensor))
             if key is None:
                 key = by_tensor[id(tensor)] = name
-                self.placeholders[key] = torch.nn.Parameter(torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"),
-                                                            requires_grad=False)
+                self.placeholders[key] = _placeholder(tensor)
             owner, _, leaf = target.rpartition(".")
             (gm.get_submodule(owner) if owner else gm)._parameters[leaf] = self.placeholders[key]
             self.keys[target] = key
@@ -196,7 +193,7 @@ class WeightStore:
                 self.dirty.discard(key)
                 self.spilled += 1
             self._evicted += tensor.numel() * tensor.element_size()
-            del tensor
+            del tensor  # freed before the heaps are trimmed below
         if self._evicted > self.budget // 4:
             self._evicted = 0
             _trim()
@@ -214,6 +211,11 @@ class WeightStore:
     def close(self) -> None:
         """Remove the spill directory (also done when the store is garbage-collected)."""
         self._cleanup()
+
+
+def _placeholder(tensor: torch.Tensor) -> torch.nn.Parameter:
+    """What the graph holds for a streamed weight: its shape and dtype on the meta device."""
+    return torch.nn.Parameter(torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"), requires_grad=False)
 
 
 def _glibc():
@@ -292,10 +294,6 @@ def attach(gm: fx.GraphModule, store: WeightStore, prefix: str) -> fx.GraphModul
     store.adopt(gm, prefix)
     gm.meta[STREAMED] = store
     return gm
-
-
-def is_streamed(gm: fx.GraphModule) -> bool:
-    return gm.meta.get(STREAMED) is not None
 
 
 def materialize(gm: fx.GraphModule) -> fx.GraphModule:
