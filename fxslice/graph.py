@@ -21,6 +21,7 @@ __all__ = [
     "graph_device",
     "is_diagonal",
     "is_op",
+    "owner_of",
     "refresh_shapes",
     "remove_unused_attributes",
     "set_tensor",
@@ -55,11 +56,16 @@ def val(node: Any):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
+def owner_of(module: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
+    """The submodule that holds the dotted attribute ``target`` of ``module``, and the attribute's name in it."""
+    path, _, name = target.rpartition(".")
+    return (module.get_submodule(path) if path else module), name
+
+
 def tensor_meta(gm: fx.GraphModule, target: str) -> torch.Tensor:
     """The tensor at ``target`` as the graph holds it, never read from disk: for shapes, dtypes and identity
     (a streamed graph's weights are meta placeholders here; tied weights are one object either way)."""
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
+    return getattr(*owner_of(gm, target))
 
 
 def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
@@ -86,8 +92,7 @@ def graph_device(gm: fx.GraphModule) -> torch.device:
 def set_tensor(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> None:
     """Replace the parameter or buffer at ``target`` (keeps its kind; parameters never require grad).
     A streamed weight goes to the store, and the graph keeps its placeholder."""
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner, name = owner_of(gm, target)
     store = gm.meta.get(STREAMED)
     old = getattr(owner, name, None)
     placeholder = None
@@ -199,8 +204,7 @@ def remove_unused_attributes(gm: fx.GraphModule) -> None:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if name not in used:
-            owner_path, _, leaf = name.rpartition(".")
-            owner = gm.get_submodule(owner_path) if owner_path else gm
+            owner, leaf = owner_of(gm, name)
             owner._parameters.pop(leaf, None)
             owner._buffers.pop(leaf, None)
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .errors import UnsupportedGraphError
+from .graph import owner_of
 
 __all__ = ["empty_causal_lm", "load_causal_lm", "load_tokenizer", "match_buffer_dtypes"]
 
@@ -101,6 +102,5 @@ def match_buffer_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype], 
     for name, buffer in list(model.named_buffers()):
         dtype = dtypes.get(prefix + name)
         if dtype is not None and buffer.dtype != dtype:
-            owner, _, leaf = name.rpartition(".")
-            module = model.get_submodule(owner) if owner else model
-            module._buffers[leaf] = buffer.to(dtype)
+            owner, leaf = owner_of(model, name)
+            owner._buffers[leaf] = buffer.to(dtype)

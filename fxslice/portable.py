@@ -31,6 +31,7 @@ from torch.export import Dim
 
 from .decode import logit_error
 from .errors import UnsupportedGraphError
+from .graph import owner_of
 from .io import sha256, write_atomically
 from .model import SlicedCausalLM
 from .streaming import materialize
@@ -403,8 +404,7 @@ def _make_weightless(model: torch.nn.Module, name: str, parameter: torch.nn.Para
     a shift is zero; a scale ``w`` enters
     the module's output affinely (``a + b·w``: ``w``, or ``1 + w`` for offset norms), so it is solved from
     the outputs at ``w = 0`` and ``w = 1`` by least squares."""
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner)
+    module, leaf = owner_of(model, name)
     if parameter.dim() != 1 or parameter.shape[0] != width:
         raise UnsupportedGraphError(f"{name} (shape {tuple(parameter.shape)}) is a parameter the compressed graph "
                                     "does not read and not a norm fxslice folded: export --format pt2")

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from .errors import UnsupportedGraphError
-from .graph import STREAMED, tensor_meta, tensor_targets
+from .graph import STREAMED, owner_of, tensor_meta, tensor_targets
 
 __all__ = ["DEFAULT_BUDGET", "WeightStore", "attach", "is_checkpoint", "materialize", "open_checkpoint"]
 
@@ -149,8 +149,8 @@ class WeightStore:
             if key is None:
                 key = by_tensor[id(tensor)] = name
                 self.placeholders[key] = _placeholder(tensor)
-            owner, _, leaf = target.rpartition(".")
-            (gm.get_submodule(owner) if owner else gm)._parameters[leaf] = self.placeholders[key]
+            owner, leaf = owner_of(gm, target)
+            owner._parameters[leaf] = self.placeholders[key]
             self.keys[target] = key
             if name in self.files and key not in self.origin:
                 self.origin[key] = (self.files[name], name)
@@ -284,8 +284,8 @@ def open_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
     store = WeightStore(directory, device, budget, spill)
     for name, buffer in list(model.named_buffers()):
         if name in store.files:  # a persistent buffer the checkpoint holds
-            owner, _, leaf = name.rpartition(".")
-            (model.get_submodule(owner) if owner else model)._buffers[leaf] = store._read(store.files[name], name).to(buffer.dtype)
+            owner, leaf = owner_of(model, name)
+            owner._buffers[leaf] = store._read(store.files[name], name).to(buffer.dtype)
     return model, store
 
 
@@ -310,8 +310,7 @@ def materialize(gm: fx.GraphModule) -> fx.GraphModule:
         key = store.keys[target]
         if key not in values:
             values[key] = torch.nn.Parameter(store.get(target), requires_grad=False)
-        owner_path, _, name = target.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner, name = owner_of(gm, target)
         owner._parameters[name] = values[key]
     del gm.meta[STREAMED]
     store.close()
