@@ -149,7 +149,7 @@ def fits(estimate: dict[str, int], device: torch.device | str = "cpu") -> bool:
 def check_fits(estimate: dict[str, int], what: str, remedy: str, device: torch.device | str = "cpu") -> None:
     """Refuse (``CalibrationError``) when the bytes of ``estimate`` (beyond what the process holds now) are
     more than ``available_bytes``; the message names the estimate, what is available and ``remedy``."""
-    available = available_bytes(device)
-    if not fits(estimate, device):
+    available = available_bytes(device)  # read once: the message names the figure the check compared with
+    if available is not None and sum(estimate.values()) > available:
         raise CalibrationError(f"{what} needs an estimated {describe(estimate)} more than this process holds, and "
                                f"{available / GiB:.2f} GiB is available: {remedy}")
