@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=None)
     parser.add_argument("--lora-alpha", type=float, default=None)
     parser.add_argument("--lm-weight", type=float, default=0.0)
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--val-windows", type=int, default=8)
     parser.add_argument("--test-windows", type=int, default=64)
@@ -76,7 +77,7 @@ def main() -> None:
     healed = fxslice.heal(compressed, model, windows_to_batches(train, args.batch), steps=args.steps, lr=args.lr,
                           validation=windows_to_batches(held_out, args.batch), eval_every=args.eval_every,
                           lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lm_weight=args.lm_weight,
-                          state_dir=args.state_dir)
+                          state_dir=args.state_dir, autocast=getattr(torch, args.autocast) if args.autocast else None)
     wall = time.perf_counter() - start
     timings = fxslice.report(healed)["heal"]
     rows.append({"row": f"{args.compress} healed", "parameters": fxslice.report(healed)["parameters"]["after"],

@@ -130,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--lora-alpha", type=float)
     h.add_argument("--lm-weight", type=float, default=0.0, help="weight of the next-token loss added to the KL")
     h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--autocast", choices=["bfloat16", "float16"], help="compute in this dtype under torch.autocast "
+                   "(weights stay float32): about twice the speed where the hardware has it")
     h.add_argument("--state-dir", help="where the resumable state goes (default: OUT.heal-state beside OUT; "
                    "run the same command again to continue an interrupted run)")
 
@@ -231,6 +233,8 @@ def _slice_on_this_process(args) -> None:
 def _heal(args) -> None:
     import shutil
 
+    import torch
+
     import fxslice
     from fxslice.data import consecutive_windows, windows_to_batches
     from fxslice.loading import load_causal_lm
@@ -249,7 +253,8 @@ def _heal(args) -> None:
     healed = fxslice.heal(compressed, teacher, windows_to_batches(train, args.batch_size), args.steps, lr=args.lr,
                           validation=windows_to_batches(held_out, args.batch_size),
                           eval_every=args.eval_every, patience=args.patience, lora_rank=args.lora_rank,
-                          lora_alpha=args.lora_alpha, lm_weight=args.lm_weight, seed=args.seed, state_dir=state_dir)
+                          lora_alpha=args.lora_alpha, lm_weight=args.lm_weight, seed=args.seed, state_dir=state_dir,
+                          autocast=getattr(torch, args.autocast) if args.autocast else None)
     fxslice.save(healed, out, tokenizer=tokenizer, overwrite=args.overwrite)
     (out / "heal.json").write_text(json.dumps({"report": fxslice.report(healed)["heal"],
                                                "history": healed.heal_history}, indent=1))

@@ -27,6 +27,7 @@ with the same options and data continues from it, giving the same result as an u
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -76,6 +77,7 @@ class _Options:
     weight_decay: float
     accumulate: int
     master_dtype: str | None
+    autocast: str | None
     seed: int
 
     def check(self) -> None:
@@ -102,6 +104,8 @@ class _Options:
             raise ValueError("heal: lora_alpha is an adapter option; give lora_rank too")
         if self.master_dtype not in (None, "float32", "float64", "bfloat16", "float16"):
             raise ValueError(f"heal: master_dtype must be a floating dtype; got {self.master_dtype!r}")
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"heal: autocast must be torch.bfloat16 or torch.float16; got {self.autocast!r}")
 
 
 class _Trainable:
@@ -268,6 +272,7 @@ def heal(
     weight_decay: float = 0.0,
     accumulate: int = 1,
     master_dtype: torch.dtype | None = None,
+    autocast: torch.dtype | None = None,
     seed: int = 0,
     state_dir: str | os.PathLike | None = None,
     teacher_cache: str | os.PathLike | None = None,
@@ -284,12 +289,16 @@ def heal(
     betas (0.9, 0.95). ``lora_rank``: train adapters of that rank instead of every weight (``lora_alpha``
     defaults to the rank). ``teacher_cache``: a directory where the teacher's logits are kept (float16, one
     file per batch) so later passes over the data, resumed runs and other runs on the same data skip the
-    teacher. Returns the model of the best validation loss; ``compressed`` is not modified.
+    teacher. ``autocast``: run both models' forward and the backward pass under ``torch.autocast`` in that
+    dtype (matrix products in bfloat16 or float16, norms and the loss in float32; the masters and the
+    result keep their dtype): about twice the speed on CPUs with bfloat16 instructions and on GPUs.
+    Returns the model of the best validation loss; ``compressed`` is not modified.
     The loss history is in the result's ``heal_history``.
     """
     options = _Options(steps, float(lr), eval_every, patience, lora_rank, lora_alpha, float(lm_weight),
                        float(temperature), steps // 10 if warmup is None else warmup, float(weight_decay), accumulate,
-                       str(master_dtype).removeprefix("torch.") if master_dtype else None, seed)
+                       str(master_dtype).removeprefix("torch.") if master_dtype else None,
+                       str(autocast).removeprefix("torch.") if autocast else None, seed)
     options.check()
     gm = materialize(graph_module(compressed))  # a streamed model trains with its weights in memory
     plan = plan_of(gm)
@@ -315,11 +324,15 @@ def heal(
     if isinstance(teacher, torch.nn.Module):
         teacher.eval()
 
+    def mixed():
+        return torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+
     def loss_of(batch: Batch, grad: bool) -> tuple[torch.Tensor, int]:
         args, kwargs = optree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch,
                                        none_is_leaf=True)
-        target = teacher_logits(batch, args, kwargs)
-        with torch.set_grad_enabled(grad):
+        with mixed():
+            target = teacher_logits(batch, args, kwargs)
+        with torch.set_grad_enabled(grad), mixed():
             student = _logits(torch.func.functional_call(work, trainable.weights(), args, kwargs))
             return distillation_loss(student, target, _mask((args, kwargs), student), options.temperature,
                                      options.lm_weight, kwargs.get("input_ids") if hf else None)

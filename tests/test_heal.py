@@ -134,6 +134,7 @@ def wrong_vocabulary(**inputs):
     (batches(), None, {"steps": 0}, ValueError, "steps must be a positive integer"),
     (batches(), None, {"warmup": 10}, ValueError, r"warmup must be an integer in \[0, steps\)"),
     (batches(), None, {"lora_alpha": 8.0}, ValueError, "give lora_rank too"),
+    (batches(), None, {"autocast": torch.float64}, ValueError, "autocast must be torch.bfloat16 or torch.float16"),
 ])
 def test_bad_input_is_refused_before_anything_changes(tmp_path, data, teacher, options, error, message):
     dense, student = compressed()
@@ -179,6 +180,19 @@ def test_any_compiled_module_heals_and_bfloat16_masters_work():
         ids = example_ids(arch, 1, 5, seed=3)
         with torch.no_grad():
             assert relative_error(healed(ids), model(ids)) < relative_error(student(ids), model(ids)), master
+
+
+def test_autocast_computes_in_bfloat16_and_keeps_float32_weights():
+    teacher, student = compressed(dtype=torch.float32)
+    data = batches()
+    runs = {dtype: fxslice.heal(student, teacher, data, steps=8, lr=3e-4, warmup=0, validation=data, eval_every=4,
+                                autocast=dtype, progress=False) for dtype in (None, torch.bfloat16)}
+    mixed = [h["validation"] for h in runs[torch.bfloat16].heal_history if "validation" in h]
+    exact = [h["validation"] for h in runs[None].heal_history if "validation" in h]
+    assert mixed[0] != exact[0], "the validation loss before training is the same with and without autocast"
+    assert mixed[-1] < 0.75 * mixed[0], f"validation KL under autocast {mixed}"
+    assert all(p.dtype == torch.float32 for p in runs[torch.bfloat16].parameters())
+    assert validation_loss(runs[torch.bfloat16], teacher, data) < 0.75 * validation_loss(student, teacher, data)
 
 
 def test_cached_teacher_logits_are_computed_once_and_train_the_same(tmp_path):
