@@ -3,6 +3,7 @@
     python benchmarks/heal.py                                  # slice(0.25), about 35 minutes on 2 cores
     python benchmarks/heal.py --compress "budget 0.75"
     python benchmarks/heal.py --lora-rank 32 --lr 5e-4
+    python benchmarks/heal.py --steps 60 --lm-weight 0 0.5 --score validation   # choose a setting
 
 Protocol: the reference SliceGPT's stream (rows joined by blank lines). Compression calibrates on 64
 windows x 512 tokens of the valid stream (seed 42), as quality.py. Healing trains on the valid stream's
@@ -31,7 +32,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--lora-rank", type=int, default=None)
     parser.add_argument("--lora-alpha", type=float, default=None)
-    parser.add_argument("--lm-weight", type=float, default=0.0)
+    parser.add_argument("--lm-weight", type=float, nargs="+", default=[0.0],
+                        help="one healing run from the same compressed model for each value")
+    parser.add_argument("--score", choices=["test", "validation"], default="test",
+                        help="validation: perplexity on the held-out valid windows only (to choose settings)")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--val-windows", type=int, default=8)
@@ -61,7 +65,10 @@ def main() -> None:
 
     windows = consecutive_windows(tokenizer, valid, 512)
     train, held_out = windows[: -args.val_windows], windows[-args.val_windows :]
-    texts = {"WikiText-2 test": (join_rows(TEST), args.test_windows), "BBC News": (bbc_news(), args.news_windows)}
+    if args.score == "validation":
+        texts = {"held-out valid": (held_out, None)}
+    else:
+        texts = {"WikiText-2 test": (join_rows(TEST), args.test_windows), "BBC News": (bbc_news(), args.news_windows)}
 
     def scores(m) -> dict:
         return {name: perplexity(m, tokenizer, text, 512, max_windows=n) for name, (text, n) in texts.items()}
@@ -73,18 +80,20 @@ def main() -> None:
     rows.append({"row": f"{args.compress}", "parameters": fxslice.report(compressed)["parameters"]["after"],
                  **scores(compressed)})
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    healed = fxslice.heal(compressed, model, windows_to_batches(train, args.batch), steps=args.steps, lr=args.lr,
-                          validation=windows_to_batches(held_out, args.batch), eval_every=args.eval_every,
-                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lm_weight=args.lm_weight,
-                          state_dir=args.state_dir, autocast=getattr(torch, args.autocast) if args.autocast else None)
-    wall = time.perf_counter() - start
-    timings = fxslice.report(healed)["heal"]
-    rows.append({"row": f"{args.compress} healed", "parameters": fxslice.report(healed)["parameters"]["after"],
-                 **scores(healed), **timings, "wall_s": wall, "history": healed.heal_history})
-    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    if args.out:
-        fxslice.save(healed, args.out, tokenizer=tokenizer, overwrite=True)
+    for lm_weight in args.lm_weight:
+        start = time.perf_counter()
+        healed = fxslice.heal(compressed, model, windows_to_batches(train, args.batch), steps=args.steps, lr=args.lr,
+                              validation=windows_to_batches(held_out, args.batch), eval_every=args.eval_every,
+                              lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lm_weight=lm_weight,
+                              state_dir=args.state_dir, autocast=getattr(torch, args.autocast) if args.autocast else None)
+        wall = time.perf_counter() - start
+        timings = fxslice.report(healed)["heal"]
+        label = f"{args.compress} healed" + (f", lm_weight {lm_weight:g}" if len(args.lm_weight) > 1 else "")
+        rows.append({"row": label, "parameters": fxslice.report(healed)["parameters"]["after"],
+                     **scores(healed), **timings, "wall_s": wall, "history": healed.heal_history})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        if args.out:
+            fxslice.save(healed, args.out, tokenizer=tokenizer, overwrite=True)
 
     command = " ".join(["python benchmarks/heal.py"] + sys.argv[1:])
     print(f"<!-- {machine()}, CPU, command: {command}; {len(train)} training windows, {args.val_windows} held out -->")

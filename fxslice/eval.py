@@ -19,7 +19,7 @@ __all__ = ["perplexity"]
 def perplexity(
     model: Any,
     tokenizer: Any,
-    text_or_path: str | os.PathLike,
+    text_or_path: str | os.PathLike | torch.Tensor,
     seq_len: int = 512,
     max_windows: int | None = None,
     batch_size: int = 8,
@@ -30,11 +30,12 @@ def perplexity(
     Each window is the tokenizer's leading special tokens (``fxslice.data.leading_tokens``: a ``<bos>`` or
     nothing) followed by the next stretch of text, scored on its own: every text token after the first
     position is predicted from its prefix in the window; the mean is over all predicted tokens. Works for
-    any callable returning ``.logits`` (or a logits tensor).
+    any callable returning ``.logits`` (or a logits tensor). ``text_or_path`` may also be the windows
+    themselves (``[count, seq_len]`` token ids, as ``consecutive_windows`` makes them).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2; got {seq_len}")
-    windows = consecutive_windows(tokenizer, text_or_path, seq_len)
+    windows = text_or_path if isinstance(text_or_path, torch.Tensor) else consecutive_windows(tokenizer, text_or_path, seq_len)
     if max_windows is not None:
         windows = windows[:max_windows]
     count, lead = windows.shape[0], len(leading_tokens(tokenizer))
