@@ -128,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--lora-rank", type=_positive, help="train low-rank adapters of this rank (merged at the end) "
                    "instead of every weight")
     h.add_argument("--lora-alpha", type=float)
-    h.add_argument("--lm-weight", type=float, default=0.0, help="weight of the next-token loss added to the KL")
+    h.add_argument("--lm-weight", type=float, default=0.0, help="weight of the next-token loss added to the KL "
+                   "(default 0; 0.5 fits the model to the training text's domain: far lower perplexity there, a "
+                   "little higher elsewhere)")
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--autocast", choices=["bfloat16", "float16"], help="compute in this dtype under torch.autocast "
                    "(weights stay float32): about twice the speed where the hardware has it")
