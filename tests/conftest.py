@@ -26,7 +26,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.fixture(autouse=True)
 def _quiet_torch():
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    # pytest-xdist runs several workers at once: the cores are shared among them.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // workers)))
     yield
 
 
