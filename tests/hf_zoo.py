@@ -19,6 +19,7 @@ SIZES = {
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
+    "head_dim": 16,  # hidden / heads: some configs default to 128, which makes attention 8x the MLPs
     "intermediate_size": 128,
     "vocab_size": 128,
     "max_position_embeddings": 256,
@@ -30,6 +31,7 @@ OVERRIDES = {
     "gemma2": {"head_dim": 16},
     "gemma3_text": {"head_dim": 16},
     "gptj": {"rotary_dim": 8},
+    "falcon": {"ffn_hidden_size": 128},  # the config's default is falcon-7b's 18176
     "helium": {"head_dim": 16},
     "codegen": {"rotary_dim": 8, "n_ctx": 256},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
@@ -42,7 +44,8 @@ def tiny_config(name: str):
 
     config = AutoConfig.for_model(name)
     for key, value in {**SIZES, **OVERRIDES.get(name, {})}.items():
-        if value is not None and (hasattr(config, key) or key in OVERRIDES.get(name, {})):
+        derived = isinstance(getattr(type(config), key, None), property)  # e.g. falcon's head_dim
+        if value is not None and not derived and (hasattr(config, key) or key in OVERRIDES.get(name, {})):
             setattr(config, key, value)
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[: config.num_hidden_layers]

@@ -153,7 +153,7 @@ def test_heal_distils_into_the_saved_model_and_keeps_its_plan(tiny_hf_dir, slice
     out, data = tmp_path / "healed", tmp_path / "some.txt"
     data.write_text("".join(VALID.read_text().splitlines(keepends=True)[:100]))
     result = fxslice("heal", sliced_dir, "--teacher", tiny_hf_dir, "--data", data, "--steps", "4", "--seq-len", "32",
-                     "--batch-size", "4", "--eval-every", "2", "--lr", "3e-4", "--out", out)
+                     "--batch-size", "4", "--eval-every", "2", "--lr", "3e-4", "--autocast", "bfloat16", "--out", out)
     assert "healed in" in result.stdout and "tokens/s" in result.stdout, result.stdout
     assert "peak memory" in result.stderr and "estimate" in result.stderr
     heal = json.loads((out / "heal.json").read_text())

@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from ..analysis.mlps import MLP, find_mlps, mlp_module
+from ..analysis.mlps import MLP, SkippedMLP, find_mlps, mlp_module
 from ..distributed import from_rank0
 from ..errors import UnsupportedGraphError, module_path
 from ..graph import get_tensor, set_tensor, tensor_meta, unique_parameters
@@ -142,7 +142,7 @@ class ShrinkMLP(FxslicePass):
         else:
             if self.budget is not None:
                 widths = budget_widths(gm, mlps, self.budget, plan.parameters_before or unique_parameters(gm),
-                                       self.multiple_of)
+                                       self.multiple_of, skipped)
             else:
                 widths = [self.width(i, m) for i, m in enumerate(mlps)]
             self._calibrate(gm, mlps, widths, context)
@@ -195,9 +195,11 @@ def check_budget(budget) -> None:
                          f"of the dense model's; got {budget!r}")
 
 
-def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int, multiple_of: int = 8) -> list[int]:
+def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int, multiple_of: int = 8,
+                  skipped: Sequence[SkippedMLP] = ()) -> list[int]:
     """The widest MLPs, every one keeping the same fraction of its channels (rounded down to
-    ``multiple_of``), that leave ``gm`` with at most ``budget · dense`` parameters (counted exactly)."""
+    ``multiple_of``), that leave ``gm`` with at most ``budget · dense`` parameters (counted exactly).
+    ``skipped``: the candidates the analysis left alone, named in the refusal."""
     per_channel = []
     for mlp in mlps:
         sides = (*mlp.channel_sides(), mlp.down.input_side())
@@ -209,9 +211,10 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
         if now - sum((m.width - k) * n for m, k, n in zip(mlps, widths, per_channel)) <= goal:
             return widths
     reachable = (now - sum((m.width - k) * n for m, k, n in zip(mlps, widths, per_channel))) / dense
+    left = (f"; {len(skipped)} MLP-like candidates were left alone, e.g. {skipped[0]}" if skipped else "")
     raise UnsupportedGraphError(f"a budget of {budget} of the dense parameters cannot be met by shrinking the "
-                                f"{len(mlps)} MLPs found (at most down to {reachable:.3f}): the residual stream and "
-                                "attention stay whole; choose a larger budget or add slice(ratio) before")
+                                f"{len(mlps)} MLPs found (at most down to {reachable:.3f}){left}: the residual stream "
+                                "and attention stay whole; choose a larger budget or add slice(ratio) before")
 
 
 def shrink_mlp(ratio: float | None = None, *, widths: Widths | None = None, budget: float | None = None,
