@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
                    "little higher elsewhere)")
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--autocast", choices=["bfloat16", "float16"], help="compute in this dtype under torch.autocast "
-                   "(weights stay float32): about twice the speed where the hardware has it")
+                   "(weights stay float32): faster where the hardware multiplies in that dtype")
     h.add_argument("--state-dir", help="where the resumable state goes (default: OUT.heal-state beside OUT; "
                    "run the same command again to continue an interrupted run)")
 

@@ -35,7 +35,10 @@ def perplexity(
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2; got {seq_len}")
-    windows = text_or_path if isinstance(text_or_path, torch.Tensor) else consecutive_windows(tokenizer, text_or_path, seq_len)
+    if isinstance(text_or_path, torch.Tensor):
+        windows = text_or_path
+    else:
+        windows = consecutive_windows(tokenizer, text_or_path, seq_len)
     if max_windows is not None:
         windows = windows[:max_windows]
     count, lead = windows.shape[0], len(leading_tokens(tokenizer))

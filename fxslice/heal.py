@@ -291,7 +291,7 @@ def heal(
     file per batch) so later passes over the data, resumed runs and other runs on the same data skip the
     teacher. ``autocast``: run both models' forward and the backward pass under ``torch.autocast`` in that
     dtype (matrix products in bfloat16 or float16, norms and the loss in float32; the masters and the
-    result keep their dtype): about twice the speed on CPUs with bfloat16 instructions and on GPUs.
+    result keep their dtype): faster where the hardware multiplies in that dtype (AVX512-BF16 / AMX CPUs, GPUs).
     Returns the model of the best validation loss; ``compressed`` is not modified.
     The loss history is in the result's ``heal_history``.
     """
