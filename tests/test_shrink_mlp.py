@@ -205,3 +205,10 @@ def test_a_budget_is_one_of_three_ways_to_size_a_slice():
         slice(budget=1.5)
     with pytest.raises(UnsupportedGraphError, match="calibration"):
         fxslice.compile(TinyLM(Arch()).eval(), [slice(budget=0.9)], example_inputs=(example_ids(Arch()),))
+
+
+def test_a_budget_without_any_mlp_says_what_an_mlp_is():
+    calibration = [{"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(s))}
+                   for s in range(2)]
+    with pytest.raises(UnsupportedGraphError, match=r"shrinking the 0 MLPs found .*fused projection split"):
+        fxslice.compile(tiny_model("phi3"), [fuse_norm, slice(budget=0.75)], calibration=calibration)
