@@ -211,9 +211,13 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
         if now - sum((m.width - k) * n for m, k, n in zip(mlps, widths, per_channel)) <= goal:
             return widths
     reachable = (now - sum((m.width - k) * n for m, k, n in zip(mlps, widths, per_channel))) / dense
-    left = (f"; {len(skipped)} MLP-like candidates were left alone, e.g. {skipped[0]}" if skipped else
-            "; an MLP is a linear fed by other linears through pointwise ops only (a fused projection split in "
-            "the graph, or experts held as 3-D weights, are not one yet)" if not mlps else "")
+    if skipped:
+        left = f"; {len(skipped)} MLP-like candidates were left alone, e.g. {skipped[0]}"
+    elif not mlps:
+        left = ("; an MLP is a linear fed by other linears through pointwise ops only (a fused projection split "
+                "in the graph, or experts held as 3-D weights, are not one yet)")
+    else:
+        left = ""
     raise UnsupportedGraphError(f"a budget of {budget} of the dense parameters cannot be met by shrinking the "
                                 f"{len(mlps)} MLPs found (at most down to {reachable:.3f}){left}: the residual stream "
                                 "and attention stay whole; choose a larger budget or add slice(ratio) before")
