@@ -283,7 +283,15 @@ class _Sweep:
                 if node not in needed and any(base in needed for base in _written(node)):
                     needed |= _ancestors([node])
                     grown = True
-        self.order = [n for n in gm.graph.nodes if n in needed and n.op not in ("placeholder", "get_attr")]
+        # Values made from parameters alone (a transposed weight) are computed where read, never cached:
+        # apply() replaces parameters as the sweep goes.
+        self.weight_views: set[fx.Node] = set()
+        for n in gm.graph.nodes:
+            if (n.op == "call_function" and n not in targets and not _mutates(n) and n.all_input_nodes
+                    and all(a.op == "get_attr" or a in self.weight_views for a in n.all_input_nodes)):
+                self.weight_views.add(n)
+        self.order = [n for n in gm.graph.nodes
+                      if n in needed and n.op not in ("placeholder", "get_attr") and n not in self.weight_views]
         position = {n: i for i, n in enumerate(self.order)}
         self.position = position
         self.last_use = {n: max((position.get(u, -1) for u in n.users), default=-1) for n in needed}
@@ -318,7 +326,9 @@ class _Sweep:
 
     def _value(self, node: fx.Node, env: dict):
         # Parameters are read when used, never cached: apply() replaces them as the sweep goes.
-        return get_tensor(self.gm, node.target) if node.op == "get_attr" else env[node]
+        if node.op == "get_attr":
+            return get_tensor(self.gm, node.target)
+        return self._run(node, env) if node in self.weight_views else env[node]
 
     def _run(self, node: fx.Node, env: dict):
         if node in self.identities:
@@ -334,24 +344,33 @@ class _Sweep:
         raise RuntimeError(f"cannot interpret {node.format_node()}")
 
     @torch.no_grad()
-    def run_until(self, target: fx.Node, observe=None) -> None:
-        """Compute every node up to ``target`` for all batches; ``observe(batch, value)`` sees target."""
+    def run_until(self, target: fx.Node, observe=None, groups: fx.Node | None = None) -> None:
+        """Compute every node up to ``target`` for all batches; ``observe(batch, value)`` sees target
+        (``observe(batch, value, offsets)`` with the value of ``groups``, computed before target)."""
         end = self.position[target]
         segment = self.order[self.cursor : end + 1]
         for b, env in self._environments():
             for node in segment:
                 env[node] = self._run(node, env)
             if observe is not None:
-                observe(b, env[target])
+                observe(b, env[target], *([env[groups]] if groups is not None else []))
             for node in [n for n in env if n.op != "placeholder" and self.last_use.get(n, -1) <= end]:
                 del env[node]
         self.cursor = end + 1
 
-    def select(self, node: fx.Node, channels: torch.Tensor) -> None:
-        """Cached values of ``node`` keep only ``channels`` of their last dim."""
+    def select(self, node: fx.Node, channels: torch.Tensor, groups: fx.Node | None = None) -> None:
+        """Cached values of ``node`` keep only ``channels`` of their last dim; with 2-D ``channels``, the
+        rows of group ``e`` (split by the offsets ``groups`` holds) keep ``channels[e]``."""
         for _, env in self._environments():
-            if node in env:
-                env[node] = env[node].index_select(-1, channels.to(env[node].device))
+            if node not in env:
+                continue
+            x, index = env[node], channels.to(env[node].device)
+            if index.dim() == 2:
+                rows = x.reshape(-1, x.shape[-1])
+                index = index[group_of_rows(env[groups], rows.shape[0])]
+                env[node] = rows.gather(1, index).reshape(*x.shape[:-1], index.shape[1])
+            else:
+                env[node] = x.index_select(-1, index)
 
     def transform(self, nodes: frozenset, matrix: torch.Tensor, anchor: fx.Node | None = None) -> float:
         """Cached values of ``nodes`` (a state, in its unrotated basis) become ``x @ matrix``.
@@ -430,8 +449,16 @@ class _FoldCovariances:
             self.unit[i] = self.unit[i] + gram(unit[fold == i])
 
 
+def group_of_rows(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """For each of ``rows`` rows, the group it belongs to: group ``e`` ends before row ``offsets[e]``
+    (cumulative ends, as grouped matmuls take them; rows past the last end count as the last group's)."""
+    ends = offsets.to(torch.long)
+    return torch.searchsorted(ends, torch.arange(rows, device=ends.device), right=True).clamp_max(ends.numel() - 1)
+
+
 class InnerStatistics:
-    """``Σ hᵀh``, ``Σ h`` and the token count over the real tokens of every batch (float64 totals)."""
+    """``Σ hᵀh``, ``Σ h`` and the token count over the real tokens of every batch (float64 totals); with
+    expert offsets, one of each per expert (``h``: ``[E, m, m]``, ``sum``: ``[E, m]``)."""
 
     def __init__(self, masks: list):
         self.masks = masks
@@ -439,28 +466,36 @@ class InnerStatistics:
         self.sum: torch.Tensor | float = 0.0
         self.tokens = 0
 
-    def __call__(self, batch: int, x: torch.Tensor) -> None:
-        rows, _ = _real_rows(x, self.masks[batch])
+    def __call__(self, batch: int, x: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
+        # Routed rows (one per token and chosen expert) do not line up with the attention mask: all count.
+        rows, _ = _real_rows(x, self.masks[batch] if offsets is None else None)
         # One batch's sums in the activations' precision (at least float32), accumulated in float64:
         # the channel choice needs no more, and the Gram matrix of a wide inner layer is most of the work.
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
-        self.h = self.h + gram(rows).to(torch.float64)
-        self.sum = self.sum + rows.sum(0, dtype=torch.float64)
+        if offsets is None:
+            self.h = self.h + gram(rows).to(torch.float64)
+            self.sum = self.sum + rows.sum(0, dtype=torch.float64)
+        else:
+            group = group_of_rows(offsets, rows.shape[0])
+            self.h = self.h + torch.stack([gram(rows[group == e]) for e in range(offsets.numel())]).to(torch.float64)
+            self.sum = self.sum + torch.zeros(offsets.numel(), rows.shape[1], dtype=torch.float64,
+                                              device=rows.device).index_add_(0, group, rows.to(torch.float64))
         self.tokens += rows.shape[0]
 
 
-def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[fx.Node], apply,
+def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.Node, fx.Node | None]], apply,
                 progress: bool = True, desc: str = "fxslice: shrinking inner widths") -> None:
-    """Run the graph once over ``batches``; at each node of ``inputs`` (in graph order) hand its
-    ``InnerStatistics`` to ``apply(index, statistics)``, which rewrites the weights and returns the
-    channels kept; the cached values then keep those channels, so later statistics see the model as
+    """Run the graph once over ``batches``; at each ``(node, groups)`` of ``inputs`` (in graph order) hand
+    the node's ``InnerStatistics`` (per group of rows when ``groups`` holds expert offsets) to
+    ``apply(index, statistics)``, which rewrites the weights and returns the channels kept (``[E, k]``
+    per group); the cached values then keep those channels, so later statistics see the model as
     already shrunk (the same sequential scheme as the residual sweep)."""
-    sweep = _Sweep(gm, batches, inputs)
-    for index, node in enumerate(tqdm(inputs, desc=desc, disable=not progress or rank() != 0, unit="mlp")):
+    sweep = _Sweep(gm, batches, [node for node, _ in inputs])
+    for index, (node, groups) in enumerate(tqdm(inputs, desc=desc, disable=not progress or rank() != 0, unit="mlp")):
         statistics = InnerStatistics(sweep.masks)
-        sweep.run_until(node, statistics)
+        sweep.run_until(node, statistics, groups)
         statistics.h, statistics.sum, statistics.tokens = total((statistics.h, statistics.sum, statistics.tokens))
-        sweep.select(node, apply(index, statistics))
+        sweep.select(node, apply(index, statistics), groups)
 
 
 def lost_fraction(fitted: torch.Tensor, unit: torch.Tensor, pca=pca) -> torch.Tensor:

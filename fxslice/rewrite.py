@@ -82,25 +82,38 @@ def scale_axis(gm: fx.GraphModule, side: ParamAxis, vector: torch.Tensor) -> Non
 
 
 def narrow_axis(gm: fx.GraphModule, side: ParamAxis, width: int) -> None:
-    """Keep the first ``width`` entries of the axis: the principal directions after rotation."""
+    """Keep the first ``width`` entries of the axis (of each of its blocks): the principal directions
+    after rotation."""
     tensor = get_tensor(gm, side.target)
-    if tensor.shape[side.axis] != width:  # rotate_state may have narrowed it already
-        set_tensor(gm, side.target, tensor.detach().narrow(side.axis, 0, width).clone())
+    if tensor.shape[side.axis] != width * side.blocks:  # rotate_state may have narrowed it already
+        select_axis(gm, side, torch.arange(width))
 
 
 def select_axis(gm: fx.GraphModule, side: ParamAxis, index: torch.Tensor) -> None:
-    """Keep the entries ``index`` of the axis, in that order (channels of an inner width)."""
+    """Keep the entries ``index`` of the axis (of each of its blocks), in that order (channels of an inner
+    width). A 2-D ``index`` chooses for each slice of the parameter's first axis (an expert) its own
+    entries: ``index[e]`` for ``P[e]``."""
     tensor = get_tensor(gm, side.target).detach()
-    set_tensor(gm, side.target, tensor.index_select(side.axis, index.to(tensor.device)).contiguous())
+    index = index.to(tensor.device)
+    piece = tensor.shape[side.axis] // side.blocks
+    index = torch.cat([index + b * piece for b in range(side.blocks)], -1)  # the same channels in every block
+    if index.dim() == 1:
+        set_tensor(gm, side.target, tensor.index_select(side.axis, index).contiguous())
+        return
+    assert side.axis != 0 and index.shape[0] == tensor.shape[0], (side, tuple(index.shape))
+    set_tensor(gm, side.target, torch.stack([t.index_select(side.axis - 1, i) for t, i in zip(tensor, index)]))
 
 
 def write_width(literals, width: int) -> None:
-    """Every ``ShapeLiteral`` (a width written into a view's shape) becomes ``width``."""
+    """Every ``ShapeLiteral`` (a width written into a view's shape or a split's sizes) becomes ``width``."""
     for literal in literals:
         args = list(literal.node.args)
-        shape = list(args[literal.arg])
-        shape[literal.index] = width
-        args[literal.arg] = shape
+        if literal.index is None:
+            args[literal.arg] = width
+        else:
+            shape = list(args[literal.arg])
+            shape[literal.index] = width
+            args[literal.arg] = shape
         literal.node.args = tuple(args)
 
 

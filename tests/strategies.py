@@ -32,6 +32,7 @@ class Arch:
     learned_pos: bool = False
     post_norms: bool = False
     gated: bool = True
+    fused: str = ""  # gated MLPs: "chunk" or "split" puts gate and up in one linear that the graph splits
     embed_scale: bool = False
     embed_norm: bool = False  # a norm applied to the embeddings, written into the stream
 
@@ -75,12 +76,19 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, arch: Arch):
         super().__init__()
-        self.gated = arch.gated
-        self.up = nn.Linear(arch.width, arch.mlp, bias=arch.bias)
-        self.gate = nn.Linear(arch.width, arch.mlp, bias=arch.bias) if arch.gated else None
+        self.gated, self.fused, self.width = arch.gated, arch.fused if arch.gated else "", arch.mlp
+        if self.fused:
+            self.gate_up = nn.Linear(arch.width, 2 * arch.mlp, bias=arch.bias)
+        else:
+            self.up = nn.Linear(arch.width, arch.mlp, bias=arch.bias)
+            self.gate = nn.Linear(arch.width, arch.mlp, bias=arch.bias) if arch.gated else None
         self.down = nn.Linear(arch.mlp, arch.width, bias=arch.bias)
 
     def forward(self, x):
+        if self.fused:
+            both = self.gate_up(x)
+            gate, up = both.chunk(2, -1) if self.fused == "chunk" else both.split(self.width, -1)
+            return self.down(F.silu(gate) * up)
         h = F.silu(self.gate(x)) * self.up(x) if self.gated else F.gelu(self.up(x))
         return self.down(h)
 
@@ -155,6 +163,7 @@ def architectures(draw) -> Arch:
         learned_pos=draw(st.booleans()),
         post_norms=draw(st.booleans()),
         gated=draw(st.booleans()),
+        fused=draw(st.sampled_from(["", "chunk", "split"])),
         embed_scale=draw(st.booleans()),
         embed_norm=draw(st.booleans()),
     )

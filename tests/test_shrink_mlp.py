@@ -208,7 +208,75 @@ def test_a_budget_is_one_of_three_ways_to_size_a_slice():
 
 
 def test_a_budget_without_any_mlp_says_what_an_mlp_is():
-    calibration = [{"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(s))}
+    arch = Arch(width=32, heads=4, kv_heads=2, depth=2, vocab=20)
+    model = TinyLM(arch).eval()
+    for block in model.blocks:
+        block.mlp = nn.Identity()  # attention only (x + norm2(x): no fuse_norm)
+    with pytest.raises(UnsupportedGraphError, match=r"shrinking the 0 MLPs found .*pointwise ops only"):
+        _compile(model, [slice(budget=0.75)], _arch_calibration(arch), (example_ids(arch),))
+
+
+class Experts(nn.Module):
+    """Top-1 experts held as 3-D weights, gate and up fused, applied by grouped matmuls over the rows
+    sorted by expert (as Hugging Face's MoE layers do); expert ``e``'s channels ``dead[e]`` are always 0."""
+
+    def __init__(self, width=6, inner=8, dead=((0, 1), (2, 3), (4, 5))):
+        super().__init__()
+        from transformers.integrations import moe  # registers torch.ops.transformers.grouped_mm_fallback
+
+        self.grouped = moe.torch.ops.transformers.grouped_mm_fallback
+        experts = len(dead)
+        generator = torch.Generator().manual_seed(0)
+        self.router = nn.Linear(width, experts, bias=False)
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * inner, width, generator=generator) / width**0.5)
+        self.down = nn.Parameter(torch.randn(experts, width, inner, generator=generator) / inner**0.5)
+        with torch.no_grad():
+            for e, channels in enumerate(dead):
+                self.gate_up[e, list(channels)] = 0.0  # silu(0) · up = 0
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        expert = self.router(rows).argmax(-1)
+        order = expert.argsort(stable=True)
+        offsets = F.one_hot(expert, self.down.shape[0]).sum(0).cumsum(0).to(torch.int32)
+        gate, up = self.grouped(rows[order], self.gate_up.transpose(-2, -1), offsets).chunk(2, -1)
+        y = self.grouped(F.silu(gate) * up, self.down.transpose(-2, -1), offsets)
+        return x + y[order.argsort()].reshape(x.shape)
+
+
+def test_each_expert_keeps_its_own_channels():
+    model = Experts().double().eval()
+    x = torch.randn(3, 10, 6, dtype=torch.float64)
+    calibration = [torch.randn(8, 12, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
                    for s in range(2)]
-    with pytest.raises(UnsupportedGraphError, match=r"shrinking the 0 MLPs found .*fused projection split"):
-        fxslice.compile(tiny_model("phi3"), [fuse_norm, slice(budget=0.75)], calibration=calibration)
+    assert relative_error(_compile(model, [shrink_mlp(0.0)], calibration, (x,))(x), model(x)) <= 1e-12
+    # Every expert has two dead channels, each its own pair: keeping 6 of 8 per expert is exact only
+    # when each expert chooses for itself.
+    shrunk = _compile(model, [shrink_mlp(widths=[6], ridge=1e-9)], calibration, (x,))
+    assert relative_error(shrunk(x), model(x)) <= 1e-9
+    assert shrunk.get_parameter("gate_up").shape == (3, 12, 6) and shrunk.get_parameter("down").shape == (3, 6, 6)
+    further = _compile(model, [shrink_mlp(widths=[5], ridge=1e-9)], calibration, (x,))
+    assert relative_error(further(x), model(x)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["phi3", "mixtral"])
+def test_fused_projections_and_experts_meet_a_budget(name, tmp_path):
+    # phi3: gate and up in one linear, chunked in the graph; mixtral: experts as 3-D weights.
+    model = tiny_model(name, torch.float32 if name == "mixtral" else torch.float64)
+    model.generation_config.eos_token_id = None
+    calibration = [{"input_ids": torch.randint(0, 100, (4, 24), generator=torch.Generator().manual_seed(s))}
+                   for s in range(2)]
+    shrunk = _compile(model, [fuse_norm, slice(budget=0.75)], calibration)
+    report = fxslice.report(shrunk)
+    dense = sum(p.numel() for p in model.parameters())
+    assert report["parameters"]["after"] == sum(p.numel() for p in shrunk.parameters()) <= 0.75 * dense
+    assert len(report["inner"]["mlps"]) == model.config.num_hidden_layers and not report["inner"]["skipped"]
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3))
+    fxslice.save(shrunk, tmp_path / "m")
+    loaded = fxslice.load(tmp_path / "m")
+    assert torch.equal(loaded(input_ids=ids).logits, shrunk(input_ids=ids).logits)
+    out = loaded.generate(ids, max_new_tokens=4, do_sample=False)
+    chain = ids
+    for _ in range(4):
+        chain = torch.cat([chain, loaded(input_ids=chain).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, chain)

@@ -7,35 +7,47 @@ own, so keeping a subset ``S`` of the channels is exact up to ``h``: each up kee
 (and bias entries ``S``), every per-channel parameter met on the way keeps ``S``, and ``down`` reads
 ``h_S``; only ``down`` then changes, which a refit on calibration activations makes up for.
 
-Anything else between the ups and ``down`` (a reshape into experts or heads, a reduction, a split of a
-fused projection, an inner value read outside the block, a weight shared with another op) makes the
-candidate a ``SkippedMLP`` with the node and the reason.
+A fused projection whose output the graph splits into equal pieces along its last dim (``gate, up =
+(x W).chunk(2, -1)``) is an up whose output rows form that many blocks, each indexed by the same inner
+channels: keeping ``S`` keeps ``S`` in every block. Experts held as 3-D weights and applied by a grouped
+matmul (rows grouped by expert offsets) are one MLP whose parameters have an expert axis first: every
+expert keeps the same number of channels, each its own.
+
+Anything else between the ups and ``down`` (a reshape into experts or heads, a reduction, an inner value
+read outside the block, a weight shared with another op) makes the candidate a ``SkippedMLP`` with the
+node and the reason.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from ..errors import describe_node, module_path
-from ..graph import val
+from ..graph import aten, is_op, val
 from .ops import ParamAxis, ShapeLiteral, StepKind, WeightUse, last_dim, stream_step, weight_use
 
 __all__ = ["MLP", "SkippedMLP", "find_mlps", "mlp_module"]
 
 @dataclass(frozen=True, eq=False)
 class MLP:
-    """``down`` reads ``inner`` (width ``width``), made from the outputs of ``ups`` by pointwise ops that
-    also read the per-channel parameters ``channel_params`` (views on the way keep the channel axis last)."""
+    """``down`` reads ``inner`` (width ``width``), made from the outputs of ``ups`` by pointwise ops;
+    ``sides``: every parameter axis indexed by the inner channels except ``down``'s (the ups' outputs and
+    biases, per-channel parameters met on the way; views on the way keep the channel axis last).
+
+    ``groups``: for experts held as 3-D weights and applied by a grouped matmul, the node holding the
+    offsets that split the rows (routed tokens) by expert; each expert keeps its own channels."""
 
     down: WeightUse
     ups: tuple[WeightUse, ...]
-    channel_params: tuple[ParamAxis, ...]
-    literals: tuple[ShapeLiteral, ...]  # the inner width written into views on the way
+    sides: tuple[ParamAxis, ...]
+    literals: tuple[ShapeLiteral, ...]  # the inner width written into views and splits on the way
     inner: fx.Node
     width: int
+    groups: fx.Node | None = None
 
     @property
     def name(self) -> str:
@@ -44,7 +56,7 @@ class MLP:
 
     def channel_sides(self) -> tuple[ParamAxis, ...]:
         """Every parameter axis indexed by the inner channels, except ``down``'s."""
-        return tuple(side for up in self.ups for side in up.output_side()) + self.channel_params
+        return self.sides
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,27 @@ def _weight_dims(use: WeightUse) -> int:
     return v.dim() if isinstance(v, torch.Tensor) else 0
 
 
-def _walk(down: WeightUse, uses: dict[str, int], order: dict[fx.Node, int]) -> MLP | SkippedMLP | None:
+def _pieces(node: fx.Node, piece: int) -> tuple[int, tuple[ShapeLiteral, ...]] | None:
+    """When ``node`` splits its input's last dim into equal pieces ``piece`` wide (``chunk``, ``split``,
+    ``split_with_sizes``): how many, and the piece width written into its arguments."""
+    if not is_op(node, aten.chunk, aten.split, aten.split_with_sizes) or not isinstance(node.args[0], fx.Node):
+        return None
+    whole, v = last_dim(node.args[0]), val(node.args[0])
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if whole is None or whole % piece or dim not in (-1, v.dim() - 1):
+        return None
+    count, sizes = whole // piece, node.args[1]
+    if is_op(node, aten.chunk):
+        return (count, ()) if sizes == count else None
+    if isinstance(sizes, int):
+        return (count, (ShapeLiteral(node, 1, None),)) if sizes == piece else None
+    if list(sizes) == [piece] * count:
+        return count, tuple(ShapeLiteral(node, 1, i) for i in range(count))
+    return None
+
+
+def _walk(down: WeightUse, uses: dict[str, int], shapes: dict[str, tuple], order: dict[fx.Node, int]
+          ) -> MLP | SkippedMLP | None:
     """Follow ``down``'s input back to the linears that produce it.
 
     None when this is no MLP: no up linear, or a value on the way is also read elsewhere (the output of
@@ -102,10 +134,18 @@ def _walk(down: WeightUse, uses: dict[str, int], order: dict[fx.Node, int]) -> M
     if h is None or width is None:
         return None
     ups: list[WeightUse] = []
-    params: list[ParamAxis] = []
+    sides: list[ParamAxis] = []
     literals: list[ShapeLiteral] = []
     inner: set[fx.Node] = set()
+    blocks = {h: 1}  # each value on the way is this many times the inner width: pieces of a fused projection
     problem: tuple[fx.Node, str] | None = None
+
+    def reach(operand: fx.Node, count: int) -> None:
+        nonlocal problem
+        if blocks.setdefault(operand, count) != count:
+            problem = problem or (operand, "the inner value is read both whole and split into pieces")
+        queue.add(operand)
+
     # Latest node first: every user of a node inside the MLP is visited before the node itself.
     queue = {h}
     while queue:
@@ -114,24 +154,35 @@ def _walk(down: WeightUse, uses: dict[str, int], order: dict[fx.Node, int]) -> M
         if any(u not in inner and u is not down.node and not _reads_shape(u, node) for u in node.users):
             return None
         inner.add(node)
+        count = blocks[node]
         use = weight_use(node)
         if use is not None and use.kind != "embedding" and node is not h:
             ups.append(use)
+            sides += [ParamAxis(s.target, s.axis, count) for s in use.output_side()]
+            continue
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and count == 1:
+            reach(node.args[0], 1)  # one piece of a split: the split itself is next
+            continue
+        split = _pieces(node, width) if count == 1 else None
+        if split is not None:
+            literals += split[1]
+            reach(node.args[0], split[0])
             continue
         if not _is_pointwise(node):
             operand = node.args[0] if node.args else None
             step = stream_step(node, operand) if isinstance(operand, fx.Node) else None
-            if step is not None and step.kind is StepKind.COMMUTES and last_dim(operand) == width:
+            if step is not None and step.kind is StepKind.COMMUTES and last_dim(operand) == width * count \
+                    and (step.literal is None or count == 1):
                 literals += [step.literal] if step.literal is not None else []
-                queue.add(operand)  # a cast, or a view that keeps the channel axis
+                reach(operand, count)  # a cast, or a view that keeps the channel axis
             else:
                 problem = problem or (node, f"the inner value passes through {node.target}, not a pointwise op")
             continue
         for operand in (*node.args, *node.kwargs.values()):
-            if isinstance(operand, fx.Node) and operand.op != "get_attr" and last_dim(operand) == width:
-                queue.add(operand)
-            elif (param := _channel_parameter(operand, width)) is not None:
-                params.append(param)
+            if isinstance(operand, fx.Node) and operand.op != "get_attr" and last_dim(operand) == width * count:
+                reach(operand, count)
+            elif (param := _channel_parameter(operand, width * count)) is not None:
+                sides.append(ParamAxis(param.target, param.axis, count))
             elif not _broadcasts_over_channels(operand):
                 problem = problem or (node, f"the inner value meets {operand}, which is neither per channel "
                                             "nor the same for every channel")
@@ -139,29 +190,57 @@ def _walk(down: WeightUse, uses: dict[str, int], order: dict[fx.Node, int]) -> M
         return None
     if problem is not None:
         return SkippedMLP(down.weight, *problem)
+    groups = _groups(down)
     for use in (down, *ups):
-        if _weight_dims(use) != 2:
-            return SkippedMLP(down.weight, use.node, "a weight has more than two axes (one slice per expert)")
+        if _weight_dims(use) != (2 if groups is None else 3):
+            reason = ("a weight has more than two axes and no expert offsets" if groups is None
+                      else "the experts' weights are not all 3-D")
+            return SkippedMLP(down.weight, use.node, reason)
+        if _groups(use) is not groups:
+            return SkippedMLP(down.weight, use.node, "its up and down projections group the tokens by "
+                                                     "different expert offsets")
         shared = [w for w in (use.weight, use.bias) if w and uses.get(w, 0) > 1]
         if shared:
             return SkippedMLP(down.weight, use.node, f"the weight {shared[0]} is also read by another op")
+    if groups is not None and (reason := _not_per_expert(down, sides, shapes)):
+        return SkippedMLP(down.weight, down.node, reason)
     ups.sort(key=lambda u: order[u.node])
-    return MLP(down, tuple(ups), tuple(dict.fromkeys(params)), tuple(literals), h, width)
+    return MLP(down, tuple(ups), tuple(dict.fromkeys(sides)), tuple(literals), h, width, groups)
+
+
+def _groups(use: WeightUse) -> fx.Node | None:
+    """The offsets a grouped matmul splits its rows by (one group of rows per expert), or None."""
+    if "grouped" not in str(use.node.target):
+        return None
+    offsets = use.node.args[2] if len(use.node.args) > 2 else use.node.kwargs.get("offs")
+    return offsets if isinstance(offsets, fx.Node) else None
+
+
+def _not_per_expert(down: WeightUse, sides: list[ParamAxis], shapes: dict[str, tuple]) -> str | None:
+    """Why the experts' channels could not be chosen per expert (each parameter's first axis an expert)."""
+    experts = shapes[down.weight][0]
+    for side in (down.input_side(), *sides):
+        shape = shapes.get(side.target, ())
+        if side.axis == 0 or not shape or shape[0] != experts:
+            return f"the parameter {side.target} is not one slice per expert along its first axis"
+    return None
 
 
 def find_mlps(gm: fx.GraphModule) -> tuple[list[MLP], list[SkippedMLP]]:
     """The MLPs of ``gm`` in graph order, and the candidates that cannot be shrunk (with the reason)."""
     uses: dict[str, int] = {}
+    shapes: dict[str, tuple] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             uses[node.target] = uses.get(node.target, 0) + sum(1 for _ in node.users)
+            shapes[node.target] = tuple(getattr(val(node), "shape", ()))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     found, skipped = [], []
     for node in gm.graph.nodes:
         use = weight_use(node)
         if use is None or use.kind == "embedding" or use.input is None:
             continue
-        result = _walk(use, uses, order)
+        result = _walk(use, uses, shapes, order)
         if isinstance(result, MLP):
             found.append(result)
         elif isinstance(result, SkippedMLP):

@@ -42,10 +42,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ParamAxis:
-    """One axis of one parameter (``get_attr`` target): the unit that rotation and slicing act on."""
+    """One axis of one parameter (``get_attr`` target): the unit that rotation and slicing act on.
+
+    ``blocks > 1``: the axis holds that many equal pieces side by side, each indexed by the same inner
+    channels (a fused gate-and-up projection that the graph splits into its pieces)."""
 
     target: str
     axis: int
+    blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -77,11 +81,12 @@ class WeightUse:
 
 @dataclass(frozen=True)
 class ShapeLiteral:
-    """``node.args[arg][index]`` is the stream width written into the graph as a constant."""
+    """``node.args[arg][index]`` (``node.args[arg]`` when ``index`` is None) is the stream width written
+    into the graph as a constant."""
 
     node: fx.Node
     arg: int
-    index: int
+    index: int | None
 
 
 class StepKind(Enum):

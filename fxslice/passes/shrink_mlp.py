@@ -162,22 +162,26 @@ class ShrinkMLP(FxslicePass):
             down = mlp.down
             side = down.input_side()
             weight = get_tensor(gm, down.weight)
-            moved = torch.movedim(weight.detach(), side.axis, -1)  # [..., m]
-            w = moved.reshape(-1, mlp.width).T.to(torch.float64)  # y = h W: m × n
-            c = statistics.h
-            fixed = 0
-            if down.bias is not None:  # a constant channel: the refit may move the bias
-                total = torch.as_tensor(float(statistics.tokens), dtype=torch.float64)
-                c = torch.cat([torch.cat([c, statistics.sum[:, None]], 1),
-                               torch.cat([statistics.sum, total[None]])[None, :]], 0)
-                w = torch.cat([w, w.new_zeros(1, w.shape[1])], 0)
-                fixed = 1
-            # Computed once (rank 0 under torch.distributed): every process removes the same channels.
-            kept, beta = from_rank0(lambda: prune_channels(c, w, keep, self.ridge, fixed))
+            moved = torch.movedim(weight.detach(), side.axis, -1).to(torch.float64)  # [..., m]
+            if mlp.groups is not None:  # experts: [E, ..., m]; each keeps its own channels
+                # Computed once (rank 0 under torch.distributed): every process removes the same channels.
+                kept, new = from_rank0(lambda: _prune_experts(statistics.h, moved, keep, self.ridge))
+                fixed = 0
+            else:
+                w = moved.reshape(-1, mlp.width).T  # y = h W: m × n
+                c = statistics.h
+                fixed = 0
+                if down.bias is not None:  # a constant channel: the refit may move the bias
+                    total = torch.as_tensor(float(statistics.tokens), dtype=torch.float64)
+                    c = torch.cat([torch.cat([c, statistics.sum[:, None]], 1),
+                                   torch.cat([statistics.sum, total[None]])[None, :]], 0)
+                    w = torch.cat([w, w.new_zeros(1, w.shape[1])], 0)
+                    fixed = 1
+                kept, beta = from_rank0(lambda: prune_channels(c, w, keep, self.ridge, fixed))
+                new = beta[:keep].T.reshape(*moved.shape[:-1], keep)
             for channel_side in mlp.channel_sides():
                 select_axis(gm, channel_side, kept)
             write_width(mlp.literals, keep)
-            new = beta[:keep].T.reshape(*moved.shape[:-1], keep)
             set_tensor(gm, down.weight, torch.movedim(new, -1, side.axis).to(weight.dtype).contiguous())
             if fixed:
                 bias = get_tensor(gm, down.bias)
@@ -185,7 +189,19 @@ class ShrinkMLP(FxslicePass):
                 set_tensor(gm, down.bias, (bias.detach().to(torch.float64) + shift).to(bias.dtype))
             return kept
 
-        sweep_inner(gm, list(context.calibration), [m.inner for m in mlps], apply, progress=self.progress)
+        sweep_inner(gm, list(context.calibration), [(m.inner, m.groups) for m in mlps], apply, progress=self.progress)
+
+
+def _prune_experts(grams: torch.Tensor, moved: torch.Tensor, keep: int, ridge: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prune_channels`` for each expert ``e`` (Gram ``grams[e]``, down weight ``moved[e]``, inner axis
+    last): the kept channels ``[E, keep]`` and the refit down weights ``[E, …, keep]``."""
+    kept, refit = [], []
+    for c, w in zip(grams, moved):
+        channels, beta = prune_channels(c, w.reshape(-1, w.shape[-1]).T, keep, ridge)
+        kept.append(channels)
+        refit.append(beta.T.reshape(*w.shape[:-1], keep))
+    return torch.stack(kept), torch.stack(refit)
 
 
 def check_budget(budget) -> None:
@@ -201,10 +217,10 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
     ``multiple_of``), that leave ``gm`` with at most ``budget · dense`` parameters (counted exactly).
     ``skipped``: the candidates the analysis left alone, named in the refusal."""
     per_channel = []
-    for mlp in mlps:
+    for mlp in mlps:  # parameters per inner channel (per channel of every expert: a 3-D weight's E rows)
         sides = (*mlp.channel_sides(), mlp.down.input_side())
-        per_channel.append(sum(tensor_meta(gm, side.target).numel() // tensor_meta(gm, side.target).shape[side.axis]
-                               for side in dict.fromkeys(sides)))
+        per_channel.append(sum(tensor_meta(gm, side.target).numel() * side.blocks
+                               // tensor_meta(gm, side.target).shape[side.axis] for side in dict.fromkeys(sides)))
     now, goal = unique_parameters(gm), budget * dense
     for step in range(1024, -1, -1):
         widths = [kept_width(step / 1024, m.width, multiple_of) for m in mlps]
@@ -215,7 +231,7 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
         left = f"; {len(skipped)} MLP-like candidates were left alone, e.g. {skipped[0]}"
     elif not mlps:
         left = ("; an MLP is a linear fed by other linears through pointwise ops only (a fused projection split "
-                "in the graph, or experts held as 3-D weights, are not one yet)")
+                "into equal pieces, and experts applied by a grouped matmul, count too)")
     else:
         left = ""
     raise UnsupportedGraphError(f"a budget of {budget} of the dense parameters cannot be met by shrinking the "
