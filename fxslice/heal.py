@@ -311,7 +311,7 @@ def heal(
         batches, held_out = batches[:cut], batches[cut:]
     device = next(gm.parameters()).device
     probe = _check_models(gm, teacher, batches + held_out, device)
-    teacher_logits = TeacherLogits(teacher, teacher_cache, probe, batches + held_out)
+    teacher_logits = TeacherLogits(teacher, teacher_cache, probe, batches + held_out, options.autocast)
 
     work = copy.deepcopy(gm)
     trainable = _Trainable(work, lora_rank, lora_alpha, master_dtype, seed)
@@ -449,19 +449,25 @@ class TeacherLogits:
     float16 (one safetensors file per batch, named by the sha256 of its inputs) and read back afterwards.
     Cached or not, the logits are the float16-rounded values, so a run that reads them from the cache
     trains exactly as one that computed them. ``teacher.json`` holds the sha256 of the teacher's logits on
-    a probe input: a directory made by another teacher is refused."""
+    a probe input and the autocast dtype they were computed under (``None``: the teacher's own): a
+    directory made by another teacher, or under another autocast, is refused."""
 
     def __init__(self, teacher: Callable[..., Any], directory: str | os.PathLike | None, probe: torch.Tensor,
-                 batches: list[Batch]):
+                 batches: list[Batch], autocast: str | None = None):
         self.teacher, self.device = teacher, probe.device
         self.directory = Path(directory) if directory is not None else None
         if self.directory is None:
             return
         signature = hashlib.sha256(probe.to(torch.float16).cpu().numpy().tobytes()).hexdigest()
         manifest = self.directory / "teacher.json"
-        if manifest.exists() and json.loads(manifest.read_text()).get("teacher") != signature:
+        recorded = json.loads(manifest.read_text()) if manifest.exists() else None
+        if recorded is not None and recorded.get("teacher") != signature:
             raise UnsupportedGraphError(f"{self.directory} caches another teacher's logits ({manifest} differs); use "
                                         "another teacher_cache directory or delete this one")
+        if recorded is not None and recorded.get("autocast") != autocast:
+            raise UnsupportedGraphError(f"{self.directory} caches logits computed under autocast "
+                                        f"{recorded.get('autocast')} ({manifest}) and this run uses {autocast}: use "
+                                        "another teacher_cache directory, delete this one, or heal as that run did")
         missing = [b for b in batches if not self._path(b).exists()]
         needed = sum(batch_tokens(b) for b in missing) * probe.shape[-1] * 2
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -470,7 +476,7 @@ class TeacherLogits:
             raise UnsupportedGraphError(f"caching the teacher's logits in {self.directory} needs {needed / GiB:.1f} GiB "
                                         f"and {free / GiB:.1f} GiB is free: use fewer batches, another directory, or "
                                         "teacher_cache=None (logits computed on the fly)")
-        manifest.write_text(json.dumps({"teacher": signature}))
+        manifest.write_text(json.dumps({"teacher": signature, "autocast": autocast}))
 
     def _path(self, batch: Batch) -> Path:
         return self.directory / f"{_digest([batch])[:40]}.safetensors"

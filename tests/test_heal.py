@@ -216,6 +216,9 @@ def test_cached_teacher_logits_are_computed_once_and_train_the_same(tmp_path):
     other = tiny_model("llama", torch.float64, seed=1)
     with pytest.raises(fxslice.UnsupportedGraphError, match="another teacher"):
         fxslice.heal(student, other, data, **options)
+    # Logits computed without autocast are not what an autocast run's teacher gives: refused, not reused.
+    with pytest.raises(fxslice.UnsupportedGraphError, match="under autocast None .* this run uses bfloat16"):
+        fxslice.heal(student, teacher, data, **options, autocast=torch.bfloat16)
 
 
 @pytest.mark.parametrize("lora_rank", [None, 2])
