@@ -4,9 +4,10 @@
     python benchmarks/speed.py --rows dense 0.25 --compile-rows
 
 Per row: total parameters (every one, inserted matrices included), prefill latency for 1×512 and 8×128
-tokens (median of --repeats runs after one warm-up), greedy decode tokens/s (batch 1, a 32-token prompt,
---new-tokens generated, KV cache on both sides: transformers' own for the dense model, fxslice's decoding
-graph for the sliced ones), and prefill latency again after ``torch.compile`` (inductor, CPU).
+tokens, greedy decode tokens/s (batch 1, a 32-token prompt, --new-tokens generated, KV cache on both
+sides: transformers' own for the dense model, fxslice's decoding graph for the sliced ones): medians of
+--repeats rounds after a warm-up, the rows taking turns within each round so that a slow spell of the
+machine falls on all of them. Then prefill latency again after ``torch.compile`` (inductor, CPU).
 
 Slicing only changes shapes, so the sliced models here are calibrated on a smaller sample (16 windows ×
 128 tokens) than the quality protocol; their widths, and so their speed, are the same.
@@ -39,6 +40,23 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(work: dict[str, dict], repeats: int) -> dict[str, dict[str, float]]:
+    """``work[row][name]``: a callable. Each is warmed up once, then the rows take turns, one run of each
+    of their callables per round, for ``repeats`` rounds: a slow spell of a shared machine falls on every
+    row alike. Returns the median seconds of each."""
+    for calls in work.values():
+        for fn in calls.values():
+            fn()
+    times: dict = {row: {name: [] for name in calls} for row, calls in work.items()}
+    for _ in range(repeats):
+        for row, calls in work.items():
+            for name, fn in calls.items():
+                start = time.perf_counter()
+                fn()
+                times[row][name].append(time.perf_counter() - start)
+    return {row: {name: statistics.median(t) for name, t in named.items()} for row, named in times.items()}
+
+
 def build(spec: str, model, tokenizer):
     import fxslice
     from fxslice import Rotate, fuse_norm, slice
@@ -61,31 +79,33 @@ def parameters(model) -> int:
     return unique_parameters(getattr(model, "graph_module", model))
 
 
-@torch.no_grad()
-def measure(spec: str, model, tokenizer, args) -> dict:
+def workloads(model, args) -> dict:
+    """The timed calls of one row: prefill 1×512 and 8×128 (no cache), and greedy decoding of
+    ``--new-tokens`` after a 32-token prompt at batch 1."""
     vocab = model.config.vocab_size
     ids = {shape: torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
            for shape in ((1, 512), (8, 128))}
-    row: dict = {"row": spec, "parameters": parameters(model)}
-    for shape, x in ids.items():
-        row[f"prefill_{shape[0]}x{shape[1]}_s"] = median_seconds(lambda: model(input_ids=x, use_cache=False), args.repeats)
+    calls = {f"prefill_{b}x{t}_s": (lambda x=x: model(input_ids=x, use_cache=False)) for (b, t), x in ids.items()}
     prompt = ids[(1, 512)][:, :32]
+    calls["decode_s"] = lambda: model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                               max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                               do_sample=False)
+    return calls
 
-    def decode():
-        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
-                       min_new_tokens=args.new_tokens, do_sample=False)
 
-    row["decode_tok_s"] = args.new_tokens / median_seconds(decode, max(1, args.repeats // 2))
-    if spec in args.compile_rows:
-        forward = model.graph_module if hasattr(model, "graph_module") else model
-        dense_only = {} if hasattr(model, "graph_module") else {"use_cache": False}
-        compiled = torch.compile(forward, dynamic=False)
-        for shape, x in ids.items():
-            call = (lambda x=x: compiled(input_ids=x, attention_mask=torch.ones_like(x), **dense_only))
-            start = time.perf_counter()
-            call()
-            row[f"compile_{shape[0]}x{shape[1]}_s"] = time.perf_counter() - start
-            row[f"compiled_prefill_{shape[0]}x{shape[1]}_s"] = median_seconds(call, args.repeats)
+def compiled_prefill(model, args) -> dict:
+    vocab = model.config.vocab_size
+    row = {}
+    forward = model.graph_module if hasattr(model, "graph_module") else model
+    dense_only = {} if hasattr(model, "graph_module") else {"use_cache": False}
+    compiled = torch.compile(forward, dynamic=False)
+    for shape in ((1, 512), (8, 128)):
+        x = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
+        call = (lambda x=x: compiled(input_ids=x, attention_mask=torch.ones_like(x), **dense_only))
+        start = time.perf_counter()
+        call()
+        row[f"compile_{shape[0]}x{shape[1]}_s"] = time.perf_counter() - start
+        row[f"compiled_prefill_{shape[0]}x{shape[1]}_s"] = median_seconds(call, args.repeats)
     return row
 
 
@@ -100,11 +120,17 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
-    results = []
-    for spec in args.rows:
-        row = measure(spec, build(spec, model, tokenizer), tokenizer, args)
-        results.append(row)
-        print(row, flush=True, file=sys.stderr)
+    models = {spec: build(spec, model, tokenizer) for spec in args.rows}
+    with torch.no_grad():
+        medians = interleaved_medians({spec: workloads(m, args) for spec, m in models.items()}, args.repeats)
+        results = []
+        for spec, m in models.items():
+            row = {"row": spec, "parameters": parameters(m), **medians[spec]}
+            row["decode_tok_s"] = args.new_tokens / row.pop("decode_s")
+            if spec in args.compile_rows:
+                row.update(compiled_prefill(m, args))
+            results.append(row)
+            print(row, flush=True, file=sys.stderr)
     dense = next((r for r in results if r["row"] == "dense"), None)
 
     def vs(r, key):  # this row ÷ dense
