@@ -139,6 +139,8 @@ def main() -> None:
     command = "python benchmarks/speed.py" + ("" if args.rows == ROWS else " --rows " + " ".join(repr(r) for r in args.rows))
     if args.compile_rows != ["dense", "0.25"]:
         command += " --compile-rows " + " ".join(repr(r) for r in args.compile_rows)
+    if args.repeats != 5:
+        command += f" --repeats {args.repeats}"
     compiled = bool(args.compile_rows)
     print(f"<!-- {machine()}, CPU, command: {command} -->")
     header = "| configuration | parameters | prefill 1×512 | prefill 8×128 | decode tokens/s |"
