@@ -11,7 +11,8 @@ removal raises the error least first (Optimal Brain Surgeon): with ``A = (C + λ
 at a time with the joint form of the same update). The damping ``λ`` (``ridge`` times
 the mean of ``diag C``) keeps ``A`` defined for dead channels and shrinks the refit toward ``W``.
 When the down projection has a bias, a constant channel that is never removed lets the refit move the
-bias too (the deleted channels' mean output).
+bias too (the deleted channels' mean output). Experts held as 3-D weights (``MLP.groups``) keep the same
+number of channels each, chosen and refit against each expert's own ``C`` (its routed rows only).
 
 The MLPs are shrunk in graph order in one sweep over the calibration data: each one's statistics are
 measured on the model whose earlier MLPs (and residual states, if ``slice`` ran before) are already
@@ -163,14 +164,13 @@ class ShrinkMLP(FxslicePass):
             side = down.input_side()
             weight = get_tensor(gm, down.weight)
             moved = torch.movedim(weight.detach(), side.axis, -1).to(torch.float64)  # [..., m]
+            fixed = 0
             if mlp.groups is not None:  # experts: [E, ..., m]; each keeps its own channels
                 # Computed once (rank 0 under torch.distributed): every process removes the same channels.
                 kept, new = from_rank0(lambda: _prune_experts(statistics.h, moved, keep, self.ridge))
-                fixed = 0
             else:
                 w = moved.reshape(-1, mlp.width).T  # y = h W: m × n
                 c = statistics.h
-                fixed = 0
                 if down.bias is not None:  # a constant channel: the refit may move the bias
                     total = torch.as_tensor(float(statistics.tokens), dtype=torch.float64)
                     c = torch.cat([torch.cat([c, statistics.sum[:, None]], 1),
