@@ -60,6 +60,8 @@ def held_out_path(c_fit: torch.Tensor, c_test: torch.Tensor, w: torch.Tensor) ->
 
 
 def measure_curves(model, pre: dict) -> list[dict]:
+    from fxslice.calibrate import gram
+
     layers = model.model.layers
     grams = [[0.0, 0.0] for _ in layers]  # per fold Σ hᵀh of the down projection's input
     energy = [0.0 for _ in layers]  # Σ ‖x‖² of the stream after the layer
@@ -69,7 +71,7 @@ def measure_curves(model, pre: dict) -> list[dict]:
         def down_hook(module, args, i=i):
             h = args[0].detach().double()
             for f in (0, 1):
-                grams[i][f] = grams[i][f] + (lambda x: x.T @ x)(h[fold == f].reshape(-1, h.shape[-1]))
+                grams[i][f] = grams[i][f] + gram(h[fold == f].reshape(-1, h.shape[-1]))
 
         def layer_hook(module, args, out, i=i):
             x = (out[0] if isinstance(out, tuple) else out).detach().double()

@@ -35,15 +35,15 @@ __all__ = ["MLP", "SkippedMLP", "find_mlps", "mlp_module"]
 @dataclass(frozen=True, eq=False)
 class MLP:
     """``down`` reads ``inner`` (width ``width``), made from the outputs of ``ups`` by pointwise ops;
-    ``sides``: every parameter axis indexed by the inner channels except ``down``'s (the ups' outputs and
-    biases, per-channel parameters met on the way; views on the way keep the channel axis last).
+    ``channel_sides``: every parameter axis indexed by the inner channels except ``down``'s (the ups'
+    outputs and biases, per-channel parameters met on the way; views on the way keep the channel axis last).
 
     ``groups``: for experts held as 3-D weights and applied by a grouped matmul, the node holding the
     offsets that split the rows (routed tokens) by expert; each expert keeps its own channels."""
 
     down: WeightUse
     ups: tuple[WeightUse, ...]
-    sides: tuple[ParamAxis, ...]
+    channel_sides: tuple[ParamAxis, ...]
     literals: tuple[ShapeLiteral, ...]  # the inner width written into views and splits on the way
     inner: fx.Node
     width: int
@@ -53,10 +53,6 @@ class MLP:
     def name(self) -> str:
         """The down projection's weight: how plans and reports name the MLP (stable across captures)."""
         return self.down.weight
-
-    def channel_sides(self) -> tuple[ParamAxis, ...]:
-        """Every parameter axis indexed by the inner channels, except ``down``'s."""
-        return self.sides
 
 
 @dataclass(frozen=True)
@@ -190,13 +186,13 @@ def _walk(down: WeightUse, uses: dict[str, int], shapes: dict[str, tuple], order
         return None
     if problem is not None:
         return SkippedMLP(down.weight, *problem)
-    groups = _groups(down)
+    groups = down.groups
     for use in (down, *ups):
         if _weight_dims(use) != (2 if groups is None else 3):
             reason = ("a weight has more than two axes and no expert offsets" if groups is None
                       else "the experts' weights are not all 3-D")
             return SkippedMLP(down.weight, use.node, reason)
-        if _groups(use) is not groups:
+        if use.groups is not groups:
             return SkippedMLP(down.weight, use.node, "its up and down projections group the tokens by "
                                                      "different expert offsets")
         shared = [w for w in (use.weight, use.bias) if w and uses.get(w, 0) > 1]
@@ -206,14 +202,6 @@ def _walk(down: WeightUse, uses: dict[str, int], shapes: dict[str, tuple], order
         return SkippedMLP(down.weight, down.node, reason)
     ups.sort(key=lambda u: order[u.node])
     return MLP(down, tuple(ups), tuple(dict.fromkeys(sides)), tuple(literals), h, width, groups)
-
-
-def _groups(use: WeightUse) -> fx.Node | None:
-    """The offsets a grouped matmul splits its rows by (one group of rows per expert), or None."""
-    if "grouped" not in str(use.node.target):
-        return None
-    offsets = use.node.args[2] if len(use.node.args) > 2 else use.node.kwargs.get("offs")
-    return offsets if isinstance(offsets, fx.Node) else None
 
 
 def _not_per_expert(down: WeightUse, sides: list[ParamAxis], shapes: dict[str, tuple]) -> str | None:

@@ -69,6 +69,7 @@ class WeightUse:
     bias: str | None = None
     bias_axis: int = 0
     weight_arg: int = 1  # index of the weight operand in node.args
+    groups: fx.Node | None = None  # a grouped matmul's offsets: rows [offsets[e-1], offsets[e]) use weight[e]
 
     def input_side(self) -> ParamAxis:
         assert self.in_axis is not None
@@ -211,12 +212,16 @@ def _addmm(node: fx.Node) -> WeightUse | None:
 
 @register_weight_op("aten::mm", "aten::matmul", "aten::_grouped_mm", "transformers::grouped_mm_fallback")
 def _matmul(node: fx.Node) -> WeightUse | None:
-    """``y = x W`` with ``W`` of shape ``[…, in, out]`` (per-expert weights for grouped matmuls)."""
+    """``y = x W`` with ``W`` of shape ``[…, in, out]`` (per-expert weights for grouped matmuls, whose
+    third operand ``offs`` splits the rows by expert)."""
     weight = _resolve_weight(node.args[1])
-    if weight is None or len(weight[1]) < 2 or (len(weight[1]) > 2 and "grouped" not in (_op_name(node) or "")):
+    grouped = "grouped" in (_op_name(node) or "")
+    if weight is None or len(weight[1]) < 2 or (len(weight[1]) > 2 and not grouped):
         return None
     axes = weight[1]
-    return WeightUse(node, "matmul", node.args[0], weight[0], axes[-2], axes[-1], weight_arg=1)
+    offsets = (node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")) if grouped else None
+    return WeightUse(node, "matmul", node.args[0], weight[0], axes[-2], axes[-1], weight_arg=1,
+                     groups=offsets if isinstance(offsets, fx.Node) else None)
 
 
 @register_weight_op("aten::embedding")

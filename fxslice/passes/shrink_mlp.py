@@ -137,7 +137,7 @@ class ShrinkMLP(FxslicePass):
                                             f"has {[m.name for m in mlps]}")
             widths = [recorded[m.name] for m in mlps]
             for mlp, k in zip(mlps, widths):
-                for side in (*mlp.channel_sides(), mlp.down.input_side()):
+                for side in (*mlp.channel_sides, mlp.down.input_side()):
                     narrow_axis(gm, side, k)
                 write_width(mlp.literals, k)
         else:
@@ -179,7 +179,7 @@ class ShrinkMLP(FxslicePass):
                     fixed = 1
                 kept, beta = from_rank0(lambda: prune_channels(c, w, keep, self.ridge, fixed))
                 new = beta[:keep].T.reshape(*moved.shape[:-1], keep)
-            for channel_side in mlp.channel_sides():
+            for channel_side in mlp.channel_sides:
                 select_axis(gm, channel_side, kept)
             write_width(mlp.literals, keep)
             set_tensor(gm, down.weight, torch.movedim(new, -1, side.axis).to(weight.dtype).contiguous())
@@ -218,7 +218,7 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
     ``skipped``: the candidates the analysis left alone, named in the refusal."""
     per_channel = []
     for mlp in mlps:  # parameters per inner channel (per channel of every expert: a 3-D weight's E rows)
-        sides = (*mlp.channel_sides(), mlp.down.input_side())
+        sides = (*mlp.channel_sides, mlp.down.input_side())
         per_channel.append(sum(tensor_meta(gm, side.target).numel() * side.blocks
                                // tensor_meta(gm, side.target).shape[side.axis] for side in dict.fromkeys(sides)))
     now, goal = unique_parameters(gm), budget * dense
