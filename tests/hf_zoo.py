@@ -27,12 +27,8 @@ SIZES = {
 OVERRIDES = {
     "gpt2": {"num_key_value_heads": None},
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
-    "gemma": {"head_dim": 16},
-    "gemma2": {"head_dim": 16},
-    "gemma3_text": {"head_dim": 16},
     "gptj": {"rotary_dim": 8},
     "falcon": {"ffn_hidden_size": 128},  # the config's default is falcon-7b's 18176
-    "helium": {"head_dim": 16},
     "codegen": {"rotary_dim": 8, "n_ctx": 256},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
