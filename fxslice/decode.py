@@ -6,6 +6,11 @@ position_ids [B, T], cache_position [T]) -> logits``. The sequence length is dyn
 prefilled in one call and each generated token is one call with ``T = 1``. The compressed model's plan is
 replayed on it (``fxslice.replay``) and then every weight is the *same tensor* as in the compressed model,
 so it costs no memory but the cache. It is built on the first ``generate`` call for each batch size.
+
+Each step reads the whole cache, so copies of it cost more per token than in a prefill: the decoding
+graph is then streamlined (``streamline``) so that attention reads the cached keys and values of each
+KV head once instead of a copy repeated for every query head that shares it, and casts to the dtype a
+value already has are dropped. Neither is in the saved graph, so saved models are unaffected.
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .capture import HF_PREFIX, export_graph
-from .graph import get_tensor, set_tensor, tensor_targets
+from .graph import aten, eliminate_dead_code, get_tensor, is_op, set_tensor, tensor_targets, val
 from .loading import empty_causal_lm, match_buffer_dtypes
 from .plan import plan_of
 from .replay import replay
 
-__all__ = ["Session", "build_decoder", "cache_length", "logit_error"]
+__all__ = ["Session", "build_decoder", "cache_length", "logit_error", "streamline"]
 
 
 class _CachedCausalLMCall(torch.nn.Module):
@@ -120,8 +126,83 @@ def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModu
             set_tensor(decoder, target, theirs)  # the same tensor: no second copy of the weights
         elif not target.startswith("cache_"):
             raise RuntimeError(f"decoding graph reads {target}, which the compressed model does not have")
+    streamline(decoder)
     _verify(decoder, gm, batch_size, compressed.config.vocab_size)
     return decoder
+
+
+def streamline(gm: fx.GraphModule) -> int:
+    """Make ``gm`` copy less, computing the same values; returns how many nodes were rewritten.
+
+    * Grouped-query attention written as ``sdpa(q, repeat(k), repeat(v))``, where ``repeat`` copies each
+      of ``k``'s ``H`` heads ``n`` times in a row (``reshape(expand(k[:, :, None], [B, H, n, S, D]),
+      [B, H·n, S, D])``, transformers' ``repeat_kv``), becomes ``sdpa(q, k, v, enable_gqa=True)``: query
+      head ``i`` attends with key/value head ``i // n`` either way, without the copies.
+    * A ``_to_copy`` to the dtype, device and layout its input already has returns an equal tensor:
+      its readers read the input instead, unless the value is written in place on either side.
+    """
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if is_op(node, aten.scaled_dot_product_attention) and not node.kwargs.get("enable_gqa", False):
+            keys, values = _repeated_heads(node.args[1]), _repeated_heads(node.args[2])
+            if keys is not None and values is not None and keys[1] == values[1]:
+                node.args = (node.args[0], keys[0], values[0], *node.args[3:])
+                node.kwargs = {**node.kwargs, "enable_gqa": True}
+                rewritten += 1
+        elif is_op(node, aten._to_copy) and _idle_cast(node):
+            node.replace_all_uses_with(node.args[0])
+            rewritten += 1
+    eliminate_dead_code(gm)
+    gm.recompile()
+    return rewritten
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _skip_whole_slices(node: Any) -> Any:
+    """The tensor a chain of ``x[:, :]``-style slices (start 0, to the end, step 1) views whole."""
+    while (is_op(node, aten.slice) and len(node.args) >= 4 and node.args[2] in (0, None)
+           and (node.args[3] is None or (isinstance(node.args[3], int) and node.args[3] >= 2**62))
+           and (len(node.args) < 5 or node.args[4] == 1)):
+        node = node.args[0]
+    return node
+
+
+def _repeated_heads(node: Any) -> tuple[fx.Node, int] | None:
+    """``(x, n)`` when ``node`` is ``x`` (``[B, H, S, D]``) with each head repeated ``n`` times in a row."""
+    if not is_op(node, aten.reshape, aten.view, aten._unsafe_view) or not is_op(node.args[0], aten.expand):
+        return None
+    expand = node.args[0]
+    unsqueezed = _skip_whole_slices(expand.args[0])
+    if not is_op(unsqueezed, aten.unsqueeze) or unsqueezed.args[1] != 2:
+        return None
+    x = _skip_whole_slices(unsqueezed.args[0])
+    shapes = [getattr(val(n), "shape", None) for n in (x, expand, node)]
+    if any(s is None for s in shapes) or [len(s) for s in shapes] != [4, 5, 4]:
+        return None
+    (b, h, s, d), repeated, out = shapes
+    n = repeated[2]
+    if not isinstance(n, int) or not _same(repeated, (b, h, n, s, d)) or not _same(out, (b, h * n, s, d)):
+        return None
+    return x, n
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
+def _idle_cast(node: fx.Node) -> bool:
+    source, out = node.args[0], val(node)
+    before = val(source)
+    if (not isinstance(source, fx.Node) or source.op != "call_function" or not isinstance(before, torch.Tensor)
+            or not isinstance(out, torch.Tensor) or set(node.kwargs) - {"dtype", "device", "layout"}):
+        return False
+    if (before.dtype, before.device, before.layout) != (out.dtype, out.device, out.layout):
+        return False
+    return not any(_mutates(user) for user in (*source.users, *node.users)) and not _mutates(source)
 
 
 @torch.no_grad()

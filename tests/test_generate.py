@@ -130,3 +130,56 @@ def test_compiled_decoding_gives_the_eager_greedy_output():
     assert any(key[2] for key, decoder in model.decoders.items() if decoder is not None)  # it did compile
     again = model.generate(ids[:, :4], max_new_tokens=10, do_sample=False, compiled=True)  # another prompt length
     assert torch.equal(again, model.generate(ids[:, :4], max_new_tokens=10, do_sample=False))
+
+
+class _GroupedAttention(torch.nn.Module):
+    """Attention over keys and values repeated for the query heads that share them: ``each`` repeats
+    every head 3 times in a row (transformers' repeat_kv), otherwise the whole set of heads is tiled."""
+
+    def __init__(self, each: bool):
+        super().__init__()
+        self.each = each
+
+    def repeat(self, x):
+        b, h, s, d = x.shape
+        if self.each:
+            return x[:, :, None].expand(b, h, 3, s, d).reshape(b, h * 3, s, d)
+        return x[:, None].expand(b, 3, h, s, d).reshape(b, 3 * h, s, d)
+
+    def forward(self, q, k, v, mask):
+        out = torch.nn.functional.scaled_dot_product_attention(q, self.repeat(k), self.repeat(v), attn_mask=mask)
+        return torch.ops.aten._to_copy(out, dtype=torch.float64) * 2  # a copy to the dtype it already has
+
+
+@pytest.mark.parametrize("each", [True, False])
+def test_streamline_reads_shared_kv_heads_once_and_computes_the_same(each):
+    from fxslice.decode import streamline
+    from fxslice.graph import aten, is_op
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 5, 8, dtype=torch.float64, generator=generator)
+    k, v = (torch.randn(2, 2, 5, 8, dtype=torch.float64, generator=generator) for _ in range(2))
+    mask = torch.rand(5, 5, generator=generator) > 0.3
+    mask[:, 0] = True
+    gm = torch.export.export(_GroupedAttention(each), (q, k, v, mask)).module()
+    expected = gm(q, k, v, mask)
+    rewritten = streamline(gm)
+    attention = [n for n in gm.graph.nodes if is_op(n, aten.scaled_dot_product_attention)]
+    # Tiling the heads pairs query head i with key head i % 2, which enable_gqa does not: left alone.
+    assert [n.kwargs.get("enable_gqa", False) for n in attention] == [each]
+    assert rewritten == (2 if each else 1)  # the attention (repeat_kv only) and the idle cast
+    assert not any(is_op(n, aten._to_copy) for n in gm.graph.nodes)
+    assert torch.equal(gm(q, k, v, mask), expected)
+
+
+def test_the_decoding_graph_reads_each_kv_head_once():
+    from fxslice.graph import aten, is_op
+
+    _, sliced = compressed(passes=(fuse_norm,))  # 4 query heads share 2 KV heads
+    ids = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(8))
+    out = sliced.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, argmax_chain(sliced, ids, 4))
+    (decoder,) = [d for d in sliced.decoders.values() if d is not None]
+    attention = [n for n in decoder.graph.nodes if is_op(n, aten.scaled_dot_product_attention)]
+    assert attention and all(n.kwargs.get("enable_gqa") for n in attention)
+    assert not any(is_op(n, aten.expand) and is_op(next(iter(n.users)), aten.reshape) for n in decoder.graph.nodes)
