@@ -145,7 +145,9 @@ def streamline(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if is_op(node, aten.scaled_dot_product_attention) and not node.kwargs.get("enable_gqa", False):
             keys, values = _repeated_heads(node.args[1]), _repeated_heads(node.args[2])
-            if keys is not None and values is not None and keys[1] == values[1]:
+            heads = getattr(val(node.args[0]), "shape", ())
+            if (keys is not None and values is not None and keys[1] == values[1] and len(heads) == 4
+                    and statically_known_true(heads[1] == val(keys[0]).shape[1] * keys[1])):
                 node.args = (node.args[0], keys[0], values[0], *node.args[3:])
                 node.kwargs = {**node.kwargs, "enable_gqa": True}
                 rewritten += 1
