@@ -27,6 +27,7 @@ VARIANTS = {
     "keep-head": {"ratio": 0.25, "head": False},
     "no-rescale": {"ratio": 0.25, "rescale": False},
     "spectrum": {"ratio": 0.25, "schedule": "spectrum"},
+    "readers": {"ratio": 0.25, "schedule": "readers"},
     "budget-0.90": {"budget": 0.90},  # MLP inner widths only: the residual stream stays whole
 }
 

@@ -41,8 +41,8 @@ def main() -> None:
             self.tokens = tokens
             self.folds = folds
 
-        def losses(self, gm, states, tokens=SPECTRUM_TOKENS):
-            return super().losses(gm, states, self.tokens)
+        def losses(self, gm, states, tokens=SPECTRUM_TOKENS, at="stream"):
+            return super().losses(gm, states, self.tokens, at)
 
     warnings.simplefilter("ignore")
     model, tokenizer = load_smollm2()

@@ -498,11 +498,31 @@ def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.
         sweep.select(node, apply(index, statistics), groups)
 
 
-def lost_fraction(fitted: torch.Tensor, unit: torch.Tensor, pca=pca) -> torch.Tensor:
+def _reads(gm: fx.GraphModule, state: State) -> torch.Tensor:
+    """``Σ W Wᵀ`` over the weights that read ``state`` (the input axis first; skip matrices left out)."""
+    reads = torch.zeros(state.width, state.width, dtype=torch.float64)
+    for side in dict.fromkeys(s.use.input_side() for s in state.sinks if not s.use.node.meta.get(SKIP_EDGE)):
+        weight = get_tensor(gm, side.target).detach()
+        w = torch.movedim(weight, side.axis, 0).reshape(weight.shape[side.axis], -1).to(torch.float64)
+        reads += (w @ w.T).to(reads.device)
+    return reads
+
+
+def lost_fraction(fitted: torch.Tensor, unit: torch.Tensor, pca=pca, reads: torch.Tensor | None = None) -> torch.Tensor:
     """``loss[k]`` for ``k = 0 … d``: the mean fraction of a token's squared length outside the first ``k``
     principal directions of the covariance ``fitted``, over the tokens whose unit-length covariance is
-    ``unit``: ``1 − Σ_{j<k} q_jᵀ Û q_j / tr Û``."""
+    ``unit``: ``1 − Σ_{j<k} q_jᵀ Û q_j / tr Û``.
+
+    With ``reads`` (``Σ W Wᵀ`` over the weights that read the state, ``d × d``): the fraction of what they
+    compute from a token that is lost, ``tr(E_k M E_k G) / tr(M G)`` with ``M = QᵀÛQ``, ``G = QᵀRQ`` and
+    ``E_k`` keeping the directions from ``k`` on. A few very large directions then count only as much
+    as the readers use them."""
     _, rotation = pca(fitted)
+    if reads is not None:
+        p = (rotation.T @ unit @ rotation) * (rotation.T @ reads.to(rotation) @ rotation)
+        # Σ_{i,j ≥ k} p_ij for every k: the diagonal of the 2-D cumulative sum of p read backwards.
+        suffix = p.flip(0, 1).cumsum(0).cumsum(1).diagonal().flip(0)
+        return torch.cat([suffix / suffix[0], torch.zeros(1, dtype=p.dtype)]).clamp_min(0.0)
     # q_jᵀ Û q_j = Σ_i (Û Q)_ij Q_ij: the diagonal of QᵀÛQ without the second product.
     kept = ((unit @ rotation) * rotation).sum(0).cumsum(0) / torch.trace(unit)
     return torch.cat([torch.ones(1, dtype=kept.dtype), (1.0 - kept).clamp_min(0.0)])
@@ -533,7 +553,8 @@ class PCARotation:
     """``losses`` fits the principal directions on all pre-pass sequences but one fold and measures the
     loss on that fold, for each fold (1: fitted and measured on the same tokens)."""
 
-    def losses(self, gm: fx.GraphModule, states: list[State], tokens: int = SPECTRUM_TOKENS) -> list[torch.Tensor]:
+    def losses(self, gm: fx.GraphModule, states: list[State], tokens: int = SPECTRUM_TOKENS,
+               at: str = "stream") -> list[torch.Tensor]:
         """For every state, ``loss[k]``: the mean fraction of a token's vector lost when the state keeps ``k``
         principal directions — what the state's norms see, since they rescale every token to unit RMS.
 
@@ -542,6 +563,10 @@ class PCARotation:
         and the loss is measured on the odd ones, and the other way round (the token-weighted mean).
         Measured on the tokens it was fitted to, a spectrum looks lower-rank than it is, the more so the
         fewer distinct tokens a state has seen (the early ones), and the plan narrows those states too much.
+
+        ``at="readers"``: the fraction of what the weights reading the state compute that is lost
+        (``lost_fraction`` with their ``Σ W Wᵀ``), for streams where a few very large directions hold
+        nearly all of every token's length and so hide what the readers use.
         """
         # Before any rotation the skip matrices rotate inserted are identities: the pre-pass skips them.
         identities = frozenset(n for n in gm.graph.nodes if n.meta.get(SKIP_EDGE) and len(n.args) == 2
@@ -556,12 +581,13 @@ class PCARotation:
             folds.h, folds.unit, folds.tokens = total((folds.h, folds.unit, folds.tokens))
             h = sum(folds.h)
             held = [i for i, n in enumerate(folds.tokens) if n]
+            reads = _reads(gm, state) if at == "readers" else None
             if len(held) > 1:
                 # Fold i's tokens against the directions of the other folds: H − H_i.
-                result.append(sum(folds.tokens[i] * lost_fraction(h - folds.h[i], folds.unit[i], self.pca)
+                result.append(sum(folds.tokens[i] * lost_fraction(h - folds.h[i], folds.unit[i], self.pca, reads)
                                   for i in held) / sum(folds.tokens))
             else:  # one fold, or a single sequence: nothing to hold out
-                result.append(lost_fraction(h, sum(folds.unit), self.pca))
+                result.append(lost_fraction(h, sum(folds.unit), self.pca, reads))
         return result
 
     def run(self, gm: fx.GraphModule, states: list[State], apply) -> None:

@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
     s.add_argument("--batch-size", type=_positive, default=8)
     s.add_argument("--seed", type=int, default=42)
-    s.add_argument("--schedule", choices=["constant", "spectrum"], default="constant")
+    s.add_argument("--schedule", choices=["constant", "spectrum", "readers"], default="constant",
+                   help="how widths are spread over the states (slice's schedule=; choose on validation text)")
     s.add_argument("--shared", action="store_true", help="one rotation per stream: no skip matrices")
     head = s.add_mutually_exclusive_group()
     head.add_argument("--slice-head", dest="head", action="store_const", const=True,

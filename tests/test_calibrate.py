@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 import fxslice
 from conftest import relative_error
 from fxslice import CalibrationError, Rotate, fuse_norm, rotate, slice
-from fxslice.calibrate import (RESCALE_EXPONENT, _FoldCovariances, check_calibration, first_tokens, flat_inputs,
-                               gram, lost_fraction)
+from fxslice.calibrate import (RESCALE_EXPONENT, PCARotation, _FoldCovariances, check_calibration, first_tokens,
+                               flat_inputs, gram, lost_fraction, pca)
 from fxslice.passes.rotate import ROTATED_STATE
 from hf_zoo import tiny_model
 from strategies import Arch, TinyLM, example_ids
@@ -193,11 +193,11 @@ def test_spectrum_pre_pass_skipping_the_identity_skip_matrices_changes_nothing(m
     seen = {}
     original = calibrate.PCARotation.losses
 
-    def record(self, gm, states, *args):
+    def record(self, gm, states, *args, **kwargs):
         skips = [n for n in gm.graph.nodes if n.meta.get(SKIP_EDGE)]
         seen.setdefault("identities", []).append(sum(calibrate._is_identity(get_tensor(gm, n.args[1].target))
                                                      for n in skips))
-        seen.setdefault("losses", []).append(original(self, gm, states, *args))
+        seen.setdefault("losses", []).append(original(self, gm, states, *args, **kwargs))
         return seen["losses"][-1]
 
     monkeypatch.setattr(calibrate.PCARotation, "losses", record)
@@ -244,6 +244,26 @@ def test_held_out_loss_sees_what_a_few_tokens_do_not_span():
     assert in_sample[0] == held_out[0] == 1 and in_sample[24] < 1e-9 and held_out[64] < 1e-9
     assert 0.5 < held_out[24] < 0.75
     assert bool((held_out[1:] <= held_out[:-1] + 1e-12).all())
+
+
+def test_loss_at_the_readers_counts_a_huge_direction_only_as_much_as_they_use_it():
+    # Direction 0 holds almost all of every token's length; the readers' weights ignore it.
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 16, generator=generator, dtype=torch.float64)
+    x[:, 0] = 100.0 + x[:, 0]
+    unit = x / x.norm(dim=-1, keepdim=True)
+    w = torch.randn(16, 24, generator=generator, dtype=torch.float64)
+    w[0] = 0.0
+    stream = lost_fraction(x.T @ x, unit.T @ unit)
+    readers = lost_fraction(x.T @ x, unit.T @ unit, reads=w @ w.T)
+    assert stream[1] < 0.01 and readers[1] > 0.9  # keeping the huge direction alone keeps what is read of nothing
+    # Against the definition, for every k: the fraction of ‖x̂ W‖² lost when x̂ keeps k principal directions.
+    _, q = pca(x.T @ x)
+    for k in range(17):
+        drop = q[:, k:] @ q[:, k:].T
+        assert torch.isclose(readers[k], ((unit @ drop @ w) ** 2).sum() / ((unit @ w) ** 2).sum(), atol=1e-12)
+    # Read by the identity, the loss is the fraction of the stream's length.
+    assert torch.allclose(lost_fraction(x.T @ x, unit.T @ unit, reads=torch.eye(16, dtype=torch.float64)), stream)
 
 
 def test_spectrum_schedule_without_calibration_is_an_error():
@@ -321,3 +341,27 @@ def test_calibration_runs_in_place_writes_that_have_no_users():
     assert torch.isfinite(sliced(ids)).all()
     kept = [s["kept_variance"] for s in fxslice.report(sliced)["states"]]
     assert all(0.5 < k <= 1.0 for k in kept), kept
+
+
+def test_readers_schedule_keeps_the_budget_and_plans_from_the_readers_loss(monkeypatch):
+    asked = []
+    measure = PCARotation.losses
+
+    def spy(self, gm, states, tokens=4096, at="stream"):
+        asked.append(at)
+        return measure(self, gm, states, tokens, at)
+
+    monkeypatch.setattr(PCARotation, "losses", spy)
+    model = TinyLM(Arch(width=64, heads=4, depth=3, tied=True)).eval()
+    data = [{"input_ids": example_ids(Arch(), 8, 32, seed=s)} for s in range(2)]
+    results = {}
+    for schedule in ("constant", "readers"):
+        compiled = compile_quietly(model, [fuse_norm, rotate, slice(0.25, schedule=schedule, head=False)],
+                                   example_inputs=(example_ids(Arch()),), calibration=data)
+        results[schedule] = fxslice.report(compiled)
+    assert asked == ["readers"]
+    assert results["readers"]["parameters"]["after"] <= results["constant"]["parameters"]["after"]
+    widths = [s["width_after"] for s in results["readers"]["states"]]
+    assert widths[0] == widths[-1] == 64 and all(w % 8 == 0 and 8 <= w <= 64 for w in widths)
+    with pytest.raises(ValueError, match="schedule='readers' spends the budget of a ratio"):
+        slice(widths=[8], schedule="readers")

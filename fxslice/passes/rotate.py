@@ -167,7 +167,8 @@ class Rotate(FxslicePass):
         if not hasattr(source, "losses"):
             raise UnsupportedGraphError(f"slice(schedule={slicing.schedule!r}) reads the spectrum of the activations; "
                                         f"the rotation source {source.name!r} does not measure it")
-        return slicing.plan(gm, states, source.losses(gm, states), dense=dense)
+        losses = source.losses(gm, states, at="readers") if slicing.schedule == "readers" else source.losses(gm, states)
+        return slicing.plan(gm, states, losses, dense=dense)
 
 
 def _graph_order(gm: fx.GraphModule):

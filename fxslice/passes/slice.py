@@ -9,7 +9,10 @@ constant schedule) except those the output head reads, which keep ``d`` as in Sl
 leave the model no smaller than dense (``head=True`` always slices them, ``head=False`` never does); ``slice(widths={state: k})``, ``slice(widths=[k0, k1, …])`` or
 ``slice(widths=lambda index, d: k)`` choose per state; ``slice(0.25, schedule="spectrum")`` spends the
 parameter budget of ``slice(0.25)`` where the PCA spectrum says it matters (``Slice.plan``; needs
-calibration data).
+calibration data). ``schedule="readers"`` plans the same way from the loss of what each state's readers
+compute (``PCARotation.losses(at="readers")``): for streams where a few very large directions hold nearly
+all of every token's length, which the spectrum's loss cannot see past. Choose between them on
+validation text: each is far worse than the other on one of the two real models measured (docs/results.md).
 
 ``slice(budget=0.75)`` spends a parameter budget instead: the model ends with at most 0.75× the dense
 parameter count (every parameter counted once). It keeps the residual stream whole (a preceding ``rotate``
@@ -49,7 +52,7 @@ from .shrink_mlp import ShrinkMLP, check_budget
 __all__ = ["Slice", "slice"]
 
 Widths = Mapping[int, int] | Sequence[int] | Callable[[int, int], int]
-SCHEDULES = ("constant", "spectrum")
+SCHEDULES = ("constant", "spectrum", "readers")
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,9 @@ class Slice(FxslicePass):
             raise ValueError(f"multiple_of must be a positive integer; got {self.multiple_of!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.schedule == "spectrum" and self.ratio is None:
-            raise ValueError("schedule='spectrum' spends the budget of a ratio: give slice(ratio, schedule='spectrum')")
+        if self.schedule != "constant" and self.ratio is None:
+            raise ValueError(f"schedule={self.schedule!r} spends the budget of a ratio: give "
+                             f"slice(ratio, schedule={self.schedule!r})")
 
     def width(self, index: int, d: int) -> int:
         """The width state ``index`` (of unsliced width ``d``) keeps."""
@@ -118,7 +122,7 @@ class Slice(FxslicePass):
         holds most of the model (a vocabulary of a quarter million tokens) is then sliced like every other state.
         With ``schedule="spectrum"``, ``losses[i][k]`` is the fraction of state ``i``'s signal lost
         when it keeps ``k`` directions (measured on calibration tokens held out from the fit:
-        ``PCARotation.losses``). Starting from every state unsliced, the planner repeatedly narrows (by
+        ``PCARotation.losses``; with ``schedule="readers"``, of what the state's readers compute). Starting from every state unsliced, the planner repeatedly narrows (by
         ``multiple_of``) the state that will lose least after the cut, until the parameters bound to the
         states (skip matrices ``k_i × k_j`` included, counted exactly) are no more than with the constant
         schedule: it equalises the loss across states (minimising the largest), instead of equalising the
