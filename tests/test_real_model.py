@@ -71,6 +71,7 @@ def test_sliced_25_percent_keeps_quality_and_saves_parameters(smollm2):
 # --------------------------------------------------------------------------- Gemma-3-270M, a second family
 GEMMA_DENSE = 86.81  # measured on this protocol (2026-11-30): 16 windows x 256 tokens, each starting with <bos>
 GEMMA_SLICED_MAX_RATIO = 3.1  # measured 260.44 = 3.00x dense with 16 x 512 calibration tokens (2026-11-30)
+GEMMA_READERS_MAX_RATIO = 2.5  # slice(0.25, schedule="readers"): measured 207.01 = 2.38x dense (2026-12-01)
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +85,11 @@ def gemma3(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_gemma3_sliced_25_percent_is_smaller_than_dense_and_keeps_quality(gemma3):
+@pytest.mark.parametrize("schedule, most", [("constant", GEMMA_SLICED_MAX_RATIO), ("readers", GEMMA_READERS_MAX_RATIO)])
+def test_gemma3_sliced_25_percent_is_smaller_than_dense_and_keeps_quality(gemma3, schedule, most):
     """Sandwich post-norms, (1 + w) norms, q/k norms, scaled embeddings, sliding-window layers and a 262k
-    vocabulary tied to the head; windows start with <bos> as its tokenizer does."""
+    vocabulary tied to the head; windows start with <bos> as its tokenizer does. ``schedule="readers"``
+    is the schedule Gemma's validation text chooses (docs/results.md)."""
     model, tokenizer = gemma3
     assert leading_tokens(tokenizer) == [tokenizer.bos_token_id]
     test, valid = join_rows(DATA / "test.txt"), join_rows(DATA / "valid.txt")
@@ -95,10 +98,12 @@ def test_gemma3_sliced_25_percent_is_smaller_than_dense_and_keeps_quality(gemma3
     calibration = calibration_batches(tokenizer, valid, n_samples=16, seq_len=512, batch_size=8, seed=42)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=calibration)
+        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25, schedule=schedule)], calibration=calibration)
     report = fxslice.report(sliced)
-    # Keeping the head's states whole would leave Gemma larger than dense: by default they are sliced too.
-    assert {s["width_after"] for s in report["states"]} == {480}
+    if schedule == "constant":
+        # Keeping the head's states whole would leave Gemma larger than dense: by default they are sliced too.
+        assert {s["width_after"] for s in report["states"]} == {480}
     assert report["parameters"]["ratio"] <= 0.90, report["parameters"]
     ppl = perplexity(sliced, tokenizer, test, SEQ_LEN, max_windows=WINDOWS, batch_size=2)
-    assert ppl < GEMMA_SLICED_MAX_RATIO * dense, f"Gemma-3-270M sliced 25%: {ppl:.2f} vs dense {dense:.2f}"
+    print(f"Gemma-3-270M slice(0.25, schedule={schedule!r}): {ppl:.2f} vs dense {dense:.2f}")
+    assert ppl < most * dense, f"Gemma-3-270M sliced 25% ({schedule}): {ppl:.2f} vs dense {dense:.2f}"
