@@ -122,11 +122,11 @@ class Slice(FxslicePass):
         holds most of the model (a vocabulary of a quarter million tokens) is then sliced like every other state.
         With ``schedule="spectrum"``, ``losses[i][k]`` is the fraction of state ``i``'s signal lost
         when it keeps ``k`` directions (measured on calibration tokens held out from the fit:
-        ``PCARotation.losses``; with ``schedule="readers"``, of what the state's readers compute). Starting from every state unsliced, the planner repeatedly narrows (by
-        ``multiple_of``) the state that will lose least after the cut, until the parameters bound to the
-        states (skip matrices ``k_i × k_j`` included, counted exactly) are no more than with the constant
-        schedule: it equalises the loss across states (minimising the largest), instead of equalising the
-        widths.
+        ``PCARotation.losses``; with ``schedule="readers"``, of what the state's readers compute).
+        Starting from every state unsliced, the planner repeatedly narrows (by ``multiple_of``) the state
+        that will lose least after the cut, until the parameters bound to the states (skip matrices
+        ``k_i × k_j`` included, counted exactly) are no more than with the constant schedule: it equalises
+        the loss across states (minimising the largest), instead of equalising the widths.
         """
         budget = _StateParameters(gm, states)
         pinned = set() if self.head or self.widths is not None else head_states(gm, states)
