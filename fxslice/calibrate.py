@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .analysis.regions import SKIP_EDGE, State, output_heads
 from .distributed import agreed, check_shares, from_rank0, rank, total, world_size
 from .errors import CalibrationError
-from .graph import get_tensor, graph_device
+from .graph import get_tensor, graph_device, mutates
 from .rewrite import scale_normed_sinks
 
 __all__ = ["RESCALE_EXPONENT", "SPECTRUM_TOKENS", "Batch", "Batches", "InnerStatistics", "PCARotation",
@@ -250,11 +250,6 @@ def _ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     return found
 
 
-def _mutates(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-    return schema is not None and schema.is_mutable
-
-
 def _written(node: fx.Node) -> list[fx.Node]:
     """The tensor an in-place op writes and the tensors it is a view of (its first argument, followed
     through first arguments)."""
@@ -275,7 +270,7 @@ class _Sweep:
         needed = _ancestors(targets)
         # An in-place op (``buffer[..., :k].copy_(a)`` into a ``new_empty`` buffer) has no users, yet
         # what it writes is read later: run it whenever what it writes into is needed.
-        mutations = [n for n in gm.graph.nodes if _mutates(n)]
+        mutations = [n for n in gm.graph.nodes if mutates(n)]
         grown = True
         while grown:
             grown = False
@@ -287,7 +282,7 @@ class _Sweep:
         # apply() replaces parameters as the sweep goes.
         self.weight_views: set[fx.Node] = set()
         for n in gm.graph.nodes:
-            if (n.op == "call_function" and n not in targets and not _mutates(n) and n.all_input_nodes
+            if (n.op == "call_function" and n not in targets and not mutates(n) and n.all_input_nodes
                     and all(a.op == "get_attr" or a in self.weight_views for a in n.all_input_nodes)):
                 self.weight_views.add(n)
         self.order = [n for n in gm.graph.nodes

@@ -25,7 +25,7 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .capture import HF_PREFIX, export_graph
-from .graph import aten, eliminate_dead_code, get_tensor, is_op, set_tensor, tensor_targets, val
+from .graph import aten, eliminate_dead_code, get_tensor, is_op, mutates, set_tensor, tensor_targets, val
 from .loading import empty_causal_lm, match_buffer_dtypes
 from .plan import plan_of
 from .replay import replay
@@ -191,11 +191,6 @@ def _repeated_heads(node: Any) -> tuple[fx.Node, int] | None:
     return x, n
 
 
-def _mutates(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and schema.is_mutable
-
-
 def _idle_cast(node: fx.Node) -> bool:
     source, out = node.args[0], val(node)
     before = val(source)
@@ -204,7 +199,7 @@ def _idle_cast(node: fx.Node) -> bool:
         return False
     if (before.dtype, before.device, before.layout) != (out.dtype, out.device, out.layout):
         return False
-    return not any(_mutates(user) for user in (*source.users, *node.users)) and not _mutates(source)
+    return not any(mutates(user) for user in (*source.users, *node.users)) and not mutates(source)
 
 
 @torch.no_grad()

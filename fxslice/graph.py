@@ -21,6 +21,7 @@ __all__ = [
     "graph_device",
     "is_diagonal",
     "is_op",
+    "mutates",
     "owner_of",
     "refresh_shapes",
     "remove_unused_attributes",
@@ -49,6 +50,12 @@ def is_op(node: Any, *packets) -> bool:
     target = node.target
     packet = getattr(target, "overloadpacket", target)
     return packet in packets or target in packets
+
+
+def mutates(node: fx.Node) -> bool:
+    """True when ``node`` calls an op that writes into one of its arguments (``copy_``, ``index_copy_`` …)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema is not None and schema.is_mutable
 
 
 def val(node: Any):
