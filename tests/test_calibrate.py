@@ -166,21 +166,32 @@ def test_first_tokens_cuts_the_last_batch_it_needs_to_whole_rows():
     assert len(first_tokens(data, 10**6)) == 3 and first_tokens(data, 48)[0] is data[0]
 
 
-def test_spectrum_schedule_keeps_the_budget_and_the_head_states():
+@pytest.mark.parametrize("schedule, loss_at", [("spectrum", "stream"), ("readers", "readers")])
+def test_a_planned_schedule_keeps_the_budget_and_the_head_states(monkeypatch, schedule, loss_at):
+    asked = []
+    measure = PCARotation.losses
+
+    def spy(self, gm, states, tokens=4096, **kwargs):
+        asked.append(kwargs.get("at", "stream"))
+        return measure(self, gm, states, tokens, **kwargs)
+
+    monkeypatch.setattr(PCARotation, "losses", spy)
     model = TinyLM(Arch(width=64, heads=4, depth=3, tied=True)).eval()
     data = [{"input_ids": example_ids(Arch(), 8, 32, seed=s)} for s in range(2)]
     results = {}
-    for schedule in ("constant", "spectrum"):
+    for name in ("constant", schedule):
         # head=False: at this size, keeping the head's states whole would not shrink the model, which the
         # default (head=None) avoids by slicing them too.
-        compiled = compile_quietly(model, [fuse_norm, rotate, slice(0.25, schedule=schedule, head=False)],
+        compiled = compile_quietly(model, [fuse_norm, rotate, slice(0.25, schedule=name, head=False)],
                                    example_inputs=(example_ids(Arch()),), calibration=data)
-        results[schedule] = fxslice.report(compiled)
-    constant, spectrum = results["constant"], results["spectrum"]
-    assert spectrum["parameters"]["after"] <= constant["parameters"]["after"]
-    widths = [s["width_after"] for s in spectrum["states"]]
+        results[name] = fxslice.report(compiled)
+    assert asked == [loss_at]  # the planner measured the loss its schedule names, once
+    assert results[schedule]["parameters"]["after"] <= results["constant"]["parameters"]["after"]
+    widths = [s["width_after"] for s in results[schedule]["states"]]
     assert widths[0] == widths[-1] == 64  # the embedding and the final state feed the (tied) head
     assert all(w % 8 == 0 and 8 <= w <= 64 for w in widths)
+    with pytest.raises(ValueError, match=f"schedule='{schedule}' spends the budget of a ratio"):
+        slice(widths=[8], schedule=schedule)
 
 
 def test_spectrum_pre_pass_skipping_the_identity_skip_matrices_changes_nothing(monkeypatch):
@@ -341,27 +352,3 @@ def test_calibration_runs_in_place_writes_that_have_no_users():
     assert torch.isfinite(sliced(ids)).all()
     kept = [s["kept_variance"] for s in fxslice.report(sliced)["states"]]
     assert all(0.5 < k <= 1.0 for k in kept), kept
-
-
-def test_readers_schedule_keeps_the_budget_and_plans_from_the_readers_loss(monkeypatch):
-    asked = []
-    measure = PCARotation.losses
-
-    def spy(self, gm, states, tokens=4096, at="stream"):
-        asked.append(at)
-        return measure(self, gm, states, tokens, at)
-
-    monkeypatch.setattr(PCARotation, "losses", spy)
-    model = TinyLM(Arch(width=64, heads=4, depth=3, tied=True)).eval()
-    data = [{"input_ids": example_ids(Arch(), 8, 32, seed=s)} for s in range(2)]
-    results = {}
-    for schedule in ("constant", "readers"):
-        compiled = compile_quietly(model, [fuse_norm, rotate, slice(0.25, schedule=schedule, head=False)],
-                                   example_inputs=(example_ids(Arch()),), calibration=data)
-        results[schedule] = fxslice.report(compiled)
-    assert asked == ["readers"]
-    assert results["readers"]["parameters"]["after"] <= results["constant"]["parameters"]["after"]
-    widths = [s["width_after"] for s in results["readers"]["states"]]
-    assert widths[0] == widths[-1] == 64 and all(w % 8 == 0 and 8 <= w <= 64 for w in widths)
-    with pytest.raises(ValueError, match="schedule='readers' spends the budget of a ratio"):
-        slice(widths=[8], schedule="readers")
