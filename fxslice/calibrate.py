@@ -493,13 +493,19 @@ def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.
         sweep.select(node, apply(index, statistics), groups)
 
 
+READS_BLOCK = 16384
+"""Rows of a reading weight converted to float64 at once by ``_reads``."""
+
+
 def _reads(gm: fx.GraphModule, state: State) -> torch.Tensor:
     """``Σ W Wᵀ`` over the weights that read ``state`` (the input axis first; skip matrices left out)."""
     reads = torch.zeros(state.width, state.width, dtype=torch.float64)
     for side in dict.fromkeys(s.use.input_side() for s in state.sinks if not s.use.node.meta.get(SKIP_EDGE)):
         weight = get_tensor(gm, side.target).detach()
-        w = torch.movedim(weight, side.axis, 0).reshape(weight.shape[side.axis], -1).to(torch.float64)
-        reads += (w @ w.T).to(reads.device)
+        rows = torch.movedim(weight, side.axis, -1).reshape(-1, state.width)  # W Wᵀ = Σ over rows of rowᵀrow
+        # In float64 a block of rows at a time: a head tied to a large vocabulary is never copied whole.
+        for block in rows.split(READS_BLOCK):
+            reads += gram(block.to(torch.float64)).to(reads.device)
     return reads
 
 
