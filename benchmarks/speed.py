@@ -79,12 +79,16 @@ def parameters(model) -> int:
     return unique_parameters(getattr(model, "graph_module", model))
 
 
+def prefill_inputs(model) -> dict:
+    """The token ids every row is timed on, by shape: 1×512 and 8×128."""
+    return {shape: torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+            for shape in ((1, 512), (8, 128))}
+
+
 def workloads(model, args) -> dict:
     """The timed calls of one row: prefill 1×512 and 8×128 (no cache), and greedy decoding of
     ``--new-tokens`` after a 32-token prompt at batch 1."""
-    vocab = model.config.vocab_size
-    ids = {shape: torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
-           for shape in ((1, 512), (8, 128))}
+    ids = prefill_inputs(model)
     calls = {f"prefill_{b}x{t}_s": (lambda x=x: model(input_ids=x, use_cache=False)) for (b, t), x in ids.items()}
     prompt = ids[(1, 512)][:, :32]
     calls["decode_s"] = lambda: model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
@@ -94,13 +98,11 @@ def workloads(model, args) -> dict:
 
 
 def compiled_prefill(model, args) -> dict:
-    vocab = model.config.vocab_size
     row = {}
     forward = model.graph_module if hasattr(model, "graph_module") else model
     dense_only = {} if hasattr(model, "graph_module") else {"use_cache": False}
     compiled = torch.compile(forward, dynamic=False)
-    for shape in ((1, 512), (8, 128)):
-        x = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
+    for shape, x in prefill_inputs(model).items():
         call = (lambda x=x: compiled(input_ids=x, attention_mask=torch.ones_like(x), **dense_only))
         start = time.perf_counter()
         call()
