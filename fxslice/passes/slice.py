@@ -11,8 +11,8 @@ leave the model no smaller than dense (``head=True`` always slices them, ``head=
 parameter budget of ``slice(0.25)`` where the PCA spectrum says it matters (``Slice.plan``; needs
 calibration data). ``schedule="readers"`` plans the same way from the loss of what each state's readers
 compute (``PCARotation.losses(at="readers")``): for streams where a few very large directions hold nearly
-all of every token's length, which the spectrum's loss cannot see past. Choose between them on
-validation text: each is far worse than the other on one of the two real models measured (docs/results.md).
+all of every token's length, which the spectrum's loss cannot see past. Neither suits every model:
+choose between them on validation text (docs/results.md).
 
 ``slice(budget=0.75)`` spends a parameter budget instead: the model ends with at most 0.75× the dense
 parameter count (every parameter counted once). It keeps the residual stream whole (a preceding ``rotate``
