@@ -13,7 +13,7 @@ import torch
 from .errors import UnsupportedGraphError
 from .graph import owner_of
 
-__all__ = ["empty_causal_lm", "load_causal_lm", "load_tokenizer", "match_buffer_dtypes"]
+__all__ = ["causal_lm_from_config", "empty_causal_lm", "load_causal_lm", "load_tokenizer", "match_buffer_dtypes"]
 
 
 def load_causal_lm(path: str | os.PathLike, gguf_file: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -83,14 +83,32 @@ def _installed_package(name: str | os.PathLike) -> Path | None:
     return files[0]
 
 
+def causal_lm_from_config(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM ``config`` describes, with freshly initialised weights: the class transformers maps
+    its model type to, or, for a config that no causal LM maps (the text part of a multimodal model, whose
+    causal LM class is built from it directly), the transformers class its ``architectures`` names
+    (``compile`` records the class it was given there)."""
+    import transformers
+
+    try:
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as error:
+        named = [getattr(transformers, name, None) for name in getattr(config, "architectures", None) or []]
+        classes = [cls for cls in named if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)]
+        if not classes:
+            raise UnsupportedGraphError(f"no causal LM class for {type(config).__name__}: transformers maps none "
+                                        f"to it and its architectures field names none it has "
+                                        f"({getattr(config, 'architectures', None)}); write the class name into "
+                                        f"config.json's \"architectures\"") from error
+        return classes[0]._from_config(config, dtype=dtype)
+
+
 def empty_causal_lm(config: Any, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The architecture of ``config`` with uninitialised weights (allocated, never randomly initialised)."""
-    from transformers import AutoModelForCausalLM
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = causal_lm_from_config(config, dtype)
     model = model.to_empty(device=device).eval()
     model.tie_weights()  # to_empty gives every parameter fresh storage; restore the config's ties
     return model

@@ -292,11 +292,11 @@ def export_hf(model: SlicedCausalLM, staging: Path, tokenizer: Any = None) -> No
 
 
 def _build(config: Any, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+    from .loading import causal_lm_from_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        return causal_lm_from_config(config, dtype).eval()
 
 
 def _tied_names(model: torch.nn.Module, name: str) -> list[str]:

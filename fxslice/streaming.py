@@ -35,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from .errors import UnsupportedGraphError
 from .graph import STREAMED, owner_of, tensor_meta, tensor_targets
+from .loading import causal_lm_from_config
 
 __all__ = ["DEFAULT_BUDGET", "WeightStore", "attach", "is_checkpoint", "materialize", "open_checkpoint"]
 
@@ -250,7 +251,7 @@ def open_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
     """The causal LM of a safetensors checkpoint with fake parameters (no data), and the store
     its weights will stream from (in ``dtype``; ``budget`` bytes in memory; rewritten weights spill to a
     temporary directory under ``spill``, default the system's)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from accelerate import init_empty_weights
     from transformers.initialization import no_init_weights
 
@@ -266,7 +267,7 @@ def open_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
         warnings.simplefilter("ignore")
         # Parameters on meta (nothing allocated or initialised); buffers real, computed by the model code.
         with init_empty_weights(include_buffers=False), no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = causal_lm_from_config(config, dtype)
         model.tie_weights()
     model.eval()
     # Then fake, on the device the weights will be on: the trace takes the device's code paths (kernel

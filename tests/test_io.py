@@ -158,3 +158,18 @@ def test_a_corrupted_weights_file_is_refused_by_its_checksum(saved, tmp_path):
         fxslice.load(copy)
     loaded = fxslice.load(copy, verify=False)  # the file's own structure is intact: it loads, wrongly
     assert not torch.equal(loaded(input_ids=IDS).logits, compiled(input_ids=IDS).logits)
+
+
+def test_a_model_built_from_a_text_config_that_no_causal_lm_maps_saves_and_loads(tmp_path):
+    import zoo_configs
+    from transformers import AutoModelForCausalLM
+
+    model = zoo_configs.tiny_model("emu3").to(torch.float64)  # Emu3ForCausalLM on Emu3TextConfig
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        AutoModelForCausalLM.from_config(model.config)  # what load alone would build it from
+    compiled = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=CALIBRATION)
+    assert model.config.architectures is None, "compile must not write into the user's config"
+    fxslice.save(compiled, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == [type(model).__name__]
+    loaded = fxslice.load(tmp_path / "m")
+    assert torch.equal(loaded(input_ids=IDS).logits, compiled(input_ids=IDS).logits)
