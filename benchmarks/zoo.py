@@ -37,8 +37,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, HERE)
 
 STEPS = ("build", "capture", "rotate", "slice", "save", "generate")
-EXACT = {"float64": 1e-9, "float32": 1e-4}
-"""Largest relative error of ``[fuse_norm, rotate]`` vs ``[fuse_norm]`` that counts as exact."""
+EXACT = {"float64": 1e-9, "float32": 1e-4, "float32 inside": 1e-4}
+"""Largest relative error of ``[fuse_norm, rotate]`` vs ``[fuse_norm]`` that counts as exact ("float32
+inside": a float64 model whose own code rounds values it computes to float32)."""
 UNSUPPORTED = re.compile(r"post-LN|post-norm|pre-norm|no residual stream|cannot be rotated|cannot be transformed", re.I)
 """An UnsupportedGraphError that says the residual stream cannot be rotated (a property of the model)."""
 CAPTURE_TOLERANCE = {"float64": 1e-6, "float32": 1e-4}
@@ -82,6 +83,22 @@ def first_line(error: BaseException | str, limit: int | None = 160) -> str:
 
 def relative(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def rounds_to_float32(graph_module) -> bool:
+    """Whether a float64 model's own code casts values computed from its inputs to float32 (Mamba keeps
+    its residual in float32): a rotated stream is then exact only to float32's precision."""
+    import torch
+
+    from_inputs = set()
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder" or any(arg in from_inputs for arg in node.all_input_nodes):
+            from_inputs.add(node)
+            source = node.args[0] if node.args else None
+            if (node.op == "call_function" and getattr(node.meta.get("val"), "dtype", None) == torch.float32
+                    and getattr(getattr(source, "meta", {}).get("val"), "dtype", None) == torch.float64):
+                return True
+    return False
 
 
 def run_one(name: str) -> dict:
@@ -161,6 +178,8 @@ def run_one(name: str) -> dict:
         row["rotate_error"] = relative(logits(rotated), fused_logits)
         row["rotate_vs_original"] = relative(logits(rotated), reference)
         row["rotate_skipped"] = len(fxslice.report(rotated)["skipped"])
+        if precision == "float64" and row["rotate_error"] > EXACT[precision] and rounds_to_float32(fused.graph_module):
+            precision = row["precision"] = "float32 inside"
         if not row["rotate_error"] <= EXACT[precision]:
             raise AssertionError(f"rotation is not exact in {precision}: {row['rotate_error']:.1e}")
         done("rotate")
@@ -273,7 +292,7 @@ def table_row(row: dict) -> str:
     note = f" ({row['note']})" if row.get("note") else ""
     rotate_cell = ""
     if "rotate_error" in row:
-        rotate_cell = f"{row['rotate_error']:.1e}" + ("" if row.get("precision") == "float64" else " (float32)")
+        rotate_cell = f"{row['rotate_error']:.1e}" + ("" if row.get("precision") == "float64" else f" ({row.get('precision', 'float32')})")
         if row.get("step") == "rotate":
             rotate_cell += " **fails**"
     elif row.get("step") == "rotate":
