@@ -26,6 +26,7 @@ class Arch:
     kv_heads: int = 1
     mlp: int = 24
     norm: str = "rms"  # "layer" | "rms" | "rms_offset"
+    root: str = "rsqrt"  # how an RMS norm writes 1/√(mean x² + eps): "rsqrt" | "pow" | "div_sqrt" | "div_pow"
     bias: bool = False
     parallel: bool = False
     tied: bool = False
@@ -40,14 +41,16 @@ class Arch:
 class Norm(nn.Module):
     def __init__(self, arch: Arch):
         super().__init__()
-        self.kind = arch.norm
+        self.kind, self.root = arch.norm, arch.root
         self.weight = nn.Parameter(torch.ones(arch.width))
         self.bias = nn.Parameter(torch.zeros(arch.width)) if arch.norm == "layer" and arch.bias else None
 
     def forward(self, x):
         if self.kind == "layer":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, 1e-5)
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        shifted = x.pow(2).mean(-1, keepdim=True) + 1e-6
+        y = {"rsqrt": lambda: x * torch.rsqrt(shifted), "pow": lambda: x * torch.pow(shifted, -0.5),
+             "div_sqrt": lambda: x / torch.sqrt(shifted), "div_pow": lambda: x / shifted ** 0.5}[self.root]()
         return y * (1.0 + self.weight) if self.kind == "rms_offset" else y * self.weight
 
 
@@ -157,6 +160,7 @@ def architectures(draw) -> Arch:
         kv_heads=draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0])),
         mlp=draw(st.sampled_from([8, 24, 40])),
         norm=draw(st.sampled_from(["layer", "rms", "rms_offset"])),
+        root=draw(st.sampled_from(["rsqrt", "pow", "div_sqrt", "div_pow"])),
         bias=draw(st.booleans()),
         parallel=draw(st.booleans()),
         tied=draw(st.booleans()),

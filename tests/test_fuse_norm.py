@@ -39,6 +39,15 @@ def test_every_stream_norm_becomes_weightless_rms(arch):
     assert all(n.weight is None and n.bias is None for n in post)
 
 
+@pytest.mark.parametrize("root", ["rsqrt", "pow", "div_sqrt", "div_pow"])
+def test_an_rms_norm_written_out_with_any_root_is_found_and_made_weightless(root):
+    arch = Arch(width=16, heads=2, depth=2, norm="rms_offset", root=root)
+    gm, error = compile_and_compare(arch, [fuse_norm, rotate])
+    assert error <= 1e-9
+    readers = [n for n in find_norms(gm) if n.fused is not None]
+    assert len(readers) == 2 * arch.depth + 1 and not any(ops(gm, op) for op in (aten.rsqrt, aten.pow, aten.sqrt))
+
+
 @given(architectures())
 def test_fuse_norm_with_a_tied_head_and_a_norm_on_the_embeddings(arch):
     # The shared embedding is then not a stream source: it must not be treated as centred.

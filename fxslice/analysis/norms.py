@@ -4,7 +4,8 @@ Matched forms (each optionally followed by casts, a ``γ`` multiply and a ``β``
 
 * ``aten.layer_norm(x, [d], w, b, eps)``
 * ``aten.rms_norm(x, [d], w, eps)`` (also fxslice's own weightless form, tagged in ``node.meta``)
-* RMS norm written out: ``x * rsqrt(mean(x**2 or x*x, -1, keepdim) + eps)`` or ``x / sqrt(…)``
+* RMS norm written out: ``x * rsqrt(mean(x**2 or x*x, -1, keepdim) + eps)`` (or ``x * (…) ** -0.5``) or
+  ``x / sqrt(…)`` (or ``x / (…) ** 0.5``)
 * LayerNorm written out: the same on ``x - mean(x, -1, keepdim)``
 
 ``γ`` may be any constant expression of the parameters, so ``(1 + w)`` offset norms are the same match.
@@ -13,6 +14,7 @@ Matched forms (each optionally followed by casts, a ``γ`` multiply and a ``β``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -63,13 +65,20 @@ def _vector(value, width: int) -> torch.Tensor | None:
     return value.detach().reshape(width).to(torch.float64)
 
 
+def _root(node: Any, power: float) -> bool:
+    """``node`` is ``v ** power`` for ``power`` ±0.5, as ``sqrt``/``rsqrt`` or as ``pow``."""
+    if is_op(node, aten.pow):
+        return node.args[1] == power
+    return is_op(node, aten.rsqrt if power < 0 else aten.sqrt)
+
+
 def _rms_core(node: fx.Node):
     """x * rsqrt(mean(x²) + eps) or x / sqrt(mean(x²) + eps) -> (x, eps, readers, kind)."""
     if is_op(node, aten.mul):
         pairs = [(node.args[0], node.args[1]), (node.args[1], node.args[0])]
-        pairs = [(x, r) for x, r in pairs if is_op(r, aten.rsqrt)]
+        pairs = [(x, r) for x, r in pairs if _root(r, -0.5)]
     elif is_op(node, aten.div):
-        pairs = [(node.args[0], node.args[1])] if is_op(node.args[1], aten.sqrt) else []
+        pairs = [(node.args[0], node.args[1])] if _root(node.args[1], 0.5) else []
     else:
         return None
     for x, root in pairs:
