@@ -5,11 +5,13 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import fxslice
 from conftest import relative_error
 from fxslice import UnsupportedGraphError, fuse_norm, rotate, slice
 from fxslice.analysis import register_stream_op
+from fxslice.plan import plan_of
 from strategies import Arch, TinyLM, example_ids
 
 
@@ -105,3 +107,38 @@ def test_adding_zero_and_scaling_in_place_by_a_scalar_tensor_carry_the_stream():
     assert not fxslice.report(rotated)["skipped"]
     assert relative_error(rotated(ids), fused(ids)) < 1e-12
     assert relative_error(fused(ids), model(ids)) < 1e-12
+
+
+class ChannelScaledLM(TinyLM):
+    """Learned per-channel weights on the residual branch, in two forms models use: ``s ⊙ x + block(x)`` and
+    ``(x + b) ⊙ s + block(x)``; and zeros made from a norm's output (``normed.new_zeros(size)``, a delayed
+    state's start, through a linear into the stream) and from the stream (``zeros_like``): they read no values."""
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        self.scales = nn.Parameter(torch.rand(arch.depth, arch.width) + 0.5)
+        self.shift = nn.Parameter(torch.randn(arch.width) * 0.1)
+        self.delayed = nn.ModuleList(nn.Linear(arch.width, arch.width) for _ in range(arch.depth))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            normed = block.norm1(x)
+            start = self.delayed[i](normed.new_zeros(normed.shape[0], 1, self.arch.width))
+            x = self.scales[i] * x + block.attn(normed) + start + torch.zeros_like(x)
+            x = (x + self.shift) * self.scales[i] + block.mlp(block.norm2(x))
+        return self.head(self.final_norm(x))
+
+
+def test_a_per_channel_scale_of_the_stream_becomes_a_linear_and_rotates_exactly():
+    model = ChannelScaledLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    fused = compile_quietly(model, [fuse_norm])
+    assert len(plan_of(fused).details["fuse_norm"]["channel_scales"]) == 2 * ARCH.depth
+    assert relative_error(fused(ids), model(ids)) < 1e-12
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    assert not fxslice.report(rotated)["skipped"]
+    assert relative_error(rotated(ids), model(ids)) < 1e-12
+    sliced = compile_quietly(model, [fuse_norm, rotate, slice(0.25)])
+    widths = {s["width_after"] for s in fxslice.report(sliced)["states"]}
+    assert widths == {24} and sliced(ids).shape == model(ids).shape

@@ -332,6 +332,15 @@ def _sym_size(node: fx.Node, operand: fx.Node) -> Step | None:
     return None
 
 
+@_stream_rule(aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty)
+def _new_tensor(node: fx.Node, operand: fx.Node) -> Step | None:
+    """``x.new_zeros(size)``: the size is given, so only ``x``'s dtype and device are read."""
+    return Step(StepKind.READS_SHAPE) if node.args[0] is operand else None
+
+
+_stream_rule(aten.zeros_like)(_on_data(_commutes))  # 0·Q = 0, at any width
+
+
 @_stream_rule(aten.type_as)
 def _type_as(node: fx.Node, operand: fx.Node) -> Step | None:
     if node.args[0] is operand:

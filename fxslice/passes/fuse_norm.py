@@ -12,6 +12,9 @@
   followed by an inserted linear ``diag(γ)``, ``β``: a source like any other. This runs first, to a
   fixed point, because that linear is also what lets the stream the norm *reads* be fused: its output
   then goes only into a linear.
+* A constant per-channel scale of the stream (``s ⊙ x``: a learned weight on the residual branch) becomes
+  an inserted linear ``diag(s)``, in the same loop: it reads one state and writes into the next, as the
+  skip matrix that edge would need anyway, and rotate folds ``Q_iᵀ diag(s) Q_j`` into it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from ..analysis.norms import Norm
 from ..analysis.ops import WeightUse
 from ..analysis.regions import Region, find_regions, parameter_uses
 from ..errors import UnsupportedGraphError, module_path
-from ..graph import add_parameter, aten, eliminate_dead_code, get_tensor, refresh_shapes, set_tensor, tensor_meta, val
+from ..graph import (add_parameter, aten, constant_value, eliminate_dead_code, get_tensor, is_op, refresh_shapes,
+                     set_tensor, tensor_meta, val)
 from ..rewrite import emit_norm, insert_linear, multiply_axis, scale_axis
 from ..plan import Plan, plan_of
 from .base import Context, FxslicePass, skipped_regions
@@ -85,11 +89,13 @@ class FuseNorm(FxslicePass):
     name = "fuse_norm"
 
     def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
-        post_norms = self._norm_sources_to_linears(gm)
+        post_norms, scales = self._linears_on_the_stream(gm)
         regions = find_regions(gm)
         skipped = skipped_regions(regions, self.strict, "fuse_norm")
         uses = _uses_by_tensor(gm)
         record: dict[str, Any] = {"regions": [], "post_norms": post_norms}
+        if scales:
+            record["channel_scales"] = scales
         fusable = [r for r in regions if not r.reason()]
         bridged = {s.use.node for r in fusable for s in r.sinks if s.norm is not None}
         conflicts = {r.index: _centring_conflict(r, uses, bridged) for r in fusable}
@@ -156,16 +162,26 @@ class FuseNorm(FxslicePass):
             total = gm.graph.call_function(aten.add.Tensor, (use.node, correction))
         use.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
 
-    def _norm_sources_to_linears(self, gm: fx.GraphModule) -> list[str]:
-        """Give every norm written into a transformable stream its linear; repeat until none is left."""
-        done: list[str] = []
+    def _linears_on_the_stream(self, gm: fx.GraphModule) -> tuple[list[str], list[str]]:
+        """Give every norm written into a transformable stream, and every per-channel scale of a stream,
+        its linear; repeat until none is left. Returns where each went (post-norms, scales)."""
+        post_norms: list[str] = []
+        scales: list[str] = []
         while True:
-            pending = [s.norm for r in find_regions(gm) if not r.reason() for s in r.sources if s.norm is not None]
-            if not pending:
-                return done
+            regions = find_regions(gm)
+            pending = [s.norm for r in regions if not r.reason() for s in r.sources if s.norm is not None]
+            scaled = {m[0]: m for r in regions for b in r.blockers if (m := _channel_scale(b.node)) is not None}
+            if not pending and not scaled:
+                return post_norms, scales
             for norm in pending:
-                done.append(_where(norm.output))
+                post_norms.append(_where(norm.output))
                 self._post_norm(gm, norm)
+            for node, stream, scale in scaled.values():
+                scales.append(_where(node))
+                # s ⊙ x = x diag(s), a linear like any other on the stream
+                linear = insert_linear(gm, stream, torch.diag(scale).to(val(node).dtype), None,
+                                       f"channel_scale_{_where(node)}", node)
+                node.replace_all_uses_with(linear)
             eliminate_dead_code(gm)
             gm.recompile()
             refresh_shapes(gm)  # the analysis reads every node's shape and dtype
@@ -179,6 +195,21 @@ class FuseNorm(FxslicePass):
         bias = norm.bias.to(dtype) if norm.bias is not None else None
         linear = insert_linear(gm, out, torch.diag(gamma).to(dtype), bias, f"post_norm_{_where(norm.output)}", norm.output)
         norm.output.replace_all_uses_with(linear)
+
+
+def _channel_scale(node: fx.Node) -> tuple[fx.Node, fx.Node, torch.Tensor] | None:
+    """``node = s ⊙ x`` with ``s`` a constant vector along ``x``'s last dim -> (node, x, s in float64);
+    else None. (Called on the ops that stop a stream, which read or write it.)"""
+    if not is_op(node, aten.mul) or len(node.args) != 2:
+        return None
+    for stream, other in (node.args, node.args[::-1]):
+        scale = constant_value(other)
+        if not isinstance(stream, fx.Node) or constant_value(stream) is not None or not isinstance(scale, torch.Tensor):
+            continue
+        width = val(stream).shape[-1]
+        if scale.numel() == width and scale.shape[-1] == width and val(node).shape == val(stream).shape:
+            return node, stream, scale.detach().reshape(width).to(torch.float64)
+    return None
 
 
 def _where(node: fx.Node) -> str:
