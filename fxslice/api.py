@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from typing import Any, Sequence
@@ -63,11 +62,7 @@ def compile(  # noqa: A001 - the library's one verb
         attach(gm, store, HF_PREFIX)
     gm = run_passes(gm, passes, calibration=calibration)
     if is_hf_causal_lm(model):
-        # As save_pretrained does: the class is recorded, so load rebuilds it even from a config that
-        # transformers maps to no causal LM (a multimodal model's text config).
-        config = copy.deepcopy(model.config)
-        config.architectures = [type(model).__name__]
-        return SlicedCausalLM(gm, config)
+        return SlicedCausalLM(gm, model.config)
     return gm
 
 

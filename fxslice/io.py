@@ -18,6 +18,7 @@ model's.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -120,7 +121,11 @@ def _save(gm: fx.GraphModule, model: torch.nn.Module, directory: Path, tokenizer
         recipe["sha256"] = {name: sha256(staging / name) for name in names}
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
         if isinstance(model, SlicedCausalLM):
-            model.config.save_pretrained(staging)
+            config = copy.deepcopy(model.config)
+            # As save_pretrained does: the class is recorded, so load rebuilds it even from a config
+            # that transformers maps to no causal LM (the text config of a multimodal model).
+            config.architectures = [plan_of(gm).model_class.rsplit(".", 1)[-1]]
+            config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
 
