@@ -353,19 +353,28 @@ class _Sweep:
                 del env[node]
         self.cursor = end + 1
 
-    def select(self, node: fx.Node, channels: torch.Tensor, groups: fx.Node | None = None) -> None:
-        """Cached values of ``node`` keep only ``channels`` of their last dim; with 2-D ``channels``, the
-        rows of group ``e`` (split by the offsets ``groups`` holds) keep ``channels[e]``."""
-        for _, env in self._environments():
-            if node not in env:
-                continue
-            x, index = env[node], channels.to(env[node].device)
-            if index.dim() == 2:
-                rows = x.reshape(-1, x.shape[-1])
-                index = index[group_of_rows(env[groups], rows.shape[0])]
-                env[node] = rows.gather(1, index).reshape(*x.shape[:-1], index.shape[1])
-            else:
-                env[node] = x.index_select(-1, index)
+    def start_of(self, nodes, target: fx.Node) -> int:
+        """The earliest position from which ``peek(target)`` may recompute, given that ``nodes`` must be
+        recomputed: also every value an in-place op on the way writes into (peek must not write twice
+        into a cached value)."""
+        first = min(self.position[n] for n in nodes)
+        while True:
+            written = [self.position[base] for node in self.order[first : self.position[target] + 1] if mutates(node)
+                       for base in _written(node) if base in self.position]
+            if not written or min(written) >= first:
+                return first
+            first = min(written)
+
+    @torch.no_grad()
+    def peek(self, target: fx.Node, observe, groups: fx.Node | None = None) -> None:
+        """``observe`` ``target`` for all batches as ``run_until`` would, keeping nothing: the values from
+        the cursor to ``target`` go into a scratch copy of each batch's values, dropped after it."""
+        segment = self.order[self.cursor : self.position[target] + 1]
+        for b, env in self._environments():
+            scratch = dict(env)
+            for node in segment:
+                scratch[node] = self._run(node, scratch)
+            observe(b, scratch[target], *([scratch[groups]] if groups is not None else []))
 
     def transform(self, nodes: frozenset, matrix: torch.Tensor, anchor: fx.Node | None = None) -> float:
         """Cached values of ``nodes`` (a state, in its unrotated basis) become ``x @ matrix``.
@@ -478,19 +487,27 @@ class InnerStatistics:
         self.tokens += rows.shape[0]
 
 
-def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.Node, fx.Node | None]], apply,
-                progress: bool = True, desc: str = "fxslice: shrinking inner widths") -> None:
-    """Run the graph once over ``batches``; at each ``(node, groups)`` of ``inputs`` (in graph order) hand
-    the node's ``InnerStatistics`` (per group of rows when ``groups`` holds expert offsets) to
-    ``apply(index, statistics)``, which rewrites the weights and returns the channels kept (``[E, k]``
-    per group); the cached values then keep those channels, so later statistics see the model as
-    already shrunk (the same sequential scheme as the residual sweep)."""
-    sweep = _Sweep(gm, batches, [node for node, _ in inputs])
-    for index, (node, groups) in enumerate(tqdm(inputs, desc=desc, disable=not progress or rank() != 0, unit="mlp")):
+def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.Node, fx.Node | None, tuple]],
+                apply, progress: bool = True, desc: str = "fxslice: shrinking inner widths") -> None:
+    """Run the graph once over ``batches``; at each ``(node, groups, ups)`` of ``inputs`` (in graph order)
+    hand the node's ``InnerStatistics`` (per group of rows when ``groups`` holds expert offsets) to
+    ``apply(index, statistics)``, which rewrites the weights: the ``ups`` nodes (the linears that make
+    ``node``) keep the chosen channels. Later statistics see the model as already shrunk (the same
+    sequential scheme as the residual sweep).
+
+    Only values before the ``ups`` are cached while the statistics are gathered: the ``ups`` to ``node``
+    run once into scratch for the statistics and once more, from the shrunk weights, for what follows,
+    so no MLP's inner values are ever held at full width for every batch."""
+    sweep = _Sweep(gm, batches, [node for node, _, _ in inputs])
+    for index, (node, groups, ups) in enumerate(tqdm(inputs, desc=desc, disable=not progress or rank() != 0, unit="mlp")):
+        first = sweep.start_of(ups, node)
+        if first > sweep.cursor:
+            sweep.run_until(sweep.order[first - 1])
         statistics = InnerStatistics(sweep.masks)
-        sweep.run_until(node, statistics, groups)
+        sweep.peek(node, statistics, groups)
         statistics.h, statistics.sum, statistics.tokens = total((statistics.h, statistics.sum, statistics.tokens))
-        sweep.select(node, apply(index, statistics), groups)
+        apply(index, statistics)
+        sweep.run_until(node)
 
 
 READS_BLOCK = 16384

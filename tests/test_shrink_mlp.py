@@ -73,6 +73,30 @@ class ReluMLP(nn.Module):
         return self.down(F.relu(self.up(x)))
 
 
+def test_no_mlp_inner_value_is_cached_at_full_width(monkeypatch):
+    # The memory the calibration sweep holds: an MLP's inner values at full width for every batch would be
+    # the largest thing it caches; they are only computed into scratch for the statistics.
+    from fxslice.calibrate import _Sweep
+
+    arch = Arch(width=16, heads=2, depth=3, mlp=24)
+    cached_widths = []
+    original_init, original_run_until = _Sweep.__init__, _Sweep.run_until
+
+    def init(self, gm, batches, targets):
+        original_init(self, gm, batches, targets)
+        self.inner_nodes = list(targets)
+
+    def run_until(self, target, *args, **kwargs):
+        original_run_until(self, target, *args, **kwargs)
+        cached_widths.extend((n.name, env[n].shape[-1]) for env in self.envs for n in self.inner_nodes if n in env)
+
+    monkeypatch.setattr(_Sweep, "__init__", init)
+    monkeypatch.setattr(_Sweep, "run_until", run_until)
+    _compile(TinyLM(arch).double().eval(), [shrink_mlp(0.5, multiple_of=2)], _arch_calibration(arch), (example_ids(arch),))
+    # Cached for the ops after each MLP's inner node; the sweep stops at the last MLP's (batches: 2).
+    assert len(cached_widths) == 2 * (arch.depth - 1) and {width for _, width in cached_widths} == {12}
+
+
 def test_dead_and_constant_channels_go_first_and_their_removal_is_exact():
     model = ReluMLP().double().eval()
     x = torch.randn(4, 10, 6, dtype=torch.float64)

@@ -156,10 +156,10 @@ class ShrinkMLP(FxslicePass):
     def _calibrate(self, gm: fx.GraphModule, mlps: list[MLP], widths: list[int], context: Context) -> None:
         from ..calibrate import sweep_inner
 
-        def apply(index: int, statistics) -> torch.Tensor:
+        def apply(index: int, statistics) -> None:
             mlp, keep = mlps[index], widths[index]
             if keep == mlp.width:
-                return torch.arange(keep)
+                return
             down = mlp.down
             side = down.input_side()
             weight = get_tensor(gm, down.weight)
@@ -187,9 +187,9 @@ class ShrinkMLP(FxslicePass):
                 bias = get_tensor(gm, down.bias)
                 shift = beta[keep].reshape(bias.shape)
                 set_tensor(gm, down.bias, (bias.detach().to(torch.float64) + shift).to(bias.dtype))
-            return kept
 
-        sweep_inner(gm, list(context.calibration), [(m.inner, m.groups) for m in mlps], apply, progress=self.progress)
+        sweep_inner(gm, list(context.calibration), [(m.inner, m.groups, tuple(u.node for u in m.ups)) for m in mlps],
+                    apply, progress=self.progress)
 
 
 def _prune_experts(grams: torch.Tensor, moved: torch.Tensor, keep: int, ridge: float
