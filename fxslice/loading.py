@@ -84,10 +84,9 @@ def _installed_package(name: str | os.PathLike) -> Path | None:
 
 
 def causal_lm_from_config(config: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """The causal LM ``config`` describes, with freshly initialised weights: the class transformers maps
-    its model type to, or, for a config that no causal LM maps (the text part of a multimodal model, whose
-    causal LM class is built from it directly), the transformers class its ``architectures`` names
-    (``compile`` records the class it was given there)."""
+    """The causal LM ``config`` describes: the class transformers maps its model type to, or, for a config
+    that no causal LM maps (the text part of a multimodal model, whose causal LM class is built from it
+    directly), the transformers class its ``architectures`` names (``fxslice.save`` records it there)."""
     import transformers
 
     try:

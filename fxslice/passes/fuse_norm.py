@@ -170,7 +170,9 @@ class FuseNorm(FxslicePass):
         while True:
             regions = find_regions(gm)
             pending = [s.norm for r in regions if not r.reason() for s in r.sources if s.norm is not None]
-            scaled = {m[0]: m for r in regions for b in r.blockers if (m := _channel_scale(b.node)) is not None}
+            # Only where nothing else stops the stream: a d × d linear is worth it only if the region rotates.
+            scaled = {m[0]: m for r in regions if all(_channel_scale(b.node) for b in r.blockers)
+                      for m in map(_channel_scale, (b.node for b in r.blockers))}
             if not pending and not scaled:
                 return post_norms, scales
             for norm in pending:
