@@ -4,7 +4,8 @@
   (``W_out ← W_out C``) it makes the stream zero-mean, and on a zero-mean stream LayerNorm is RMSNorm.
 * ``γ`` and ``β`` move into the linears that read the norm: ``W_in ← diag(γ) W_in``, ``b ← b + βW_in``.
   Offset norms (``1 + w``) are the same fold, since ``γ`` is whatever constant multiplies the output.
-* A linear whose weight is shared with another op (a head tied to the embedding) keeps its weight: a
+* A linear whose weight is shared with another op (a head tied to the embedding), or whose op takes no
+  bias for ``βW`` (experts held as one 3-D weight), keeps its weight: a
   small linear carrying ``diag(γ)`` and ``β`` is inserted in front of it (the *bridge*, which rotate later
   turns into ``Q_Lᵀ diag(γ) Q_0``). When the stream must be centred, the shared weight becomes ``EC``
   and a rank-1 correction restores the mean it lost (see ``FuseNorm._bridge``): the head stays tied.
@@ -125,7 +126,10 @@ class FuseNorm(FxslicePass):
         for norm in region.norms:
             for sink in (s for s in region.sinks if s.norm is norm):
                 use = sink.use
-                if len(uses.get(use.weight, ())) > 1:
+                shared = len(uses.get(use.weight, ())) > 1
+                # (x + β)W_e = xW_e + βW_e needs a bias per expert, which a 3-D weight's op does not take.
+                no_bias = norm.bias is not None and tensor_meta(gm, use.weight).dim() != 2
+                if shared or no_bias:
                     self._bridge(gm, norm, use, use.input_side() in centred_sides)
                     bridged.append(use.node)
                     continue
