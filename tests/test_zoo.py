@@ -90,6 +90,26 @@ def test_rows_and_summary_render_as_markdown():
     assert "ok: 1, unsupported: 1, fail: rotate: 1" in line
 
 
+def test_a_model_that_rounds_its_own_values_to_float32_is_recognised():
+    import torch
+
+    from fxslice.capture import capture
+
+    class Rounding(torch.nn.Module):
+        def __init__(self, cast: bool):
+            super().__init__()
+            self.cast, self.scale = cast, torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+        def forward(self, x):
+            weight = self.scale.float().double()  # a parameter rounded: not a value computed from the inputs
+            kept = x.float() if self.cast else x  # Mamba's residual_in_fp32
+            return kept + weight * x
+
+    x = torch.randn(2, 4, dtype=torch.float64)
+    assert zoo.rounds_to_float32(capture(Rounding(cast=True), (x,)))
+    assert not zoo.rounds_to_float32(capture(Rounding(cast=False), (x,)))
+
+
 def test_first_line_drops_fxslice_advice():
     error = RuntimeError("fxslice pass 'rotate' failed (passes before it: fuse_norm); this is a bug in fxslice, "
                          "please report it with the model: KeyError: 'x'\nmore")
