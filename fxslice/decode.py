@@ -25,12 +25,16 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .capture import HF_PREFIX, export_graph
+from .errors import CaptureError
 from .graph import aten, eliminate_dead_code, get_tensor, is_op, mutates, set_tensor, tensor_targets, val
 from .loading import empty_causal_lm, match_buffer_dtypes
 from .plan import plan_of
 from .replay import replay
 
-__all__ = ["Session", "build_decoder", "cache_length", "logit_error", "streamline"]
+__all__ = ["ONE_TOKEN", "Session", "build_decoder", "cache_length", "logit_error", "run_decoder", "streamline"]
+
+ONE_TOKEN = "fxslice.one_token"
+"""``gm.meta`` key: the decoding graph was captured for one token per call (``run_decoder`` loops)."""
 
 
 class _CachedCausalLMCall(torch.nn.Module):
@@ -58,21 +62,30 @@ class _CachedCausalLMCall(torch.nn.Module):
         with torch.no_grad():
             model(input_ids=torch.zeros(batch_size, 1, dtype=torch.long, device=model.device),
                   use_cache=True, **{self.cache_argument: self.cache})
-        self.cached = []  # (layer index, attribute) of every cache tensor
+        self.cached = []  # (layer index, attribute, key or None, buffer name) of every cache tensor
         for i, layer in enumerate(self.cache.layers):
             for name, value in vars(layer).items():
-                if isinstance(value, torch.Tensor):
-                    self.register_buffer(f"cache_{i}_{name}", value.zero_(), persistent=False)
-                    self.cached.append((i, name))
+                # Tensors, or dicts of them (the convolution and recurrent states of linear-attention layers)
+                held = value.items() if isinstance(value, dict) else [(None, value)]
+                for key, tensor in held:
+                    if isinstance(tensor, torch.Tensor):
+                        buffer = f"cache_{i}_{name}" + ("" if key is None else f"_{key}")
+                        self.register_buffer(buffer, tensor.zero_(), persistent=False)
+                        self.cached.append((i, name, key, buffer))
 
     def forward(self, input_ids, attention_mask, position_ids, cache_position):
         # Point the cache at this module's buffers on every call: export swaps buffers for fakes, and the
         # graph must update the buffers, not tensors captured as constants.
-        for i, name in self.cached:
-            value = getattr(self, f"cache_{i}_{name}")
-            setattr(self.cache.layers[i], name, value)
+        for i, name, key, buffer in self.cached:
+            value = getattr(self, buffer)
+            if key is None:
+                setattr(self.cache.layers[i], name, value)
+            else:
+                getattr(self.cache.layers[i], name)[key] = value
             if value.dim() == 0 and not value.is_floating_point():  # a fill level (keys, an indexer's keys)
                 value.copy_(cache_position[0])  # rewind: one graph serves every prompt
+            elif key is not None:  # a recurrent or convolution state: a new prompt starts from zeros
+                value.mul_((cache_position[0] > 0).to(value.dtype))
         # The mask covers the whole static cache (zeros beyond the tokens so far), as the keys do: models
         # that build position biases from the mask (ALiBi) need it as long as the keys.
         attention_mask = torch.nn.functional.pad(attention_mask, (0, self.max_cache_len - attention_mask.shape[-1]))
@@ -92,8 +105,8 @@ def cache_length(needed: int, limit: int) -> int:
     return min(length, limit)
 
 
-def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModule:
-    """The decoding graph for ``compressed`` (a ``SlicedCausalLM``) at ``batch_size``, caching ``length`` tokens."""
+def _base(compressed: Any) -> torch.nn.Module:
+    """The original architecture, empty, with the compressed graph's position tables."""
     gm = compressed.graph_module
     base = empty_causal_lm(compressed.config, compressed.dtype)
     match_buffer_dtypes(base, {t: get_tensor(gm, t).dtype for t in tensor_targets(gm)}, HF_PREFIX)
@@ -103,8 +116,17 @@ def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModu
             theirs = get_tensor(gm, HF_PREFIX + name) if HF_PREFIX + name in targets else None
             if theirs is not None and theirs.shape == buffer.shape:
                 buffer.copy_(theirs)
+    return base
+
+
+def _capture_decoder(base: torch.nn.Module, batch_size: int, length: int, one_token: bool) -> fx.GraphModule:
+    """``base`` with a static cache of ``length`` tokens, captured for any number of tokens per call, or
+    (``one_token``, or a model with recurrent states) for one: the graph's meta says which (``ONE_TOKEN``)."""
     module = _CachedCausalLMCall(base, batch_size, length)
-    example = 5
+    # Recurrent states (held in dicts by linear-attention cache layers) come with masks that take the last
+    # T positions of the attention mask, which here covers the whole static cache: one token at a time.
+    one_token = one_token or any(key is not None for _, _, key, _ in module.cached)
+    example = 1 if one_token else 5
     kwargs = {
         "input_ids": torch.zeros(batch_size, example, dtype=torch.long),
         "attention_mask": torch.ones(batch_size, example + 1, dtype=torch.long),  # unlike T, so L stays its own
@@ -114,9 +136,38 @@ def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModu
     tokens, total = Dim("tokens", min=1, max=length - 1), Dim("total", min=1, max=length - 1)
     shapes = {"input_ids": {1: tokens}, "attention_mask": {1: total}, "position_ids": {1: tokens},
               "cache_position": {0: tokens}}
+    if one_token:
+        shapes = {"input_ids": None, "attention_mask": {1: total}, "position_ids": None, "cache_position": None}
+    captured = export_graph(base, module, (), kwargs, shapes, causal_lm=True)
+    captured.meta[ONE_TOKEN] = one_token
+    return captured
+
+
+def run_decoder(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache_position: torch.Tensor) -> torch.Tensor:
+    """``decoder(...)`` for ``T`` tokens; a one-token graph (``ONE_TOKEN``) takes them one at a time."""
+    graph = getattr(decoder, "_orig_mod", decoder)  # torch.compile's wrapper
+    if not graph.meta.get(ONE_TOKEN) or input_ids.shape[1] == 1:
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       cache_position=cache_position)
+    past = attention_mask.shape[1] - input_ids.shape[1]
+    return torch.cat([decoder(input_ids=input_ids[:, t : t + 1], attention_mask=attention_mask[:, : past + t + 1],
+                              position_ids=position_ids[:, t : t + 1], cache_position=cache_position[t : t + 1])
+                      for t in range(input_ids.shape[1])], 1)
+
+
+def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModule:
+    """The decoding graph for ``compressed`` (a ``SlicedCausalLM``) at ``batch_size``, caching ``length`` tokens."""
+    gm = compressed.graph_module
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        decoder = replay(export_graph(base, module, (), kwargs, shapes, causal_lm=True), plan_of(gm))
+        try:
+            captured = _capture_decoder(_base(compressed), batch_size, length, one_token=False)
+        except CaptureError:
+            # Code that branches on a one-token input (recurrent layers' step path) cannot be captured
+            # for any number of tokens: capture the step alone and feed a prompt through it a token at a time.
+            captured = _capture_decoder(_base(compressed), batch_size, length, one_token=True)
+        decoder = replay(captured, plan_of(gm))
     shared = set(tensor_targets(gm))
     for target in tensor_targets(decoder):
         if target in shared:
@@ -219,8 +270,8 @@ def _verify(decoder: fx.GraphModule, gm: fx.GraphModule, batch: int, vocab: int)
     for prompt, steps in ((5, 3), (3, 1)):
         ids = torch.randint(0, vocab, (batch, prompt + steps), generator=generator)
         full = gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        logits = [decoder(input_ids=ids[:, :prompt], attention_mask=torch.ones_like(ids[:, :prompt]),
-                          position_ids=torch.arange(prompt).expand(batch, -1), cache_position=torch.arange(prompt))]
+        logits = [run_decoder(decoder, ids[:, :prompt], torch.ones_like(ids[:, :prompt]),
+                              torch.arange(prompt).expand(batch, -1), torch.arange(prompt))]
         for t in range(prompt, prompt + steps):
             logits.append(decoder(input_ids=ids[:, t : t + 1], attention_mask=torch.ones_like(ids[:, : t + 1]),
                                   position_ids=torch.full((batch, 1), t), cache_position=torch.tensor([t])))
@@ -283,7 +334,6 @@ class Session:
             if self.decoder is None:
                 return None
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            logits = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                  cache_position=torch.arange(length, device=device))
+            logits = run_decoder(self.decoder, input_ids, attention_mask, positions, torch.arange(length, device=device))
         self.seen = input_ids
         return logits

@@ -81,7 +81,7 @@ def export(model: Any, out: str | os.PathLike, *, format: str = "pt2", batch_siz
 
 def _write_pt2(model: SlicedCausalLM, staging: Path, *, batch_size: int, cache_len: int, compiled: bool,
                tokenizer: Any, progress: bool) -> None:
-    from .decode import build_decoder
+    from .decode import ONE_TOKEN, build_decoder
 
     if batch_size < 1 or cache_len < 2:
         raise ValueError(f"batch_size must be ≥ 1 and cache_len ≥ 2; got {batch_size}, {cache_len}")
@@ -100,6 +100,10 @@ def _write_pt2(model: SlicedCausalLM, staging: Path, *, batch_size: int, cache_l
         say(f"fxslice export: building and exporting the decoding step (batch {batch_size}, cache {cache_len})",
             flush=True)
         decoder = build_decoder(model, batch_size, cache_len)
+        if decoder.meta.get(ONE_TOKEN):
+            raise UnsupportedGraphError("this model's decoding step takes one token per call (its layers keep "
+                                        "recurrent states), which decode.pt2's interface (T tokens per call) does "
+                                        "not describe; nothing was written. Generate through fxslice instead")
         decode = _export_decode(decoder, batch_size, cache_len)
         torch.export.save(decode, staging / DECODE)
         checks = {"prefill": _check_prefill(gm, torch.export.load(staging / PREFILL).module(), vocab, exact=True),

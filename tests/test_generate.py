@@ -183,3 +183,53 @@ def test_the_decoding_graph_reads_each_kv_head_once():
     attention = [n for n in decoder.graph.nodes if is_op(n, aten.scaled_dot_product_attention)]
     assert attention and all(n.kwargs.get("enable_gqa") for n in attention)
     assert not any(is_op(n, aten.expand) and is_op(next(iter(n.users)), aten.reshape) for n in decoder.graph.nodes)
+
+
+def test_a_decoding_graph_captured_for_one_token_takes_a_prompt_a_token_at_a_time(monkeypatch):
+    # Recurrent layers branch on a one-token input, so their decoding graph cannot be captured for any
+    # number of tokens; forced here on a model that could be.
+    import fxslice.decode as decode
+
+    capture = decode.export_graph
+
+    def only_one_token(base, module, args, kwargs, shapes, causal_lm):
+        if kwargs["input_ids"].shape[1] > 1:
+            raise fxslice.CaptureError("the decoding step branches on the number of tokens")
+        return capture(base, module, args, kwargs, shapes, causal_lm)
+
+    monkeypatch.setattr(decode, "export_graph", only_one_token)
+    _, sliced = compressed()
+    sliced.generation_config.eos_token_id = None  # the full length
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(9))
+    out = sliced.generate(ids, max_new_tokens=4, do_sample=False)
+    (decoder,) = [d for d in sliced.decoders.values() if d is not None]
+    assert decoder.meta[decode.ONE_TOKEN]
+    assert torch.equal(out, argmax_chain(sliced, ids, 4))
+
+
+def test_recurrent_states_are_cache_buffers_and_a_prompt_runs_a_token_at_a_time(tmp_path):
+    # A short-convolution layer's state is held in a dict by its cache layer; its padding mask takes the
+    # last T positions of the attention mask, which in the decoding graph covers the whole static cache.
+    import transformers
+
+    from fxslice.decode import ONE_TOKEN
+    from fxslice.graph import tensor_targets
+
+    config = transformers.Lfm2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2,
+                                     layer_types=["conv", "full_attention"], max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.Lfm2ForCausalLM(config).eval().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=CALIBRATION)
+        sliced.generation_config.eos_token_id = None  # the full length
+        ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(9))
+        out = sliced.generate(ids, max_new_tokens=4, do_sample=False)
+    (decoder,) = [d for d in sliced.decoders.values() if d is not None]
+    assert decoder.meta[ONE_TOKEN] and "cache_0_conv_states_0" in tensor_targets(decoder)
+    assert torch.equal(out, argmax_chain(sliced, ids, 4))
+    # decode.pt2 promises T tokens per call: refused, nothing written
+    with pytest.raises(fxslice.UnsupportedGraphError, match="one token per call"):
+        fxslice.export(sliced, tmp_path / "pt2", cache_len=64, progress=False)
+    assert not (tmp_path / "pt2").exists()
