@@ -3,7 +3,10 @@
 The decoding graph is the same architecture captured with a static KV cache (``transformers.StaticCache``
 held in buffers the graph updates in place): ``(input_ids [B, T], attention_mask [B, past + T],
 position_ids [B, T], cache_position [T]) -> logits``. The sequence length is dynamic, so the prompt is
-prefilled in one call and each generated token is one call with ``T = 1``. The compressed model's plan is
+prefilled in one call and each generated token is one call with ``T = 1``. Layers that keep recurrent
+states (short convolutions, linear attention, state-space mixers) branch on a one-token input and mask
+padding with the last ``T`` positions of the mask; their models get a graph captured for ``T = 1``
+(``ONE_TOKEN``), which ``run_decoder`` feeds a prompt a token at a time. The compressed model's plan is
 replayed on it (``fxslice.replay``) and then every weight is the *same tensor* as in the compressed model,
 so it costs no memory but the cache. It is built on the first ``generate`` call for each batch size.
 
