@@ -173,3 +173,5 @@ def test_a_model_built_from_a_text_config_that_no_causal_lm_maps_saves_and_loads
     assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == [type(model).__name__]
     loaded = fxslice.load(tmp_path / "m")
     assert torch.equal(loaded(input_ids=IDS).logits, compiled(input_ids=IDS).logits)
+    compiled.generate(IDS, max_new_tokens=2, do_sample=False)  # its decoding graph is built from the plan's class
+    assert [d for d in compiled.decoders.values() if d is not None]
