@@ -96,6 +96,35 @@ class MLP(nn.Module):
         return self.down(h)
 
 
+class GroupedExperts(nn.Module):
+    """A mixture-of-experts MLP: top-1 experts held as 3-D weights, gate and up fused, applied by grouped
+    matmuls over the rows sorted by expert (as Hugging Face's MoE layers do); expert ``e``'s channels
+    ``dead[e]`` are always 0."""
+
+    def __init__(self, width=6, inner=8, dead=((0, 1), (2, 3), (4, 5))):
+        super().__init__()
+        from transformers.integrations import moe  # registers torch.ops.transformers.grouped_mm_fallback
+
+        self.grouped = moe.torch.ops.transformers.grouped_mm_fallback
+        experts = len(dead)
+        generator = torch.Generator().manual_seed(0)
+        self.router = nn.Linear(width, experts, bias=False)
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * inner, width, generator=generator) / width**0.5)
+        self.down = nn.Parameter(torch.randn(experts, width, inner, generator=generator) / inner**0.5)
+        with torch.no_grad():
+            for e, channels in enumerate(dead):
+                self.gate_up[e, list(channels)] = 0.0  # silu(0) · up = 0
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        expert = self.router(rows).argmax(-1)
+        order = expert.argsort(stable=True)
+        offsets = F.one_hot(expert, self.down.shape[0]).sum(0).cumsum(0).to(torch.int32)
+        gate, up = self.grouped(rows[order], self.gate_up.transpose(-2, -1), offsets).chunk(2, -1)
+        y = self.grouped(F.silu(gate) * up, self.down.transpose(-2, -1), offsets)
+        return y[order.argsort()].reshape(x.shape)
+
+
 class Block(nn.Module):
     def __init__(self, arch: Arch):
         super().__init__()

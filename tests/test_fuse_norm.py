@@ -4,16 +4,14 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
-from torch import nn
 
 import fxslice
 from fxslice import fuse_norm, rotate, slice
 from fxslice.analysis import find_norms
 from helpers import compile_and_compare, ops
 from conftest import relative_error
-from strategies import Arch, TinyLM, architectures, example_ids
+from strategies import Arch, GroupedExperts, TinyLM, architectures, example_ids
 
 aten = torch.ops.aten
 
@@ -57,28 +55,6 @@ def test_fuse_norm_with_a_tied_head_and_a_norm_on_the_embeddings(arch):
     arch = dataclasses.replace(arch, tied=True, embed_norm=True)
     _, error = compile_and_compare(arch, [fuse_norm])
     assert error <= 1e-9, f"relative logit error {error:.3g} after fuse_norm on {arch}"
-
-
-class GroupedExperts(nn.Module):
-    """A mixture-of-experts MLP: top-1 experts held as 3-D weights, applied by grouped matmuls over the rows
-    sorted by expert (as Hugging Face's MoE layers do)."""
-
-    def __init__(self, width: int, inner: int = 8, experts: int = 3):
-        super().__init__()
-        from transformers.integrations import moe  # registers torch.ops.transformers.grouped_mm_fallback
-
-        self.grouped = moe.torch.ops.transformers.grouped_mm_fallback
-        self.router = nn.Linear(width, experts, bias=False)
-        self.up = nn.Parameter(torch.randn(experts, inner, width) / width**0.5)
-        self.down = nn.Parameter(torch.randn(experts, width, inner) / inner**0.5)
-
-    def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])
-        expert = self.router(rows).argmax(-1)
-        order = expert.argsort(stable=True)
-        offsets = F.one_hot(expert, self.up.shape[0]).sum(0).cumsum(0).to(torch.int32)
-        h = F.gelu(self.grouped(rows[order], self.up.transpose(-2, -1), offsets))
-        return self.grouped(h, self.down.transpose(-2, -1), offsets)[order.argsort()].reshape(x.shape)
 
 
 def test_a_layernorm_bias_before_experts_goes_into_a_bridge():

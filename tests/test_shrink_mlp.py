@@ -15,7 +15,7 @@ from fxslice import UnsupportedGraphError, fuse_norm, rotate, shrink_mlp, slice
 from fxslice.passes.shrink_mlp import prune_channels
 from fxslice.plan import plan_of
 from hf_zoo import LISTED, tiny_model
-from strategies import Arch, TinyLM, example_ids, architectures
+from strategies import Arch, GroupedExperts, TinyLM, example_ids, architectures
 
 
 def _compile(model, passes, calibration, example_inputs=None):
@@ -240,32 +240,11 @@ def test_a_budget_without_any_mlp_says_what_an_mlp_is():
         _compile(model, [slice(budget=0.75)], _arch_calibration(arch), (example_ids(arch),))
 
 
-class Experts(nn.Module):
-    """Top-1 experts held as 3-D weights, gate and up fused, applied by grouped matmuls over the rows
-    sorted by expert (as Hugging Face's MoE layers do); expert ``e``'s channels ``dead[e]`` are always 0."""
-
-    def __init__(self, width=6, inner=8, dead=((0, 1), (2, 3), (4, 5))):
-        super().__init__()
-        from transformers.integrations import moe  # registers torch.ops.transformers.grouped_mm_fallback
-
-        self.grouped = moe.torch.ops.transformers.grouped_mm_fallback
-        experts = len(dead)
-        generator = torch.Generator().manual_seed(0)
-        self.router = nn.Linear(width, experts, bias=False)
-        self.gate_up = nn.Parameter(torch.randn(experts, 2 * inner, width, generator=generator) / width**0.5)
-        self.down = nn.Parameter(torch.randn(experts, width, inner, generator=generator) / inner**0.5)
-        with torch.no_grad():
-            for e, channels in enumerate(dead):
-                self.gate_up[e, list(channels)] = 0.0  # silu(0) · up = 0
+class Experts(GroupedExperts):
+    """``GroupedExperts`` on a residual: ``x + experts(x)``."""
 
     def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])
-        expert = self.router(rows).argmax(-1)
-        order = expert.argsort(stable=True)
-        offsets = F.one_hot(expert, self.down.shape[0]).sum(0).cumsum(0).to(torch.int32)
-        gate, up = self.grouped(rows[order], self.gate_up.transpose(-2, -1), offsets).chunk(2, -1)
-        y = self.grouped(F.silu(gate) * up, self.down.transpose(-2, -1), offsets)
-        return x + y[order.argsort()].reshape(x.shape)
+        return x + super().forward(x)
 
 
 def test_each_expert_keeps_its_own_channels():
