@@ -339,16 +339,15 @@ class _Sweep:
         raise RuntimeError(f"cannot interpret {node.format_node()}")
 
     @torch.no_grad()
-    def run_until(self, target: fx.Node, observe=None, groups: fx.Node | None = None) -> None:
-        """Compute every node up to ``target`` for all batches; ``observe(batch, value)`` sees target
-        (``observe(batch, value, offsets)`` with the value of ``groups``, computed before target)."""
+    def run_until(self, target: fx.Node, observe=None) -> None:
+        """Compute every node up to ``target`` for all batches; ``observe(batch, value)`` sees target."""
         end = self.position[target]
         segment = self.order[self.cursor : end + 1]
         for b, env in self._environments():
             for node in segment:
                 env[node] = self._run(node, env)
             if observe is not None:
-                observe(b, env[target], *([env[groups]] if groups is not None else []))
+                observe(b, env[target])
             for node in [n for n in env if n.op != "placeholder" and self.last_use.get(n, -1) <= end]:
                 del env[node]
         self.cursor = end + 1
@@ -367,8 +366,9 @@ class _Sweep:
 
     @torch.no_grad()
     def peek(self, target: fx.Node, observe, groups: fx.Node | None = None) -> None:
-        """``observe`` ``target`` for all batches as ``run_until`` would, keeping nothing: the values from
-        the cursor to ``target`` go into a scratch copy of each batch's values, dropped after it."""
+        """``observe(batch, value)`` sees ``target`` for all batches as in ``run_until``, but nothing is kept:
+        the values from the cursor to ``target`` go into a scratch copy of each batch's values, dropped
+        after it (``observe(batch, value, offsets)`` with the value of ``groups``)."""
         segment = self.order[self.cursor : self.position[target] + 1]
         for b, env in self._environments():
             scratch = dict(env)
@@ -489,7 +489,7 @@ class InnerStatistics:
 
 def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.Node, fx.Node | None, tuple]],
                 apply, progress: bool = True, desc: str = "fxslice: shrinking inner widths") -> None:
-    """Run the graph once over ``batches``; at each ``(node, groups, ups)`` of ``inputs`` (in graph order)
+    """Run the graph over ``batches``; at each ``(node, groups, ups)`` of ``inputs`` (in graph order)
     hand the node's ``InnerStatistics`` (per group of rows when ``groups`` holds expert offsets) to
     ``apply(index, statistics)``, which rewrites the weights: the ``ups`` nodes (the linears that make
     ``node``) keep the chosen channels. Later statistics see the model as already shrunk (the same
