@@ -174,9 +174,11 @@ class FuseNorm(FxslicePass):
         while True:
             regions = find_regions(gm)
             pending = [s.norm for r in regions if not r.reason() for s in r.sources if s.norm is not None]
-            # Only where nothing else stops the stream: a d × d linear is worth it only if the region rotates.
-            scaled = {m[0]: m for r in regions if all(_channel_scale(b.node) for b in r.blockers)
-                      for m in map(_channel_scale, (b.node for b in r.blockers))}
+            scaled = {}
+            for region in regions:
+                matches = [_channel_scale(b.node) for b in region.blockers]
+                if all(matches):  # only where nothing else stops the stream: d × d is worth it if it rotates
+                    scaled.update((m[0], m) for m in matches)
             if not pending and not scaled:
                 return post_norms, scales
             for norm in pending:
