@@ -111,7 +111,7 @@ def cache_length(needed: int, limit: int) -> int:
 def _base(compressed: Any) -> torch.nn.Module:
     """The original architecture, empty, with the compressed graph's position tables."""
     gm = compressed.graph_module
-    base = empty_causal_lm(compressed.config, compressed.dtype, model_class=plan_of(gm).model_class)
+    base = empty_causal_lm(compressed.config, compressed.dtype, class_name=plan_of(gm).class_name)
     match_buffer_dtypes(base, {t: get_tensor(gm, t).dtype for t in tensor_targets(gm)}, HF_PREFIX)
     with torch.no_grad():  # real position tables (ids, rotary frequencies) for the call that allocates the cache
         targets = set(tensor_targets(gm))

@@ -124,7 +124,7 @@ def _save(gm: fx.GraphModule, model: torch.nn.Module, directory: Path, tokenizer
             config = copy.deepcopy(model.config)
             # As save_pretrained does: the class is recorded, so load rebuilds it even from a config
             # that transformers maps to no causal LM (the text config of a multimodal model).
-            config.architectures = [plan_of(gm).model_class.rsplit(".", 1)[-1]]
+            config.architectures = [plan_of(gm).class_name]
             config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

@@ -83,17 +83,17 @@ def _installed_package(name: str | os.PathLike) -> Path | None:
     return files[0]
 
 
-def causal_lm_from_config(config: Any, dtype: torch.dtype, model_class: str | None = None) -> torch.nn.Module:
+def causal_lm_from_config(config: Any, dtype: torch.dtype, class_name: str | None = None) -> torch.nn.Module:
     """The causal LM ``config`` describes: the class transformers maps its model type to, or, for a config
     that no causal LM maps (the text part of a multimodal model, whose causal LM class is built from it
-    directly), the transformers class ``model_class`` (a plan's, ``module.Class``) or its ``architectures``
-    names (``fxslice.save`` records it there)."""
+    directly), the transformers class ``class_name`` (a plan's) or its ``architectures`` names
+    (``fxslice.save`` records it there)."""
     import transformers
 
     try:
         return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as error:
-        names = ([model_class.rsplit(".", 1)[-1]] if model_class else []) + list(getattr(config, "architectures", None) or [])
+        names = ([class_name] if class_name else []) + list(getattr(config, "architectures", None) or [])
         named = [getattr(transformers, name, None) for name in names]
         classes = [cls for cls in named if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)]
         if not classes:
@@ -105,13 +105,13 @@ def causal_lm_from_config(config: Any, dtype: torch.dtype, model_class: str | No
 
 
 def empty_causal_lm(config: Any, dtype: torch.dtype, device: str | torch.device = "cpu",
-                    model_class: str | None = None) -> torch.nn.Module:
+                    class_name: str | None = None) -> torch.nn.Module:
     """The architecture of ``config`` (``causal_lm_from_config``) with uninitialised weights (allocated,
     never randomly initialised)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
-            model = causal_lm_from_config(config, dtype, model_class)
+            model = causal_lm_from_config(config, dtype, class_name)
     model = model.to_empty(device=device).eval()
     model.tie_weights()  # to_empty gives every parameter fresh storage; restore the config's ties
     return model

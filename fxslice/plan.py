@@ -90,6 +90,11 @@ class Plan:
     timings: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     @property
+    def class_name(self) -> str:
+        """The model class's name without its module (``model_class`` is ``module.Class``)."""
+        return self.model_class.rsplit(".", 1)[-1]
+
+    @property
     def applied(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.passes)
 

@@ -68,7 +68,7 @@ def plot_plan(plan: Plan, path: str | os.PathLike, curve: list[dict] | None = No
             ax.set_ylabel("validation loss")
             ax.set_title("healing: validation loss")
         ax.grid(alpha=0.3)
-    figure.suptitle(title or plan.model_class.rsplit(".", 1)[-1])
+    figure.suptitle(title or plan.class_name)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)
