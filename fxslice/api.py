@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .calibrate import check_calibration
-from .capture import HF_PREFIX, capture, is_hf_causal_lm
+from .calibrate import check_calibration, flat_inputs
+from .capture import HF_PREFIX, capture, example_like, is_hf_causal_lm, refusal
 from .graph import unique_parameters
 from .model import SlicedCausalLM, graph_module
 from .passes import FxslicePass, fuse_norm, rotate, run_passes
@@ -58,6 +58,12 @@ def compile(  # noqa: A001 - the library's one verb
     if calibration is not None:
         calibration = check_calibration(calibration, model, hf=is_hf_causal_lm(model))
     gm = capture(model, example_inputs)
+    if calibration is not None and example_inputs is None and is_hf_causal_lm(model):
+        args, kwargs = calibration[0]
+        if refusal(gm, flat_inputs(gm, args, kwargs)) is not None:
+            # The model's code specialised the capture to the default example's length (a Python loop over
+            # the tokens): capture it at the calibration's; other lengths are captured when they are run.
+            gm = capture(model, example_like(kwargs["input_ids"]))
     if store is not None:
         attach(gm, store, HF_PREFIX)
     gm = run_passes(gm, passes, calibration=calibration)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .analysis.regions import SKIP_EDGE, State, output_heads
 from .distributed import agreed, check_shares, from_rank0, rank, total, world_size
 from .errors import CalibrationError
+from .capture import refusal
 from .graph import get_tensor, graph_device, mutates
 from .rewrite import scale_normed_sinks
 
@@ -147,6 +148,14 @@ def _check_batches(batches: list[Batch], model: torch.nn.Module | None, hf: bool
                 raise CalibrationError(f"calibration batch {index} has {ids.shape[1]} tokens per sequence; "
                                        f"{type(model).__name__} has {positions} positions (max_position_embeddings): "
                                        f"use sequences of at most {positions} tokens (CLI: --seq-len)")
+        why = refusal(model, flat_inputs(model, args, kwargs)) if isinstance(model, fx.GraphModule) else None
+        if why is not None:
+            shapes = [tuple(x.shape) for x in optree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+            raise CalibrationError(
+                f"calibration batch {index} (shapes {shapes}) is refused by the captured graph: the model's code "
+                f"specialised the capture to its example's sizes ({why}); capture it with example_inputs shaped "
+                "like the calibration batches (fxslice.compile does so itself for a causal LM) and give every "
+                "batch those sizes")
 
 
 def _positions(model: Any) -> int | None:

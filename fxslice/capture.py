@@ -8,6 +8,7 @@ Hugging Face causal LMs are captured through a thin call that fixes ``use_cache=
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -19,9 +20,9 @@ from torch.export import Dim
 
 from .errors import CaptureError
 from .graph import aten, is_op, unique_parameters
-from .plan import Plan, set_plan
+from .plan import Plan, plan_of, set_plan
 
-__all__ = ["HF_PREFIX", "capture", "export_graph", "is_hf_causal_lm"]
+__all__ = ["HF_PREFIX", "capture", "example_like", "export_graph", "is_hf_causal_lm", "refusal"]
 
 HF_PREFIX = "model."
 """Hugging Face models are captured inside a wrapper whose attribute is ``model``; reports strip it."""
@@ -63,6 +64,30 @@ def _hf_example_inputs(model, example_inputs) -> dict[str, torch.Tensor]:
     ids = example_inputs["input_ids"]
     mask = example_inputs.get("attention_mask")
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask}
+
+
+def example_like(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Example inputs for capturing a causal LM at ``input_ids``' sequence length: at least two rows (a
+    graph captured on one row would be specialised to batch 1), every position attended."""
+    ids = input_ids if input_ids.shape[0] > 1 else input_ids.expand(2, -1)
+    return {"input_ids": ids.contiguous(), "attention_mask": torch.ones_like(ids)}
+
+
+def refusal(gm: fx.GraphModule, values: list) -> str | None:
+    """Why ``gm`` would refuse one call with these placeholder values (in placeholder order), or None.
+
+    Where the model's code depends on a size (a Python loop over the tokens, padding to a chunk size),
+    ``torch.export`` specialises the capture to the example's sizes and the graph checks its inputs against
+    them first (its ``_guards_fn``, see ``ExportedProgram.module``): this runs those checks alone, which
+    read only shapes, and returns the first failure's message.
+    """
+    placeholders = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], values))
+    for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
+        try:
+            gm.get_submodule(node.target)(*(placeholders.get(arg) for arg in node.args))
+        except AssertionError as error:
+            return str(error)
+    return None
 
 
 def _dynamic_spec(leaf: Any):
@@ -119,7 +144,10 @@ def capture(model: torch.nn.Module, example_inputs: Any = None) -> fx.GraphModul
     if mode is not None:  # parameters without data (fxslice.streaming): the inputs join their fake mode
         args, kwargs = optree.tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x,
                                        (args, kwargs), none_is_leaf=True)
-    return export_graph(model, module, args, kwargs, _dynamic_shapes(module, args, kwargs), hf)
+    gm = export_graph(model, module, args, kwargs, _dynamic_shapes(module, args, kwargs), hf)
+    if hf:
+        set_plan(gm, dataclasses.replace(plan_of(gm), capture_length=int(kwargs["input_ids"].shape[1])))
+    return gm
 
 
 def _fake_mode(model: torch.nn.Module):

@@ -27,14 +27,14 @@ import torch.fx as fx
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .capture import HF_PREFIX, export_graph
+from .capture import HF_PREFIX, capture, example_like, export_graph
 from .errors import CaptureError
 from .graph import aten, eliminate_dead_code, get_tensor, is_op, mutates, set_tensor, tensor_targets, val
 from .loading import empty_causal_lm, match_buffer_dtypes
 from .plan import plan_of
 from .replay import replay
 
-__all__ = ["ONE_TOKEN", "Session", "build_decoder", "cache_length", "logit_error", "run_decoder", "streamline"]
+__all__ = ["ONE_TOKEN", "Session", "build_decoder", "build_reshaped", "cache_length", "logit_error", "run_decoder", "streamline"]
 
 ONE_TOKEN = "fxslice.one_token"
 """``gm.meta`` key: the decoding graph was captured for one token per call (``run_decoder`` loops)."""
@@ -75,6 +75,9 @@ class _CachedCausalLMCall(torch.nn.Module):
                         buffer = f"cache_{i}_{name}" + ("" if key is None else f"_{key}")
                         self.register_buffer(buffer, tensor.zero_(), persistent=False)
                         self.cached.append((i, name, key, buffer))
+        # Without a key/value cache (every cached tensor a recurrent or convolution state) nothing attends over
+        # past positions: such models read the mask as the current tokens' padding (``hidden * mask``).
+        self.recurrent_only = all(key is not None for _, _, key, buffer in self.cached if getattr(self, buffer).dim() > 0)
 
     def forward(self, input_ids, attention_mask, position_ids, cache_position):
         # Point the cache at this module's buffers on every call: export swaps buffers for fakes, and the
@@ -91,7 +94,10 @@ class _CachedCausalLMCall(torch.nn.Module):
                 value.mul_((cache_position[0] > 0).to(value.dtype))
         # The mask covers the whole static cache (zeros beyond the tokens so far), as the keys do: models
         # that build position biases from the mask (ALiBi) need it as long as the keys.
-        attention_mask = torch.nn.functional.pad(attention_mask, (0, self.max_cache_len - attention_mask.shape[-1]))
+        if self.recurrent_only:
+            attention_mask = attention_mask[:, -input_ids.shape[1]:]
+        else:
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, self.max_cache_len - attention_mask.shape[-1]))
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=True, **{self.cache_argument: self.cache}).logits
 
@@ -171,18 +177,35 @@ def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModu
             # for any number of tokens: capture the step alone and feed a prompt through it a token at a time.
             captured = _capture_decoder(_base(compressed), batch_size, length, one_token=True)
         decoder = replay(captured, plan_of(gm))
-    shared = set(tensor_targets(gm))
-    for target in tensor_targets(decoder):
-        if target in shared:
-            mine, theirs = get_tensor(decoder, target), get_tensor(gm, target)
-            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
-                raise RuntimeError(f"decoding graph disagrees with the compressed model on {target}")
-            set_tensor(decoder, target, theirs)  # the same tensor: no second copy of the weights
-        elif not target.startswith("cache_"):
-            raise RuntimeError(f"decoding graph reads {target}, which the compressed model does not have")
+    _share_tensors(decoder, gm, "decoding graph")
     streamline(decoder)
-    _verify(decoder, gm, batch_size, compressed.config.vocab_size)
+    _verify(decoder, compressed, batch_size)
     return decoder
+
+
+def build_reshaped(compressed: Any, input_ids: torch.Tensor) -> fx.GraphModule:
+    """The compressed graph captured again at ``input_ids``' sequence length (and, for one row, batch 1):
+    for a model whose code specialised its capture to the sizes it was captured at (a Python loop over
+    the tokens). The plan is replayed on the new capture; the weights are the compressed model's own."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = replay(capture(_base(compressed), example_like(input_ids)), plan_of(compressed.graph_module))
+    _share_tensors(graph, compressed.graph_module, "graph captured again")
+    return graph
+
+
+def _share_tensors(graph: fx.GraphModule, gm: fx.GraphModule, what: str) -> None:
+    """Point every tensor ``graph`` reads at ``gm``'s tensor of the same name: no second copy of the weights.
+    Only the decoding graph's cache buffers (``cache_*``) are its own."""
+    shared = set(tensor_targets(gm))
+    for target in tensor_targets(graph):
+        if target in shared:
+            mine, theirs = get_tensor(graph, target), get_tensor(gm, target)
+            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+                raise RuntimeError(f"{what} disagrees with the compressed model on {target}")
+            set_tensor(graph, target, theirs)
+        elif not target.startswith("cache_"):
+            raise RuntimeError(f"{what} reads {target}, which the compressed model does not have")
 
 
 def streamline(gm: fx.GraphModule) -> int:
@@ -265,14 +288,14 @@ def logit_error(mine: torch.Tensor, reference: torch.Tensor) -> tuple[float, flo
     return error, (1e-4 if reference.dtype in (torch.float32, torch.float64) else 3e-2)
 
 
-def _verify(decoder: fx.GraphModule, gm: fx.GraphModule, batch: int, vocab: int) -> None:
+def _verify(decoder: fx.GraphModule, compressed: Any, batch: int) -> None:
     """Prefill 5 tokens and decode 3 more one at a time, then start again from another 3-token prompt (the
     cache rewinds) and decode one: every logit must match the compressed graph's."""
     generator = torch.Generator().manual_seed(0)
     error = 0.0
     for prompt, steps in ((5, 3), (3, 1)):
-        ids = torch.randint(0, vocab, (batch, prompt + steps), generator=generator)
-        full = gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        ids = torch.randint(0, compressed.config.vocab_size, (batch, prompt + steps), generator=generator)
+        full = compressed.graph_for(ids)(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         logits = [run_decoder(decoder, ids[:, :prompt], torch.ones_like(ids[:, :prompt]),
                               torch.arange(prompt).expand(batch, -1), torch.arange(prompt))]
         for t in range(prompt, prompt + steps):

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 __all__ = [
@@ -225,11 +226,24 @@ def refresh_shapes(gm: fx.GraphModule) -> None:
     fails on some meta kernels, e.g. ``baddbmm``). The graph itself stays dynamic in batch and sequence.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=_data_dependent_sizes(gm))
     with mode:
         inputs = [_concrete_like(n.meta.get("val")) for n in placeholders]
     with fake_weights(gm, mode):
         FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
+
+
+def _data_dependent_sizes(gm: fx.GraphModule) -> ShapeEnv | None:
+    """The capture's shape environment where the graph computes a size from values (``item``, ``nonzero``):
+    propagating again makes a new symbol for each, which torch binds to the capture's one in that
+    environment. None for a graph without such sizes (propagation is then faster, without one)."""
+    if not any("unbacked_bindings" in n.meta for n in gm.graph.nodes):
+        return None
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if is_fake(value) and value.fake_mode.shape_env is not None:
+            return value.fake_mode.shape_env
+    return ShapeEnv()
 
 
 @contextlib.contextmanager

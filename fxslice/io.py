@@ -33,7 +33,7 @@ import torch.fx as fx
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .capture import HF_PREFIX, capture
+from .capture import HF_PREFIX, capture, example_like
 from .distributed import on_rank0
 from .errors import UnsupportedGraphError
 from .graph import STREAMED, get_tensor, graph_device, set_tensor, tensor_meta, tensor_targets
@@ -232,6 +232,8 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
     config = None
     if plan.kind == "causal_lm":
         model, config = _rebuild_causal_lm(directory, dtype, torch.device(device or "cpu"))
+        if plan.capture_length is not None:  # the length it was captured at (a capture may be specialised to it)
+            example_inputs = example_like(torch.zeros(2, plan.capture_length, dtype=torch.long))
         match_buffer_dtypes(model, {k: getattr(torch, v) for k, v in recipe.get("dtypes", {}).items()}, HF_PREFIX)
     elif model is None:
         raise UnsupportedGraphError(f"{directory} holds a compiled {plan.model_class}; pass model=<an "

@@ -10,6 +10,7 @@ the prompt is prefilled once and each new token costs one single-token step.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -17,7 +18,10 @@ import torch.fx as fx
 from transformers import GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-__all__ = ["SlicedCausalLM", "graph_module"]
+__all__ = ["RESHAPED_KEPT", "SlicedCausalLM", "graph_module"]
+
+RESHAPED_KEPT = 8
+"""How many graphs captured again at other sizes a ``SlicedCausalLM`` keeps (they share its weights)."""
 
 
 class SlicedCausalLM(torch.nn.Module, GenerationMixin):
@@ -34,6 +38,7 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
         self.name_or_path = getattr(config, "_name_or_path", "")
         self.kv_cache_len = 1024  # most tokens (prompt + generated) a decoding graph holds; longer runs recompute
         self.decoders: dict[tuple, Any] = {}  # (batch, cache length, compiled) -> decoding graph (fxslice.decode)
+        self.reshaped: list[fx.GraphModule] = []  # captured again at sizes the graph refuses (graph_for)
         self._session = None
 
     @property
@@ -83,8 +88,31 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
             logits = self._session.step(input_ids, attention_mask)
             if logits is not None:
                 return CausalLMOutputWithPast(logits=logits)
-        out = self.graph_module(input_ids=input_ids, attention_mask=attention_mask)
+        out = self.graph_for(input_ids)(input_ids=input_ids, attention_mask=attention_mask)
         return CausalLMOutputWithPast(logits=out.logits if hasattr(out, "logits") else out[0])
+
+    def graph_for(self, input_ids: torch.Tensor) -> fx.GraphModule:
+        """The graph that takes inputs shaped like ``input_ids``: ``graph_module``, unless the model's code
+        specialised its capture to other sizes; then one captured again at these (``decode.build_reshaped``),
+        kept for later calls of the same sizes (the last ``RESHAPED_KEPT`` of them)."""
+        from .calibrate import flat_inputs
+        from .capture import refusal
+        from .decode import build_reshaped
+
+        def takes(graph: fx.GraphModule) -> bool:
+            return refusal(graph, flat_inputs(graph, (), {"input_ids": input_ids, "attention_mask": input_ids})) is None
+
+        if takes(self.graph_module):
+            return self.graph_module
+        for graph in self.reshaped:
+            if takes(graph):
+                return graph
+        if not self.reshaped:
+            warnings.warn(f"fxslice: {self.config.model_type}'s code specialised its graph to the sizes it was "
+                          f"captured at; it is captured again for inputs of shape {tuple(input_ids.shape)} (and "
+                          "for each new shape; the graphs are kept)", stacklevel=3)
+        self.reshaped = [build_reshaped(self, input_ids), *self.reshaped][:RESHAPED_KEPT]
+        return self.reshaped[0]
 
     @torch.no_grad()
     def generate(self, *args, compiled: bool = False, **kwargs):

@@ -82,6 +82,7 @@ class Plan:
     kind: str = "module"  # "causal_lm" for a Hugging Face causal LM captured as (input_ids, attention_mask)
     module_prefix: str = ""  # prefix of parameter names that reports strip ("model." for causal LMs)
     parameters_before: int | None = None
+    capture_length: int | None = None  # a causal LM's example sequence length (load captures it there again)
     passes: tuple[PassSpec, ...] = ()
     rotation: str | None = None
     states: tuple[StatePlan, ...] = ()

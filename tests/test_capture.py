@@ -7,6 +7,7 @@ from torch import nn
 import fxslice
 from conftest import relative_error
 from fxslice import CaptureError
+from fxslice.passes import run_passes
 from strategies import Arch, TinyLM, example_ids
 
 
@@ -77,3 +78,59 @@ def test_plain_module_without_example_inputs_is_rejected():
 def test_non_module_is_rejected():
     with pytest.raises(CaptureError, match="nn.Module"):
         fxslice.capture(lambda x: x, (torch.zeros(1),))
+
+
+class _ScanOverTokens(torch.nn.Module):
+    """A running sum written as a Python loop over the tokens: the capture is specialised to one length."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.mix = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.mix(self.norm(x))
+        total, outs = torch.zeros_like(h[:, 0]), []
+        for t in range(x.shape[1]):
+            total = total + h[:, t]
+            outs.append(total)
+        return x + torch.stack(outs, 1)
+
+
+def test_calibration_at_a_length_the_specialised_graph_refuses_says_so_before_anything_changes():
+    from fxslice.calibrate import flat_inputs
+    from fxslice.capture import refusal
+
+    gm = fxslice.capture(_ScanOverTokens(), (torch.randn(2, 6, 8),))
+    assert refusal(gm, flat_inputs(gm, (torch.randn(3, 6, 8),), {})) is None
+    assert "Guard failed" in refusal(gm, flat_inputs(gm, (torch.randn(2, 7, 8),), {}))
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    with pytest.raises(fxslice.CalibrationError, match=r"batch 1 \(shapes \[\(2, 7, 8\)\]\).*specialised"):
+        run_passes(gm, [fxslice.fuse_norm, fxslice.rotate], calibration=[(torch.randn(2, 6, 8),), (torch.randn(2, 7, 8),)])
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+class _MaskFromAValue(nn.Module):
+    """A size read from an input's value (``.item()``, as a cache's fill level is): a data-dependent symbol."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.norm, self.final = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.mix, self.head = nn.Linear(8, 8), nn.Linear(8, 50)
+
+    def forward(self, ids, filled):
+        n = filled.item()
+        torch._check(n >= 0)
+        x = self.embed(ids)
+        x = x + self.mix(self.norm(x)) * (torch.arange(ids.shape[1]) < n)[None, :, None]
+        return self.head(self.final(x))
+
+
+def test_a_size_read_from_a_value_keeps_the_passes_exact():
+    model = _MaskFromAValue().double()
+    ids, filled = torch.randint(0, 50, (2, 6)), torch.tensor(4)
+    gm = fxslice.capture(model, (ids, filled))
+    assert any("unbacked_bindings" in n.meta for n in gm.graph.nodes)
+    out = run_passes(gm, [fxslice.fuse_norm, fxslice.rotate])(ids, filled)
+    assert relative_error(out, model(ids, filled)) < 1e-12

@@ -233,3 +233,37 @@ def test_recurrent_states_are_cache_buffers_and_a_prompt_runs_a_token_at_a_time(
     with pytest.raises(fxslice.UnsupportedGraphError, match="one token per call"):
         fxslice.export(sliced, tmp_path / "pt2", cache_len=64, progress=False)
     assert not (tmp_path / "pt2").exists()
+
+
+def test_a_model_whose_capture_is_specialised_to_its_length_calibrates_runs_any_length_and_generates(tmp_path):
+    # Mamba's reference scan is a Python loop over the tokens: torch.export specialises the graph to the
+    # example's length. compile captures it at the calibration's; other lengths are captured when run.
+    import transformers
+
+    from fxslice.decode import ONE_TOKEN
+    from fxslice.plan import plan_of
+
+    config = transformers.MambaConfig(vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=2,
+                                      expand=2, conv_kernel=4, time_step_rank=4, use_mambapy=False)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(config).eval()
+    calibration = [{"input_ids": torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(i))}
+                   for i in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=calibration)
+        assert plan_of(sliced).capture_length == 12
+        ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(9))
+        full = sliced(ids).logits
+        short = sliced(ids[:, :10]).logits  # another length: captured again, the same weights
+        assert len(sliced.reshaped) == 1 and any("captured again" in str(w.message) for w in caught)
+        assert torch.allclose(short, full[:, :10], atol=1e-5)
+        fxslice.save(sliced, tmp_path / "m")
+        assert torch.equal(fxslice.load(tmp_path / "m")(ids).logits, full)
+        sliced.generation_config = transformers.GenerationConfig(pad_token_id=0, eos_token_id=None)
+        out = sliced.generate(ids[:, :6], max_new_tokens=4, do_sample=False)
+    assert not [w for w in caught if "KV-cache" in str(w.message)]
+    (decoder,) = [d for d in sliced.decoders.values() if d is not None]
+    assert decoder.meta[ONE_TOKEN]
+    # Causal: the logits of the whole output at once are those of each step's prefix (the argmax chain).
+    assert torch.equal(out[:, 6:], sliced(out).logits[:, 5:-1].argmax(-1))
