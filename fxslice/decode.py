@@ -62,9 +62,18 @@ class _CachedCausalLMCall(torch.nn.Module):
         self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # One token through the model allocates every layer's cache in the shapes its attention really
         # writes (keys and values may differ in width, as in latent attention); then they become buffers.
+        unset = [(module, name) for module in model.modules() for name, value in vars(module).items() if value is None]
         with torch.no_grad():
             model(input_ids=torch.zeros(batch_size, 1, dtype=torch.long, device=model.device),
                   use_cache=True, **{self.cache_argument: self.cache})
+        # States some models keep in their modules' plain attributes (``self.conv_state = ...``): None until
+        # a cached call sets them. They become buffers too, read and written back on every call.
+        self.held = []  # (module, attribute, buffer name)
+        for module, name in unset:
+            if isinstance(getattr(module, name, None), torch.Tensor):
+                buffer = f"cache_held_{len(self.held)}_{name}"
+                self.register_buffer(buffer, getattr(module, name).zero_(), persistent=False)
+                self.held.append((module, name, buffer))
         self.cached = []  # (layer index, attribute, key or None, buffer name) of every cache tensor
         for i, layer in enumerate(self.cache.layers):
             for name, value in vars(layer).items():
@@ -94,12 +103,20 @@ class _CachedCausalLMCall(torch.nn.Module):
                 value.mul_((cache_position[0] > 0).to(value.dtype))
         # The mask covers the whole static cache (zeros beyond the tokens so far), as the keys do: models
         # that build position biases from the mask (ALiBi) need it as long as the keys.
+        for module, name, buffer in self.held:
+            value = getattr(self, buffer)
+            value.mul_((cache_position[0] > 0).to(value.dtype))  # a new prompt starts from zeros
+            setattr(module, name, value)
         if self.recurrent_only:
             attention_mask = attention_mask[:, -input_ids.shape[1]:]
         else:
             attention_mask = torch.nn.functional.pad(attention_mask, (0, self.max_cache_len - attention_mask.shape[-1]))
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=True, **{self.cache_argument: self.cache}).logits
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=True, **{self.cache_argument: self.cache}).logits
+        for module, name, buffer in self.held:  # the model assigned new tensors: the graph writes them back
+            if getattr(module, name) is not getattr(self, buffer):
+                getattr(self, buffer).copy_(getattr(module, name))
+        return logits
 
 
 def cache_length(needed: int, limit: int) -> int:

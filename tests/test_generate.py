@@ -267,3 +267,30 @@ def test_a_model_whose_capture_is_specialised_to_its_length_calibrates_runs_any_
     assert decoder.meta[ONE_TOKEN]
     # Causal: the logits of the whole output at once are those of each step's prefix (the argmax chain).
     assert torch.equal(out[:, 6:], sliced(out).logits[:, 5:-1].argmax(-1))
+
+
+def test_states_a_model_keeps_in_its_modules_attributes_are_cache_buffers_reset_for_each_prompt():
+    # RecurrentGemma's blocks hold their convolution and recurrent states as plain attributes
+    # (``self.conv1d_state = ...``), None until a cached call, reassigned at every step.
+    import zoo_configs
+
+    from fxslice.graph import tensor_targets
+
+    model = zoo_configs.tiny_model("recurrent_gemma", torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=CALIBRATION)
+        sliced.generation_config = transformers_greedy()
+        outs = [sliced.generate(torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(s)),
+                                max_new_tokens=4, do_sample=False) for s in (1, 2)]
+    assert not [w for w in caught if "KV-cache" in str(w.message)]
+    (decoder,) = [d for d in sliced.decoders.values() if d is not None]
+    assert any(target.startswith("cache_held_") for target in tensor_targets(decoder))
+    for out in outs:  # the second prompt starts from zero states, not the first one's
+        assert torch.equal(out, argmax_chain(sliced, out[:, :6], 4))
+
+
+def transformers_greedy():
+    from transformers import GenerationConfig
+
+    return GenerationConfig(pad_token_id=0, eos_token_id=None)
