@@ -43,8 +43,9 @@ ONE_TOKEN = "fxslice.one_token"
 class _CachedCausalLMCall(torch.nn.Module):
     """``model(...)`` with a static KV cache whose tensors are this module's buffers."""
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, max_cache_len: int):
+    def __init__(self, model: torch.nn.Module, batch_size: int, max_cache_len: int, positions: bool = True):
         super().__init__()
+        self.positions = positions
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
@@ -111,8 +112,9 @@ class _CachedCausalLMCall(torch.nn.Module):
             attention_mask = attention_mask[:, -input_ids.shape[1]:]
         else:
             attention_mask = torch.nn.functional.pad(attention_mask, (0, self.max_cache_len - attention_mask.shape[-1]))
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=True, **{self.cache_argument: self.cache}).logits
+        given = {"position_ids": position_ids} if self.positions else {}
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                            **given, **{self.cache_argument: self.cache}).logits
         for module, name, buffer in self.held:  # the model assigned new tensors: the graph writes them back
             if getattr(module, name) is not getattr(self, buffer):
                 getattr(self, buffer).copy_(getattr(module, name))
@@ -145,10 +147,12 @@ def _base(compressed: Any) -> torch.nn.Module:
     return base
 
 
-def _capture_decoder(base: torch.nn.Module, batch_size: int, length: int, one_token: bool) -> fx.GraphModule:
+def _capture_decoder(base: torch.nn.Module, batch_size: int, length: int, one_token: bool,
+                     positions: bool = True) -> fx.GraphModule:
     """``base`` with a static cache of ``length`` tokens, captured for any number of tokens per call, or
-    (``one_token``, or a model with recurrent states) for one: the graph's meta says which (``ONE_TOKEN``)."""
-    module = _CachedCausalLMCall(base, batch_size, length)
+    (``one_token``, or a model with recurrent states) for one: the graph's meta says which (``ONE_TOKEN``).
+    Without ``positions`` the graph ignores its ``position_ids`` input and the model derives its own."""
+    module = _CachedCausalLMCall(base, batch_size, length, positions)
     # Recurrent states (held in dicts by linear-attention cache layers) come with masks that take the last
     # T positions of the attention mask, which here covers the whole static cache: one token at a time.
     one_token = one_token or any(key is not None for _, _, key, _ in module.cached)
@@ -183,20 +187,34 @@ def run_decoder(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModule:
-    """The decoding graph for ``compressed`` (a ``SlicedCausalLM``) at ``batch_size``, caching ``length`` tokens."""
+    """The decoding graph for ``compressed`` (a ``SlicedCausalLM``) at ``batch_size``, caching ``length`` tokens.
+
+    It is given the positions ``generate`` computes from the mask, as transformers' ``generate`` does; a
+    model whose own positions differ (RoBERTa's start after the padding index), so that this graph does not
+    reproduce the compressed model, gets one that derives its positions itself, as its prefill graph does.
+    """
+    decoder = _decoder_graph(compressed, batch_size, length, positions=True)
+    try:
+        _verify(decoder, compressed, batch_size)
+    except RuntimeError:
+        decoder = _decoder_graph(compressed, batch_size, length, positions=False)
+        _verify(decoder, compressed, batch_size)
+    return decoder
+
+
+def _decoder_graph(compressed: Any, batch_size: int, length: int, positions: bool) -> fx.GraphModule:
     gm = compressed.graph_module
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            captured = _capture_decoder(_base(compressed), batch_size, length, one_token=False)
+            captured = _capture_decoder(_base(compressed), batch_size, length, one_token=False, positions=positions)
         except CaptureError:
             # Code that branches on a one-token input (recurrent layers' step path) cannot be captured
             # for any number of tokens: capture the step alone and feed a prompt through it a token at a time.
-            captured = _capture_decoder(_base(compressed), batch_size, length, one_token=True)
+            captured = _capture_decoder(_base(compressed), batch_size, length, one_token=True, positions=positions)
         decoder = replay(captured, plan_of(gm))
     _share_tensors(decoder, gm, "decoding graph")
     streamline(decoder)
-    _verify(decoder, compressed, batch_size)
     return decoder
 
 

@@ -103,7 +103,8 @@ def census_model(name, dtype=torch.float64, **text_config):
     ("deepseek_v2", {"dtype": torch.float32}),  # latent attention: keys and values of different widths
     ("bloom", {}),  # ALiBi position biases built from the attention mask
     ("rembert", {}),  # position ids read from a buffer while the cache is allocated
-], ids=["sliding", "alternating", "latent", "alibi", "position-buffer"])
+    ("roberta-prelayernorm", {}),  # positions start after the padding index: the model derives its own
+], ids=["sliding", "alternating", "latent", "alibi", "position-buffer", "own-positions"])
 def test_cached_decoding_follows_the_models_own_attention(name, overrides):
     """(Mixtures of experts among them have no float64 kernels: those run in float32.)"""
     model = census_model(name, **overrides)
@@ -273,6 +274,7 @@ def test_states_a_model_keeps_in_its_modules_attributes_are_cache_buffers_reset_
     # RecurrentGemma's blocks hold their convolution and recurrent states as plain attributes
     # (``self.conv1d_state = ...``), None until a cached call, reassigned at every step.
     import zoo_configs
+    from transformers import GenerationConfig
 
     from fxslice.graph import tensor_targets
 
@@ -280,7 +282,7 @@ def test_states_a_model_keeps_in_its_modules_attributes_are_cache_buffers_reset_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=CALIBRATION)
-        sliced.generation_config = transformers_greedy()
+        sliced.generation_config = GenerationConfig(pad_token_id=0, eos_token_id=None)
         outs = [sliced.generate(torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(s)),
                                 max_new_tokens=4, do_sample=False) for s in (1, 2)]
     assert not [w for w in caught if "KV-cache" in str(w.message)]
@@ -288,9 +290,3 @@ def test_states_a_model_keeps_in_its_modules_attributes_are_cache_buffers_reset_
     assert any(target.startswith("cache_held_") for target in tensor_targets(decoder))
     for out in outs:  # the second prompt starts from zero states, not the first one's
         assert torch.equal(out, argmax_chain(sliced, out[:, :6], 4))
-
-
-def transformers_greedy():
-    from transformers import GenerationConfig
-
-    return GenerationConfig(pad_token_id=0, eos_token_id=None)
