@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim
 
 from .errors import CaptureError
-from .graph import aten, is_op, unique_parameters
+from .graph import aten, eliminate_dead_code, is_op, unique_parameters, val
 from .plan import Plan, plan_of, set_plan
 
 __all__ = ["HF_PREFIX", "capture", "example_like", "export_graph", "is_hf_causal_lm", "refusal"]
@@ -124,6 +124,33 @@ def _drop_metadata_asserts(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _fold_linears_of_zeros(gm: fx.GraphModule) -> None:
+    """``linear(zeros([..., d]), W, b)`` becomes ``zeros([..., out]) + b``: the weight reads nothing there.
+
+    A start state written this way (``proj(x.new_zeros(batch, 1, d))`` when no cache holds one) would
+    otherwise be a second reader of ``W`` that slicing cannot narrow, so that ``W`` kept its width in a
+    graph taking that branch and not in one that does not (the decoding graph).
+    """
+    for node in list(gm.graph.nodes):
+        source = node.args[0] if is_op(node, aten.linear) else None
+        if not (is_op(source, aten.new_zeros) or is_op(source, aten.zeros)) or val(node) is None:
+            continue
+        *kept, _ = source.args[1] if is_op(source, aten.new_zeros) else source.args[0]
+        size = [*kept, val(node).shape[-1]]
+        args = (source.args[0], size) if is_op(source, aten.new_zeros) else (size,)
+        bias = node.args[2] if len(node.args) > 2 else None
+        with gm.graph.inserting_before(node):
+            result = gm.graph.call_function(source.target, args, dict(source.kwargs))
+            result.meta = dict(node.meta)
+            if bias is not None:
+                result = gm.graph.call_function(aten.add.Tensor, (result, bias))
+                result.meta = dict(node.meta)
+        node.replace_all_uses_with(result)
+        gm.graph.erase_node(node)
+    eliminate_dead_code(gm)
+    gm.recompile()
+
+
 def capture(model: torch.nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     """Trace ``model`` into an ATen-level GraphModule with dynamic batch and sequence dimensions.
 
@@ -180,6 +207,7 @@ def export_graph(model: torch.nn.Module, module: torch.nn.Module, args: tuple, k
         model.train(was_training)
     gm = program.module()
     _drop_metadata_asserts(gm)
+    _fold_linears_of_zeros(gm)
     set_plan(gm, Plan(model_class=f"{type(model).__module__}.{type(model).__qualname__}",
                       kind="causal_lm" if causal_lm else "module", module_prefix=HF_PREFIX if causal_lm else "",
                       parameters_before=unique_parameters(model)))

@@ -142,3 +142,32 @@ def test_a_per_channel_scale_of_the_stream_becomes_a_linear_and_rotates_exactly(
     sliced = compile_quietly(model, [fuse_norm, rotate, slice(0.25)])
     widths = {s["width_after"] for s in fxslice.report(sliced)["states"]}
     assert widths == {24} and sliced(ids).shape == model(ids).shape
+
+
+class DelayedValueLM(TinyLM):
+    """A projection of the normed tokens shifted by one, its first row the same projection of a start state
+    of zeros (a delayed value, written as models do when no cache holds the previous token's)."""
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        self.delayed = nn.ModuleList(nn.Linear(arch.width, 16) for _ in range(arch.depth))
+        self.out = nn.ModuleList(nn.Linear(16, arch.width) for _ in range(arch.depth))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            normed = block.norm1(x)
+            start = self.delayed[i](normed.new_zeros(normed.shape[0], 1, self.arch.width))
+            x = x + block.attn(normed) + self.out[i](torch.cat([start, self.delayed[i](normed)[:, :-1]], 1))
+            x = x + block.mlp(block.norm2(x))
+        return self.head(self.final_norm(x))
+
+
+def test_a_projection_of_zeros_reads_nothing_so_the_projection_narrows_with_the_stream():
+    model = DelayedValueLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    assert relative_error(rotated(ids), model(ids)) < 1e-12
+    sliced = compile_quietly(model, [fuse_norm, rotate, slice(0.25)])
+    shapes = {tuple(w.shape) for name, w in sliced.named_parameters() if "delayed" in name and name.endswith("weight")}
+    assert shapes == {(16, 24)}
