@@ -22,6 +22,7 @@ import inspect
 import warnings
 from typing import Any
 
+import optree
 import torch
 import torch.fx as fx
 from torch.export import Dim
@@ -45,12 +46,12 @@ class _CachedCausalLMCall(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, batch_size: int, max_cache_len: int, positions: bool = True):
         super().__init__()
-        self.positions = positions
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
         self.model = model  # the same attribute name as the prefill capture, so weights share names
         self.max_cache_len = max_cache_len
+        self.positions = positions
         config = model.config.get_text_config()
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
         # A sliding-window layer keeps its fill level in a Python int, which a captured graph bakes in as
@@ -64,19 +65,15 @@ class _CachedCausalLMCall(torch.nn.Module):
         # One token through the model allocates every layer's cache in the shapes its attention really
         # writes (keys and values may differ in width, as in latent attention); then they become buffers.
         unset = [(module, name) for module in model.modules() for name, value in vars(module).items() if value is None]
+        first = {"input_ids": torch.zeros(batch_size, 1, dtype=torch.long, device=model.device), "use_cache": True}
         with torch.no_grad():
-            model(input_ids=torch.zeros(batch_size, 1, dtype=torch.long, device=model.device),
-                  use_cache=True, **{self.cache_argument: self.cache})
-        # States some models keep in their modules' plain attributes (``self.conv_state = ...``): None until
-        # a cached call sets them. They become buffers too, read and written back on every call.
-        self.held = []  # (module, attribute, buffer name)
-        for module, name in unset:
-            if isinstance(getattr(module, name, None), torch.Tensor):
-                buffer = f"cache_held_{len(self.held)}_{name}"
-                self.register_buffer(buffer, getattr(module, name).zero_(), persistent=False)
-                self.held.append((module, name, buffer))
-        self.cached = []  # (layer index, attribute, key or None, buffer name) of every cache tensor
-        for i, layer in enumerate(self.cache.layers):
+            try:
+                model(**first, **{self.cache_argument: self.cache})
+            except Exception:  # a model that takes only a cache of its own class: the one it makes itself
+                out = model(**first)
+                self.cache = next(v for v in out.values() if v is not None and not isinstance(v, (torch.Tensor, tuple)))
+        self.cached = []  # (layer index, attribute, key or None, buffer name) of every cache layer's tensor
+        for i, layer in enumerate(getattr(self.cache, "layers", ())):
             for name, value in vars(layer).items():
                 # Tensors, or dicts of them (the convolution and recurrent states of linear-attention layers)
                 held = value.items() if isinstance(value, dict) else [(None, value)]
@@ -85,13 +82,29 @@ class _CachedCausalLMCall(torch.nn.Module):
                         buffer = f"cache_{i}_{name}" + ("" if key is None else f"_{key}")
                         self.register_buffer(buffer, tensor.zero_(), persistent=False)
                         self.cached.append((i, name, key, buffer))
+        # Recurrent states held elsewhere: in a cache of the model's own class, or in its modules' plain
+        # attributes (``self.conv_state = ...``, None until a cached call sets them). Their tensors become
+        # buffers too, read and written back on every call.
+        self.held = []  # (owner, attribute, tree structure, buffer names)
+        owners = [(module, name) for module, name in unset if getattr(module, name, None) is not None]
+        if not hasattr(self.cache, "layers"):
+            owners += [(self.cache, name) for name in vars(self.cache)]
+        for owner, name in owners:
+            leaves, spec = optree.tree_flatten(getattr(owner, name))
+            if leaves and all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+                buffers = [f"cache_held_{len(self.held)}_{name}_{j}" for j in range(len(leaves))]
+                for buffer, leaf in zip(buffers, leaves):
+                    self.register_buffer(buffer, leaf.zero_(), persistent=False)
+                self.held.append((owner, name, spec, buffers))
         # Without a key/value cache (every cached tensor a recurrent or convolution state) nothing attends over
         # past positions: such models read the mask as the current tokens' padding (``hidden * mask``).
         self.recurrent_only = all(key is not None for _, _, key, buffer in self.cached if getattr(self, buffer).dim() > 0)
 
     def forward(self, input_ids, attention_mask, position_ids, cache_position):
         # Point the cache at this module's buffers on every call: export swaps buffers for fakes, and the
-        # graph must update the buffers, not tensors captured as constants.
+        # graph must update the buffers, not tensors captured as constants. A new prompt (position 0)
+        # rewinds fill levels and starts recurrent states from zeros: one graph serves every prompt.
+        start = (cache_position[0] > 0)
         for i, name, key, buffer in self.cached:
             value = getattr(self, buffer)
             if key is None:
@@ -99,25 +112,27 @@ class _CachedCausalLMCall(torch.nn.Module):
             else:
                 getattr(self.cache.layers[i], name)[key] = value
             if value.dim() == 0 and not value.is_floating_point():  # a fill level (keys, an indexer's keys)
-                value.copy_(cache_position[0])  # rewind: one graph serves every prompt
-            elif key is not None:  # a recurrent or convolution state: a new prompt starts from zeros
-                value.mul_((cache_position[0] > 0).to(value.dtype))
-        # The mask covers the whole static cache (zeros beyond the tokens so far), as the keys do: models
-        # that build position biases from the mask (ALiBi) need it as long as the keys.
-        for module, name, buffer in self.held:
-            value = getattr(self, buffer)
-            value.mul_((cache_position[0] > 0).to(value.dtype))  # a new prompt starts from zeros
-            setattr(module, name, value)
+                value.copy_(cache_position[0])
+            elif key is not None:  # a recurrent or convolution state
+                value.mul_(start.to(value.dtype))
+        for owner, name, spec, buffers in self.held:
+            values = [getattr(self, buffer) for buffer in buffers]
+            for value in values:  # states, or a position counter
+                value.mul_(start.to(value.dtype)) if value.is_floating_point() else value.copy_(cache_position[0])
+            setattr(owner, name, optree.tree_unflatten(spec, values))
         if self.recurrent_only:
             attention_mask = attention_mask[:, -input_ids.shape[1]:]
         else:
+            # The mask covers the whole static cache (zeros beyond the tokens so far), as the keys do: models
+            # that build position biases from the mask (ALiBi) need it as long as the keys.
             attention_mask = torch.nn.functional.pad(attention_mask, (0, self.max_cache_len - attention_mask.shape[-1]))
         given = {"position_ids": position_ids} if self.positions else {}
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                             **given, **{self.cache_argument: self.cache}).logits
-        for module, name, buffer in self.held:  # the model assigned new tensors: the graph writes them back
-            if getattr(module, name) is not getattr(self, buffer):
-                getattr(self, buffer).copy_(getattr(module, name))
+        for owner, name, _, buffers in self.held:  # where the model assigned new tensors, the graph writes them back
+            for value, buffer in zip(optree.tree_leaves(getattr(owner, name)), buffers):
+                if value is not getattr(self, buffer):
+                    getattr(self, buffer).copy_(value)
         return logits
 
 

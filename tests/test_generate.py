@@ -270,15 +270,17 @@ def test_a_model_whose_capture_is_specialised_to_its_length_calibrates_runs_any_
     assert torch.equal(out[:, 6:], sliced(out).logits[:, 5:-1].argmax(-1))
 
 
-def test_states_a_model_keeps_in_its_modules_attributes_are_cache_buffers_reset_for_each_prompt():
+@pytest.mark.parametrize("name", ["recurrent_gemma", "xlstm"], ids=["module-attributes", "own-cache-class"])
+def test_recurrent_states_held_outside_a_transformers_cache_are_buffers_reset_for_each_prompt(name):
     # RecurrentGemma's blocks hold their convolution and recurrent states as plain attributes
-    # (``self.conv1d_state = ...``), None until a cached call, reassigned at every step.
+    # (``self.conv1d_state = ...``), None until a cached call, reassigned at every step; xLSTM takes only
+    # a cache of its own class (not a transformers Cache), which it makes when called without one.
     import zoo_configs
     from transformers import GenerationConfig
 
     from fxslice.graph import tensor_targets
 
-    model = zoo_configs.tiny_model("recurrent_gemma", torch.float64)
+    model = zoo_configs.tiny_model(name, torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=CALIBRATION)
