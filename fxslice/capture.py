@@ -131,6 +131,7 @@ def _fold_linears_of_zeros(gm: fx.GraphModule) -> None:
     otherwise be a second reader of ``W`` that slicing cannot narrow, so that ``W`` kept its width in a
     graph taking that branch and not in one that does not (the decoding graph).
     """
+    folded = False
     for node in list(gm.graph.nodes):
         source = node.args[0] if is_op(node, aten.linear) else None
         if not (is_op(source, aten.new_zeros) or is_op(source, aten.zeros)) or val(node) is None:
@@ -147,8 +148,10 @@ def _fold_linears_of_zeros(gm: fx.GraphModule) -> None:
                 result.meta = dict(node.meta)
         node.replace_all_uses_with(result)
         gm.graph.erase_node(node)
-    eliminate_dead_code(gm)
-    gm.recompile()
+        folded = True
+    if folded:  # (a graph nothing was folded in is left exactly as export made it)
+        eliminate_dead_code(gm)
+        gm.recompile()
 
 
 def capture(model: torch.nn.Module, example_inputs: Any = None) -> fx.GraphModule:

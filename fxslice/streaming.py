@@ -141,6 +141,9 @@ class WeightStore:
         is checkpoint tensor ``name``; tied targets (one tensor) share one key and one placeholder. Raises,
         naming the weights, when the checkpoint lacks one."""
         by_tensor: dict[int, str] = {}
+        names: dict[int, list[str]] = {}  # every name of a tensor, read by the graph or not (tied weights)
+        for target, tensor in gm.named_parameters(remove_duplicate=False):
+            names.setdefault(id(tensor), []).append(target.removeprefix(prefix))
         for target in tensor_targets(gm):
             tensor = tensor_meta(gm, target)
             if not is_fake(tensor):
@@ -153,8 +156,9 @@ class WeightStore:
             owner, leaf = owner_of(gm, target)
             owner._parameters[leaf] = self.placeholders[key]
             self.keys[target] = key
-            if name in self.files and key not in self.origin:
-                self.origin[key] = (self.files[name], name)
+            saved = next((n for n in [name, *names.get(id(tensor), [])] if n in self.files), None)
+            if saved is not None and key not in self.origin:
+                self.origin[key] = (self.files[saved], saved)
         missing = sorted(t for t, k in self.keys.items() if k not in self.origin)
         if missing:
             raise UnsupportedGraphError(f"{self.checkpoint} lacks {len(missing)} weights the architecture in its "
