@@ -125,17 +125,22 @@ def _drop_metadata_asserts(gm: fx.GraphModule) -> None:
 
 
 def _fold_linears_of_zeros(gm: fx.GraphModule) -> None:
-    """``linear(zeros([..., d]), W, b)`` becomes ``zeros([..., out]) + b``: the weight reads nothing there.
+    """``linear(zeros([..., d]), W, b)`` becomes ``zeros([..., out]) + b`` where ``W`` has other readers.
 
     A start state written this way (``proj(x.new_zeros(batch, 1, d))`` when no cache holds one) would
     otherwise be a second reader of ``W`` that slicing cannot narrow, so that ``W`` kept its width in a
     graph taking that branch and not in one that does not (the decoding graph).
     """
+    readers: dict[str, int] = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        readers[node.target] = readers.get(node.target, 0) + len(node.users)
     folded = False
     for node in list(gm.graph.nodes):
         source = node.args[0] if is_op(node, aten.linear) else None
         if not (is_op(source, aten.new_zeros) or is_op(source, aten.zeros)) or val(node) is None:
             continue
+        if readers.get(getattr(node.args[1], "target", None), 0) < 2:
+            continue  # the weight's only reader: nothing else to narrow with it (and its output may be a source)
         *kept, _ = source.args[1] if is_op(source, aten.new_zeros) else source.args[0]
         size = [*kept, val(node).shape[-1]]
         args = (source.args[0], size) if is_op(source, aten.new_zeros) else (size,)
