@@ -36,6 +36,7 @@ class Arch:
     fused: str = ""  # gated MLPs: "chunk" or "split" puts gate and up in one linear that the graph splits
     embed_scale: bool = False
     embed_norm: bool = False  # a norm applied to the embeddings, written into the stream
+    head_transform: bool = False  # BERT-style head: final norm, dense, gelu, a norm of its own, then the head
 
 
 class Norm(nn.Module):
@@ -155,6 +156,8 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.depth))
         self.final_norm = Norm(arch)
         self.head = nn.Linear(arch.width, arch.vocab, bias=False)
+        if arch.head_transform:
+            self.head_dense, self.head_norm = nn.Linear(arch.width, arch.width), Norm(arch)
         if arch.tied:
             self.head.weight = self.embed.weight
         with torch.no_grad():  # norms with non-trivial affine parameters, so folding them is tested
@@ -174,7 +177,10 @@ class TinyLM(nn.Module):
             x = self.embed_norm(x)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.final_norm(x))
+        x = self.final_norm(x)
+        if self.arch.head_transform:  # off the stream: the tied head reads a value no stream carries
+            x = self.head_norm(nn.functional.gelu(self.head_dense(x)))
+        return self.head(x)
 
 
 @st.composite
@@ -199,6 +205,7 @@ def architectures(draw) -> Arch:
         fused=draw(st.sampled_from(["", "chunk", "split"])),
         embed_scale=draw(st.booleans()),
         embed_norm=draw(st.booleans()),
+        head_transform=draw(st.booleans()),
     )
 
 

@@ -34,10 +34,12 @@ def test_every_stream_norm_becomes_weightless_rms(arch):
     assert all(n.kind == "rms" and n.weight is None and n.bias is None for n in readers)
     if arch.norm == "layer" and not arch.post_norms and not arch.embed_norm:
         assert not ops(gm, aten.layer_norm), "a LayerNorm survived on the stream"
-    # Post-norms stay weightless norms of their own input, each followed by one inserted linear.
+    # Post-norms stay weightless norms of their own input, each followed by one inserted linear; the
+    # head's own norm (off every stream) keeps its parameters.
     post = [n for n in norms if n.fused is None]
-    assert len(post) == (2 * arch.depth if arch.post_norms else 0) + (arch.embed_norm and not embeddings_stream)
-    assert all(n.weight is None and n.bias is None for n in post)
+    stream_post = (2 * arch.depth if arch.post_norms else 0) + (arch.embed_norm and not embeddings_stream)
+    assert len(post) == stream_post + arch.head_transform
+    assert sum(n.weight is not None or n.bias is not None for n in post) == arch.head_transform
 
 
 @pytest.mark.parametrize("root", ["rsqrt", "pow", "div_sqrt", "div_pow"])
@@ -91,6 +93,20 @@ def test_tied_head_stays_tied_behind_a_bridge(norm):
     added = arch.width ** 2 + (arch.width + 2 * arch.vocab if norm == "layer" else arch.width)
     removed = (4 if norm == "layer" else 2) * arch.depth * arch.width + 2 * arch.width
     assert report["parameters"]["after"] - report["parameters"]["before"] <= added - removed + 4 * arch.width * arch.depth
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_a_head_tied_to_the_embedding_behind_a_norm_of_its_own_takes_the_rotation_through_a_bridge(norm):
+    # BERT-style heads: final norm, dense, gelu, the head's own norm, then the decoder tied to the embedding,
+    # which writes the stream directly. The decoder's input gets an inserted I (rotate makes it Q), and
+    # where the stream is centred, the mean the centred embedding loses comes back as a rank-1 term.
+    arch = Arch(norm=norm, tied=True, bias=True, head_transform=True)
+    gm, error = compile_and_compare(arch, [fuse_norm, rotate])
+    assert error <= 1e-9 and not fxslice.report(gm)["skipped"]
+    (embedding,) = ops(gm, aten.embedding)
+    assert len([n for n in ops(gm, aten.linear) if n.args[1].target == embedding.args[0].target]) == 1
+    sliced, _ = compile_and_compare(arch, [fuse_norm, rotate, slice(0.25)])
+    assert min(s["width_after"] for s in fxslice.report(sliced)["states"]) < arch.width
 
 
 def test_norm_weights_are_removed_from_the_module():

@@ -409,7 +409,7 @@ def parameter_uses(gm: fx.GraphModule) -> dict[str, list]:
     return uses
 
 
-def _coupled_producer(start: fx.Node):
+def coupled_producer(start: fx.Node):
     """Walk back from an op's input through commuting single-use ops to the linear that produced it."""
     node, literals = start, []
     while isinstance(node, fx.Node) and len(_data_users(node)) == 1:
@@ -457,7 +457,7 @@ def bind_parameters(gm: fx.GraphModule, regions: list[Region]) -> list[Region]:
         for use in uses.get(side.target, ()):
             if use.node in owner:
                 continue
-            found = _coupled_producer(use.input) if use.in_axis == side.axis and use.weight == side.target else None
+            found = coupled_producer(use.input) if use.in_axis == side.axis and use.weight == side.target else None
             if found is None:
                 blockers[region_of[state].index].append(Blocker(
                     use.node, f"the weight {side.target} is rotated with a residual state but also read here",

@@ -29,12 +29,12 @@ import torch.fx as fx
 
 from ..analysis.norms import Norm
 from ..analysis.ops import WeightUse
-from ..analysis.regions import Region, find_regions, parameter_uses
+from ..analysis.regions import Region, coupled_producer, find_regions, parameter_uses
 from ..errors import UnsupportedGraphError, module_path
 from ..graph import (add_parameter, aten, constant_value, eliminate_dead_code, get_tensor, is_op, refresh_shapes,
                      set_tensor, tensor_meta, val)
 from ..rewrite import emit_norm, insert_linear, multiply_axis, scale_axis
-from ..plan import Plan, plan_of
+from ..plan import Plan, Skipped, plan_of
 from .base import Context, FxslicePass, skipped_regions
 
 __all__ = ["FuseNorm", "fuse_norm"]
@@ -101,6 +101,7 @@ class FuseNorm(FxslicePass):
         bridged = {s.use.node for r in fusable for s in r.sinks if s.norm is not None}
         conflicts = {r.index: _centring_conflict(r, uses, bridged) for r in fusable}
         fused = [r for r in fusable if not conflicts[r.index]]
+        skipped += tuple(Skipped("fuse_norm", r.index, r.width, conflicts[r.index]) for r in fusable if conflicts[r.index])
         # Every weight axis that centring changes; a shared weight read through a bridge needs the
         # rank-1 correction when *any* stream centres it (an embedding tied to the head of a later stream).
         centred_sides = {side for r in fused if r.needs_centring for source in r.sources for side in source.sides()}
@@ -112,6 +113,7 @@ class FuseNorm(FxslicePass):
             else:
                 entry["bridges"] = [_where(node) for node in self._fold_norms(gm, region, uses, centred_sides)]
             record["regions"].append(entry)
+        self._bridge_off_stream(gm, regions, fused, uses, centred_sides)
         # Centring last: the bridges above read the shared weights before ``C`` changes them.
         for region in fused:
             if region.needs_centring:
@@ -139,6 +141,27 @@ class FuseNorm(FxslicePass):
         return bridged
 
     @staticmethod
+    def _bridge_off_stream(gm: fx.GraphModule, regions: list[Region], fused: list[Region], uses: dict,
+                           centred_sides: set) -> None:
+        """A stream source's weight (a tied embedding) read by a linear off every stream (the head behind
+        a norm of its own): that linear's input must take the stream's rotation (``xQ (EQ)ᵀ = xEᵀ``), so
+        it needs a linear producer for rotate to couple, an inserted ``I`` where it has none; where the
+        stream is centred, it also gets back the mean ``EC`` loses (``_restore_mean``)."""
+        streams = {s.node for r in regions for s in r.sources} | {s.use.node for r in regions for s in r.sinks}
+        sides = {side for r in fused for source in r.sources for side in source.sides()}
+        for side in sides:
+            for use in uses.get(side.target, ()):
+                if use.node in streams or use.in_axis is None or use.input_side() != side:
+                    continue
+                x = use.input
+                width = val(x).shape[-1]
+                if side in centred_sides:
+                    _restore_mean(gm, use, x, torch.ones(width, dtype=torch.float64), None)
+                if coupled_producer(x) is None:
+                    identity = torch.eye(width, dtype=tensor_meta(gm, use.weight).dtype)
+                    use.node.replace_input_with(x, insert_linear(gm, x, identity, None, f"bridge_{_where(use.node)}", use.node))
+
+    @staticmethod
     def _bridge(gm: fx.GraphModule, norm: Norm, use: WeightUse, centred: bool) -> None:
         """Keep a shared weight ``E`` (a tied head) and put the norm's ``γ``, ``β`` in front of it.
 
@@ -154,17 +177,8 @@ class FuseNorm(FxslicePass):
         normed = use.input
         bridge = insert_linear(gm, normed, torch.diag(gamma).to(dtype), bias, f"bridge_{_where(use.node)}", use.node)
         use.node.replace_input_with(normed, bridge)
-        if not centred:
-            return
-        shared = torch.movedim(get_tensor(gm, use.weight).detach().to(torch.float64), use.in_axis, -1)  # [V, d]
-        offset = shared @ norm.bias if norm.bias is not None else None
-        scale = insert_linear(gm, normed, (gamma / width).unsqueeze(0).to(dtype), None,
-                              f"mean_{_where(use.node)}", use.node)  # n ↦ n·γ/d
-        correction = insert_linear(gm, scale, shared.sum(-1, keepdim=True).to(dtype),
-                                   None if offset is None else offset.to(dtype), f"rank1_{_where(use.node)}", use.node)
-        with gm.graph.inserting_after(use.node):
-            total = gm.graph.call_function(aten.add.Tensor, (use.node, correction))
-        use.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+        if centred:
+            _restore_mean(gm, use, normed, gamma, norm.bias)
 
     def _linears_on_the_stream(self, gm: fx.GraphModule) -> tuple[list[str], list[str]]:
         """Give every norm written into a transformable stream, and every per-channel scale of a stream,
@@ -205,6 +219,22 @@ class FuseNorm(FxslicePass):
         norm.output.replace_all_uses_with(linear)
 
 
+def _restore_mean(gm: fx.GraphModule, use: WeightUse, x: fx.Node, gamma: torch.Tensor, beta: torch.Tensor | None) -> None:
+    """``use`` reads ``(x∘γ + β)`` through a shared weight ``E`` that centring turns into ``EC``; since
+    ``C + 11ᵀ/d = I``, ``(x∘γ + β)Eᵀ = (x∘γ)(EC)ᵀ + (x·γ/d)(E1)ᵀ + βEᵀ``: add the rank-1 rest (``d + 2V``
+    parameters instead of untying ``V × d``). Reads ``E`` before it is centred."""
+    dtype = tensor_meta(gm, use.weight).dtype
+    shared = torch.movedim(get_tensor(gm, use.weight).detach().to(torch.float64), use.in_axis, -1)  # [V, d]
+    offset = shared @ beta if beta is not None else None
+    scale = insert_linear(gm, x, (gamma / gamma.numel()).unsqueeze(0).to(dtype), None,
+                          f"mean_{_where(use.node)}", use.node)  # x ↦ x·γ/d
+    correction = insert_linear(gm, scale, shared.sum(-1, keepdim=True).to(dtype),
+                               None if offset is None else offset.to(dtype), f"rank1_{_where(use.node)}", use.node)
+    with gm.graph.inserting_after(use.node):
+        total = gm.graph.call_function(aten.add.Tensor, (use.node, correction))
+    use.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+
+
 def _channel_scale(node: fx.Node) -> tuple[fx.Node, fx.Node, torch.Tensor] | None:
     """``node = s ⊙ x`` with ``s`` a constant vector along ``x``'s last dim -> (node, x, s in float64);
     else None. (Called on the ops that stop a stream, which read or write it.)"""
@@ -230,11 +260,13 @@ def _centring_conflict(region: Region, uses: dict, bridged: set) -> str | None:
     if not region.needs_centring:
         return None
     own = {s.node for s in region.sources} | bridged
+    sides = {side for source in region.sources for side in source.sides()}
     for source in region.sources:
         if source.use is None:
             continue
         for use in uses.get(source.use.weight, ()):
-            if use.node not in own:
+            # a linear reading the centred axis gets the mean back (``_restore_mean``)
+            if use.node not in own and not (use.in_axis is not None and use.input_side() in sides):
                 return (f"the weight {source.use.weight} of a stream source is also read by {use.node.format_node()}, "
                         "so the stream cannot be centred")
     return None
