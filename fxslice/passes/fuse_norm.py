@@ -9,6 +9,9 @@
   small linear carrying ``diag(γ)`` and ``β`` is inserted in front of it (the *bridge*, which rotate later
   turns into ``Q_Lᵀ diag(γ) Q_0``). When the stream must be centred, the shared weight becomes ``EC``
   and a rank-1 correction restores the mean it lost (see ``FuseNorm._bridge``): the head stays tied.
+* A tied head that reads a value off every stream (BERT-style: dense, gelu, a norm of its own) gets an
+  inserted ``I`` in front (rotate turns it into ``Q_0``), and the same rank-1 correction where the
+  embedding is centred (``FuseNorm._bridge_off_stream``).
 * A norm written *into* the stream (a post-norm, or a norm on the embeddings) becomes weightless,
   followed by an inserted linear ``diag(γ)``, ``β``: a source like any other. This runs first, to a
   fixed point, because that linear is also what lets the stream the norm *reads* be fused: its output
