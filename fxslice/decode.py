@@ -35,7 +35,8 @@ from .loading import empty_causal_lm, match_buffer_dtypes
 from .plan import plan_of
 from .replay import replay
 
-__all__ = ["ONE_TOKEN", "Session", "build_decoder", "build_reshaped", "cache_length", "logit_error", "run_decoder", "streamline"]
+__all__ = ["ONE_TOKEN", "Session", "build_decoder", "build_reshaped", "cache_length", "logit_error", "run_decoder",
+           "streamline"]
 
 ONE_TOKEN = "fxslice.one_token"
 """``gm.meta`` key: the decoding graph was captured for one token per call (``run_decoder`` loops)."""
@@ -345,7 +346,8 @@ def _verify(decoder: fx.GraphModule, compressed: Any, batch: int) -> None:
     error = 0.0
     for prompt, steps in ((5, 3), (3, 1)):
         ids = torch.randint(0, compressed.config.vocab_size, (batch, prompt + steps), generator=generator)
-        full = compressed.graph_for(ids)(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        mask = torch.ones_like(ids)
+        full = compressed.graph_for(ids, mask)(input_ids=ids, attention_mask=mask).logits
         logits = [run_decoder(decoder, ids[:, :prompt], torch.ones_like(ids[:, :prompt]),
                               torch.arange(prompt).expand(batch, -1), torch.arange(prompt))]
         for t in range(prompt, prompt + steps):

@@ -88,19 +88,21 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
             logits = self._session.step(input_ids, attention_mask)
             if logits is not None:
                 return CausalLMOutputWithPast(logits=logits)
-        out = self.graph_for(input_ids)(input_ids=input_ids, attention_mask=attention_mask)
+        out = self.graph_for(input_ids, attention_mask)(input_ids=input_ids, attention_mask=attention_mask)
         return CausalLMOutputWithPast(logits=out.logits if hasattr(out, "logits") else out[0])
 
-    def graph_for(self, input_ids: torch.Tensor) -> fx.GraphModule:
-        """The graph that takes inputs shaped like ``input_ids``: ``graph_module``, unless the model's code
-        specialised its capture to other sizes; then one captured again at these (``decode.build_reshaped``),
-        kept for later calls of the same sizes (the last ``RESHAPED_KEPT`` of them)."""
+    def graph_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> fx.GraphModule:
+        """The graph that takes these inputs: ``graph_module``, unless the model's code specialised its
+        capture to other sizes; then one captured again at these (``decode.build_reshaped``), kept for
+        later calls of the same sizes (the last ``RESHAPED_KEPT`` of them)."""
         from .calibrate import flat_inputs
         from .capture import refusal
         from .decode import build_reshaped
 
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+
         def takes(graph: fx.GraphModule) -> bool:
-            return refusal(graph, flat_inputs(graph, (), {"input_ids": input_ids, "attention_mask": input_ids})) is None
+            return refusal(graph, flat_inputs(graph, (), inputs)) is None
 
         if takes(self.graph_module):
             return self.graph_module

@@ -102,9 +102,11 @@ class FuseNorm(FxslicePass):
             record["channel_scales"] = scales
         fusable = [r for r in regions if not r.reason()]
         bridged = {s.use.node for r in fusable for s in r.sinks if s.norm is not None}
-        conflicts = {r.index: _centring_conflict(r, uses, bridged) for r in fusable}
+        streams = {s.node for r in regions for s in r.sources} | {s.use.node for r in regions for s in r.sinks}
+        conflicts = {r.index: _centring_conflict(r, uses, bridged, streams) for r in fusable}
         fused = [r for r in fusable if not conflicts[r.index]]
-        skipped += tuple(Skipped("fuse_norm", r.index, r.width, conflicts[r.index]) for r in fusable if conflicts[r.index])
+        skipped += tuple(Skipped("fuse_norm", r.index, r.width, conflicts[r.index])
+                         for r in fusable if conflicts[r.index])
         # Every weight axis that centring changes; a shared weight read through a bridge needs the
         # rank-1 correction when *any* stream centres it (an embedding tied to the head of a later stream).
         centred_sides = {side for r in fused if r.needs_centring for source in r.sources for side in source.sides()}
@@ -116,7 +118,7 @@ class FuseNorm(FxslicePass):
             else:
                 entry["bridges"] = [_where(node) for node in self._fold_norms(gm, region, uses, centred_sides)]
             record["regions"].append(entry)
-        self._bridge_off_stream(gm, regions, fused, uses, centred_sides)
+        self._bridge_off_stream(gm, streams, fused, uses, centred_sides)
         # Centring last: the bridges above read the shared weights before ``C`` changes them.
         for region in fused:
             if region.needs_centring:
@@ -144,13 +146,13 @@ class FuseNorm(FxslicePass):
         return bridged
 
     @staticmethod
-    def _bridge_off_stream(gm: fx.GraphModule, regions: list[Region], fused: list[Region], uses: dict,
+    def _bridge_off_stream(gm: fx.GraphModule, streams: set, fused: list[Region], uses: dict,
                            centred_sides: set) -> None:
         """A stream source's weight (a tied embedding) read by a linear off every stream (the head behind
         a norm of its own): that linear's input must take the stream's rotation (``xQ (EQ)ᵀ = xEᵀ``), so
         it needs a linear producer for rotate to couple, an inserted ``I`` where it has none; where the
-        stream is centred, it also gets back the mean ``EC`` loses (``_restore_mean``)."""
-        streams = {s.node for r in regions for s in r.sources} | {s.use.node for r in regions for s in r.sinks}
+        stream is centred, it also gets back the mean ``EC`` loses (``_restore_mean``). ``streams``: the
+        nodes that read or write a stream."""
         sides = {side for r in fused for source in r.sources for side in source.sides()}
         for side in sides:
             for use in uses.get(side.target, ()):
@@ -162,7 +164,8 @@ class FuseNorm(FxslicePass):
                     _restore_mean(gm, use, x, torch.ones(width, dtype=torch.float64), None)
                 if coupled_producer(x) is None:
                     identity = torch.eye(width, dtype=tensor_meta(gm, use.weight).dtype)
-                    use.node.replace_input_with(x, insert_linear(gm, x, identity, None, f"bridge_{_where(use.node)}", use.node))
+                    bridge = insert_linear(gm, x, identity, None, f"bridge_{_where(use.node)}", use.node)
+                    use.node.replace_input_with(x, bridge)
 
     @staticmethod
     def _bridge(gm: fx.GraphModule, norm: Norm, use: WeightUse, centred: bool) -> None:
@@ -222,7 +225,8 @@ class FuseNorm(FxslicePass):
         norm.output.replace_all_uses_with(linear)
 
 
-def _restore_mean(gm: fx.GraphModule, use: WeightUse, x: fx.Node, gamma: torch.Tensor, beta: torch.Tensor | None) -> None:
+def _restore_mean(gm: fx.GraphModule, use: WeightUse, x: fx.Node, gamma: torch.Tensor,
+                  beta: torch.Tensor | None) -> None:
     """``use`` reads ``(x∘γ + β)`` through a shared weight ``E`` that centring turns into ``EC``; since
     ``C + 11ᵀ/d = I``, ``(x∘γ + β)Eᵀ = (x∘γ)(EC)ᵀ + (x·γ/d)(E1)ᵀ + βEᵀ``: add the rank-1 rest (``d + 2V``
     parameters instead of untying ``V × d``). Reads ``E`` before it is centred."""
@@ -258,8 +262,9 @@ def _where(node: fx.Node) -> str:
     return module_path(node, plan_of(node.graph.owning_module).module_prefix)
 
 
-def _centring_conflict(region: Region, uses: dict, bridged: set) -> str | None:
-    """Centring changes a source's weight; any other reader of that weight must be a sink we bridge."""
+def _centring_conflict(region: Region, uses: dict, bridged: set, streams: set) -> str | None:
+    """Centring changes a source's weight; any other reader of that weight must be a sink we bridge, or a
+    linear off every stream reading the centred axis (which gets the mean back)."""
     if not region.needs_centring:
         return None
     own = {s.node for s in region.sources} | bridged
@@ -268,8 +273,8 @@ def _centring_conflict(region: Region, uses: dict, bridged: set) -> str | None:
         if source.use is None:
             continue
         for use in uses.get(source.use.weight, ()):
-            # a linear reading the centred axis gets the mean back (``_restore_mean``)
-            if use.node not in own and not (use.in_axis is not None and use.input_side() in sides):
+            off_stream = use.node not in streams and use.in_axis is not None and use.input_side() in sides
+            if use.node not in own and not off_stream:
                 return (f"the weight {source.use.weight} of a stream source is also read by {use.node.format_node()}, "
                         "so the stream cannot be centred")
     return None
