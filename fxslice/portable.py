@@ -29,11 +29,14 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
+from .calibrate import flat_inputs
+from .capture import refusal
 from .decode import logit_error
 from .errors import UnsupportedGraphError
 from .graph import owner_of
 from .io import sha256, write_atomically
 from .model import SlicedCausalLM
+from .plan import plan_of
 from .streaming import materialize
 
 __all__ = ["export"]
@@ -92,6 +95,14 @@ def _write_pt2(model: SlicedCausalLM, staging: Path, *, batch_size: int, cache_l
     gm = materialize(model.graph_module)  # a streamed model is exported with its weights in memory
     vocab = int(model.config.vocab_size)
     steps = [("prefill", PREFILL), ("decode", DECODE)]
+    for shape in ((2, 7), (3, 11)):  # the shapes the programs are exported and checked at
+        ids = torch.zeros(shape, dtype=torch.long)
+        why = refusal(gm, flat_inputs(gm, (), {"input_ids": ids, "attention_mask": ids}))
+        if why is not None:
+            raise UnsupportedGraphError(
+                f"this model's code specialised its graph to the sequence length it was captured at "
+                f"({plan_of(gm).capture_length}; {why}), which prefill.pt2's interface (any length) does not "
+                "describe; nothing was written. Run it through fxslice instead, which captures each length")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         say("fxslice export: exporting the prefill program", flush=True)
@@ -231,7 +242,6 @@ def export_hf(model: SlicedCausalLM, staging: Path, tokenizer: Any = None) -> No
 
     from .capture import HF_PREFIX
     from .graph import get_tensor, tensor_targets
-    from .plan import plan_of
 
     gm = materialize(model.graph_module)
     plan = plan_of(gm)

@@ -268,6 +268,10 @@ def test_a_model_whose_capture_is_specialised_to_its_length_calibrates_runs_any_
     assert decoder.meta[ONE_TOKEN]
     # Causal: the logits of the whole output at once are those of each step's prefix (the argmax chain).
     assert torch.equal(out[:, 6:], sliced(out).logits[:, 5:-1].argmax(-1))
+    # prefill.pt2 promises any length: refused, nothing written
+    with pytest.raises(fxslice.UnsupportedGraphError, match="sequence length it was captured at"):
+        fxslice.export(sliced, tmp_path / "pt2", cache_len=64, progress=False)
+    assert not (tmp_path / "pt2").exists()
 
 
 @pytest.mark.parametrize("name", ["recurrent_gemma", pytest.param("xlstm", marks=pytest.mark.slow)],
