@@ -118,8 +118,11 @@ class _CachedCausalLMCall(torch.nn.Module):
                 value.mul_(start.to(value.dtype))
         for owner, name, spec, buffers in self.held:
             values = [getattr(self, buffer) for buffer in buffers]
-            for value in values:  # states, or a position counter
-                value.mul_(start.to(value.dtype)) if value.is_floating_point() else value.copy_(cache_position[0])
+            for value in values:
+                if value.is_floating_point():  # a state
+                    value.mul_(start.to(value.dtype))
+                else:  # a position counter
+                    value.copy_(cache_position[0])
             setattr(owner, name, optree.tree_unflatten(spec, values))
         if self.recurrent_only:
             attention_mask = attention_mask[:, -input_ids.shape[1]:]
