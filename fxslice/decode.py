@@ -209,7 +209,7 @@ def build_decoder(compressed: Any, batch_size: int, length: int) -> fx.GraphModu
     """The decoding graph for ``compressed`` (a ``SlicedCausalLM``) at ``batch_size``, caching ``length`` tokens.
 
     It is given the positions ``generate`` computes from the mask, as transformers' ``generate`` does; a
-    model whose own positions differ (RoBERTa's start after the padding index), so that this graph does not
+    model whose own positions differ (some start after the padding index), so that this graph does not
     reproduce the compressed model, gets one that derives its positions itself, as its prefill graph does.
     """
     decoder = _decoder_graph(compressed, batch_size, length, positions=True)
