@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .calibrate import check_calibration, flat_inputs
+from .calibrate import check_calibration
 from .capture import HF_PREFIX, capture, example_like, is_hf_causal_lm, refusal
 from .graph import unique_parameters
 from .model import SlicedCausalLM, graph_module
@@ -60,7 +60,7 @@ def compile(  # noqa: A001 - the library's one verb
     gm = capture(model, example_inputs)
     if calibration is not None and example_inputs is None and is_hf_causal_lm(model):
         args, kwargs = calibration[0]
-        if refusal(gm, flat_inputs(gm, args, kwargs)) is not None:
+        if refusal(gm, args, kwargs) is not None:
             # The model's code specialised the capture to the default example's length (a Python loop over
             # the tokens): capture it at the calibration's; other lengths are captured when they are run.
             gm = capture(model, example_like(kwargs["input_ids"]))

@@ -24,18 +24,17 @@ from typing import Any
 import optree
 import torch
 import torch.fx as fx
-import torch.fx._pytree as fx_pytree
 from tqdm.auto import tqdm
 
 from .analysis.regions import SKIP_EDGE, State, output_heads
 from .distributed import agreed, check_shares, from_rank0, rank, total, world_size
 from .errors import CalibrationError
 from .capture import refusal
-from .graph import get_tensor, graph_device, mutates
+from .graph import flat_inputs, get_tensor, graph_device, mutates
 from .rewrite import scale_normed_sinks
 
 __all__ = ["RESCALE_EXPONENT", "SPECTRUM_TOKENS", "Batch", "Batches", "InnerStatistics", "PCARotation",
-           "batch_tokens", "check_calibration", "first_tokens", "flat_inputs", "gram", "lost_fraction", "pca", "sweep_inner"]
+           "batch_tokens", "check_calibration", "first_tokens", "gram", "lost_fraction", "pca", "sweep_inner"]
 
 RESCALE_EXPONENT = 8.0
 """After a state is sliced, the sinks of the norms reading it are multiplied by ``mean(r)^-8``, where
@@ -148,7 +147,7 @@ def _check_batches(batches: list[Batch], model: torch.nn.Module | None, hf: bool
                 raise CalibrationError(f"calibration batch {index} has {ids.shape[1]} tokens per sequence; "
                                        f"{type(model).__name__} has {positions} positions (max_position_embeddings): "
                                        f"use sequences of at most {positions} tokens (CLI: --seq-len)")
-        why = refusal(model, flat_inputs(model, args, kwargs)) if isinstance(model, fx.GraphModule) else None
+        why = refusal(model, args, kwargs) if isinstance(model, fx.GraphModule) else None
         if why is not None:
             shapes = [tuple(x.shape) for x in optree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
             raise CalibrationError(
@@ -163,17 +162,6 @@ def _positions(model: Any) -> int | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     value = getattr(text, "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None
-
-
-def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
-    """The graph's placeholder values for one call ``gm(*args, **kwargs)``."""
-    signature = inspect.signature(gm.forward)
-    bound = signature.bind(*args, **kwargs).arguments
-    names = list(signature.parameters)
-    spec = gm._in_spec
-    positional = [bound[name] for name in names[: spec.child(0).num_children]]
-    keywords = {key: bound[key] for key in spec.child(1).context}
-    return fx_pytree.tree_flatten_spec((positional, keywords), spec)
 
 
 def batch_tokens(batch: Batch) -> int:

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim
 
 from .errors import CaptureError
-from .graph import aten, eliminate_dead_code, is_op, unique_parameters, val
+from .graph import aten, eliminate_dead_code, flat_inputs, is_op, unique_parameters, val
 from .plan import Plan, plan_of, set_plan
 
 __all__ = ["HF_PREFIX", "capture", "example_like", "export_graph", "is_hf_causal_lm", "refusal"]
@@ -73,16 +73,20 @@ def example_like(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": ids.contiguous(), "attention_mask": torch.ones_like(ids)}
 
 
-def refusal(gm: fx.GraphModule, values: list) -> str | None:
-    """Why ``gm`` would refuse one call with these placeholder values (in placeholder order), or None.
+def refusal(gm: fx.GraphModule, args: tuple = (), kwargs: dict | None = None) -> str | None:
+    """Why ``gm`` would refuse the call ``gm(*args, **kwargs)``, or None.
 
     Where the model's code depends on a size (a Python loop over the tokens, padding to a chunk size),
     ``torch.export`` specialises the capture to the example's sizes and the graph checks its inputs against
     them first (its ``_guards_fn``, see ``ExportedProgram.module``): this runs those checks alone, which
     read only shapes, and returns the first failure's message.
     """
+    guards = gm.graph.find_nodes(op="call_module", target="_guards_fn")
+    if not guards:
+        return None
+    values = flat_inputs(gm, args, kwargs or {})
     placeholders = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], values))
-    for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
+    for node in guards:
         try:
             gm.get_submodule(node.target)(*(placeholders.get(arg) for arg in node.args))
         except AssertionError as error:

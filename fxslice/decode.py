@@ -48,7 +48,7 @@ class _CachedCausalLMCall(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, batch_size: int, max_cache_len: int, positions: bool = True):
         super().__init__()
         from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+        from transformers.cache_utils import Cache, StaticLayer, StaticSlidingWindowLayer
 
         self.model = model  # the same attribute name as the prefill capture, so weights share names
         self.max_cache_len = max_cache_len
@@ -70,9 +70,15 @@ class _CachedCausalLMCall(torch.nn.Module):
         with torch.no_grad():
             try:
                 model(**first, **{self.cache_argument: self.cache})
-            except Exception:  # a model that takes only a cache of its own class: the one it makes itself
+            except Exception as refused:
+                # A model that takes only a cache of its own class, not a transformers Cache, makes one
+                # itself: hold that one. A model whose own cache is a transformers Cache failed for
+                # another reason, which is raised as it is.
                 out = model(**first)
-                self.cache = next(v for v in out.values() if v is not None and not isinstance(v, (torch.Tensor, tuple)))
+                own = next((v for v in out.values() if v is not None and not isinstance(v, (torch.Tensor, tuple))), None)
+                if own is None or isinstance(own, Cache):
+                    raise refused
+                self.cache = own
         self.cached = []  # (layer index, attribute, key or None, buffer name) of every cache layer's tensor
         for i, layer in enumerate(getattr(self.cache, "layers", ())):
             for name, value in vars(layer).items():

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -18,6 +20,7 @@ __all__ = [
     "constant_value",
     "eliminate_dead_code",
     "fake_weights",
+    "flat_inputs",
     "get_tensor",
     "graph_device",
     "is_diagonal",
@@ -272,3 +275,14 @@ def _concrete_like(v):
         return v
     shape = [s if isinstance(s, int) else int(s.node.hint) for s in v.shape]
     return torch.zeros(shape, dtype=v.dtype, device=v.device)
+
+
+def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The graph's placeholder values for one call ``gm(*args, **kwargs)``."""
+    signature = inspect.signature(gm.forward)
+    bound = signature.bind(*args, **kwargs).arguments
+    names = list(signature.parameters)
+    spec = gm._in_spec
+    positional = [bound[name] for name in names[: spec.child(0).num_children]]
+    keywords = {key: bound[key] for key in spec.child(1).context}
+    return fx_pytree.tree_flatten_spec((positional, keywords), spec)

@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import CalibrationError
-from .graph import fake_weights
+from .graph import fake_weights, flat_inputs
 
 __all__ = ["GiB", "MAX_MEMORY_ENV", "available_bytes", "calibration_estimate", "check_fits", "describe", "fits",
            "value_bytes"]
@@ -39,8 +39,6 @@ MAX_MEMORY_ENV = "FXSLICE_MAX_MEMORY_GIB"
 def value_bytes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict[fx.Node, int]:
     """Bytes of the floating tensors every node computes for ``gm(*args, **kwargs)``, on fake tensors
     (nothing is allocated, nothing is computed)."""
-    from .calibrate import flat_inputs
-
     sizes: dict[fx.Node, int] = {}
 
     class _Measure(fx.Interpreter):

@@ -39,6 +39,7 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
         self.kv_cache_len = 1024  # most tokens (prompt + generated) a decoding graph holds; longer runs recompute
         self.decoders: dict[tuple, Any] = {}  # (batch, cache length, compiled) -> decoding graph (fxslice.decode)
         self.reshaped: list[fx.GraphModule] = []  # captured again at sizes the graph refuses (graph_for)
+        self.graph_of_shapes: dict[tuple, fx.GraphModule] = {}  # input shapes → the graph that takes them
         self._session = None
 
     @property
@@ -94,27 +95,27 @@ class SlicedCausalLM(torch.nn.Module, GenerationMixin):
     def graph_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> fx.GraphModule:
         """The graph that takes these inputs: ``graph_module``, unless the model's code specialised its
         capture to other sizes; then one captured again at these (``decode.build_reshaped``), kept for
-        later calls of the same sizes (the last ``RESHAPED_KEPT`` of them)."""
-        from .calibrate import flat_inputs
+        later calls (the last ``RESHAPED_KEPT`` of them). Which graph takes which shapes is remembered."""
         from .capture import refusal
         from .decode import build_reshaped
 
+        shapes = (tuple(input_ids.shape), tuple(attention_mask.shape))
+        graph = self.graph_of_shapes.get(shapes)
+        if graph is not None:
+            return graph
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-
-        def takes(graph: fx.GraphModule) -> bool:
-            return refusal(graph, flat_inputs(graph, (), inputs)) is None
-
-        if takes(self.graph_module):
-            return self.graph_module
-        for graph in self.reshaped:
-            if takes(graph):
-                return graph
-        if not self.reshaped:
-            warnings.warn(f"fxslice: {self.config.model_type}'s code specialised its graph to the sizes it was "
-                          f"captured at; it is captured again for inputs of shape {tuple(input_ids.shape)} (and "
-                          "for each new shape; the graphs are kept)", stacklevel=3)
-        self.reshaped = [build_reshaped(self, input_ids), *self.reshaped][:RESHAPED_KEPT]
-        return self.reshaped[0]
+        graph = next((g for g in [self.graph_module, *self.reshaped] if refusal(g, kwargs=inputs) is None), None)
+        if graph is None:
+            if not self.reshaped:
+                warnings.warn(f"fxslice: {self.config.model_type}'s code specialised its graph to the sizes it was "
+                              f"captured at; it is captured again for inputs of shape {tuple(input_ids.shape)} "
+                              "(and for each new shape; the graphs are kept)", stacklevel=3)
+            graph = build_reshaped(self, input_ids)
+            self.reshaped = [graph, *self.reshaped][:RESHAPED_KEPT]
+            kept = [self.graph_module, *self.reshaped]
+            self.graph_of_shapes = {k: g for k, g in self.graph_of_shapes.items() if any(g is h for h in kept)}
+        self.graph_of_shapes[shapes] = graph
+        return graph
 
     @torch.no_grad()
     def generate(self, *args, compiled: bool = False, **kwargs):

@@ -29,7 +29,6 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
-from .calibrate import flat_inputs
 from .capture import refusal
 from .decode import logit_error
 from .errors import UnsupportedGraphError
@@ -97,7 +96,7 @@ def _write_pt2(model: SlicedCausalLM, staging: Path, *, batch_size: int, cache_l
     steps = [("prefill", PREFILL), ("decode", DECODE)]
     for shape in ((2, 7), (3, 11)):  # the shapes the programs are exported and checked at
         ids = torch.zeros(shape, dtype=torch.long)
-        why = refusal(gm, flat_inputs(gm, (), {"input_ids": ids, "attention_mask": ids}))
+        why = refusal(gm, kwargs={"input_ids": ids, "attention_mask": ids})
         if why is not None:
             raise UnsupportedGraphError(
                 f"this model's code specialised its graph to the sequence length it was captured at "

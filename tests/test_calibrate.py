@@ -14,7 +14,8 @@ import fxslice
 from conftest import relative_error
 from fxslice import CalibrationError, Rotate, fuse_norm, rotate, slice
 from fxslice.calibrate import (RESCALE_EXPONENT, PCARotation, _FoldCovariances, check_calibration, first_tokens,
-                               flat_inputs, gram, lost_fraction, pca)
+                               gram, lost_fraction, pca)
+from fxslice.graph import flat_inputs
 from fxslice.passes.rotate import ROTATED_STATE
 from hf_zoo import tiny_model
 from strategies import Arch, TinyLM, example_ids

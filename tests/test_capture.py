@@ -98,12 +98,11 @@ class _ScanOverTokens(torch.nn.Module):
 
 
 def test_calibration_at_a_length_the_specialised_graph_refuses_says_so_before_anything_changes():
-    from fxslice.calibrate import flat_inputs
     from fxslice.capture import refusal
 
     gm = fxslice.capture(_ScanOverTokens(), (torch.randn(2, 6, 8),))
-    assert refusal(gm, flat_inputs(gm, (torch.randn(3, 6, 8),), {})) is None
-    assert "Guard failed" in refusal(gm, flat_inputs(gm, (torch.randn(2, 7, 8),), {}))
+    assert refusal(gm, (torch.randn(3, 6, 8),)) is None
+    assert "Guard failed" in refusal(gm, (torch.randn(2, 7, 8),))
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     with pytest.raises(fxslice.CalibrationError, match=r"batch 1 \(shapes \[\(2, 7, 8\)\]\).*specialised"):
         run_passes(gm, [fxslice.fuse_norm, fxslice.rotate], calibration=[(torch.randn(2, 6, 8),), (torch.randn(2, 7, 8),)])

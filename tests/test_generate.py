@@ -1,5 +1,6 @@
 """A compressed causal LM is still a Hugging Face model: generate() (with the KV-cache graph) and lm-eval."""
 
+import sys
 import warnings
 
 import pytest
@@ -236,7 +237,7 @@ def test_recurrent_states_are_cache_buffers_and_a_prompt_runs_a_token_at_a_time(
     assert not (tmp_path / "pt2").exists()
 
 
-def test_a_model_whose_capture_is_specialised_to_its_length_calibrates_runs_any_length_and_generates(tmp_path):
+def test_a_model_whose_capture_is_specialised_to_its_length_calibrates_runs_any_length_and_generates(tmp_path, monkeypatch):
     # Mamba's reference scan is a Python loop over the tokens: torch.export specialises the graph to the
     # example's length. compile captures it at the calibration's; other lengths are captured when run.
     import transformers
@@ -259,6 +260,10 @@ def test_a_model_whose_capture_is_specialised_to_its_length_calibrates_runs_any_
         short = sliced(ids[:, :10]).logits  # another length: captured again, the same weights
         assert len(sliced.reshaped) == 1 and any("captured again" in str(w.message) for w in caught)
         assert torch.allclose(short, full[:, :10], atol=1e-5)
+        with monkeypatch.context() as patched:  # which graph takes a shape is remembered: no check again
+            patched.setattr(sys.modules["fxslice.capture"], "refusal", lambda *a, **k: pytest.fail("checked again"))
+            assert sliced.graph_for(ids[:, :10], torch.ones(2, 10, dtype=torch.long)) is sliced.reshaped[0]
+            assert sliced.graph_for(ids, torch.ones_like(ids)) is sliced.graph_module
         fxslice.save(sliced, tmp_path / "m")
         assert torch.equal(fxslice.load(tmp_path / "m")(ids).logits, full)
         sliced.generation_config = transformers.GenerationConfig(pad_token_id=0, eos_token_id=None)
