@@ -163,6 +163,40 @@ def _fold_linears_of_zeros(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _expand_as_by_sizes(gm: fx.GraphModule) -> None:
+    """``a.expand_as(b)`` becomes ``a.expand(b.size(0), …, -1)`` where ``a`` and ``b`` end in the same width.
+
+    ``a.expand_as(stream)`` (a bias broadcast to the stream's shape before it is added) reads the stream
+    for its shape, last dim included, so a rotation or a slice of the stream would have to reach ``a`` in
+    the same way. Written with the other sizes only, the result's width is ``a``'s own: ``a`` is then a
+    value written into the stream like any bias, and the stream is read only for its batch and token sizes.
+    """
+    changed = False
+    for node in list(gm.graph.find_nodes(op="call_function", target=aten.expand_as.default)):
+        small, like = node.args
+        small_val, like_val = val(small), val(like)
+        if small_val is None or like_val is None or small_val.dim() == 0 or small_val.dim() > like_val.dim():
+            continue
+        if not isinstance(small_val.shape[-1], int) or small_val.shape[-1] != like_val.shape[-1]:
+            continue
+        with gm.graph.inserting_before(node):
+            sizes = []
+            for dim, size in enumerate(like_val.shape[:-1]):
+                if isinstance(size, torch.SymInt):
+                    size_node = gm.graph.call_function(aten.sym_size.int, (like, dim))
+                    size_node.meta["val"] = size
+                    size = size_node
+                sizes.append(size)
+            expanded = gm.graph.call_function(aten.expand.default, (small, [*sizes, -1]))
+            expanded.meta = dict(node.meta)
+        node.replace_all_uses_with(expanded)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
 def capture(model: torch.nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     """Trace ``model`` into an ATen-level GraphModule with dynamic batch and sequence dimensions.
 
@@ -220,6 +254,7 @@ def export_graph(model: torch.nn.Module, module: torch.nn.Module, args: tuple, k
     gm = program.module()
     _drop_metadata_asserts(gm)
     _fold_linears_of_zeros(gm)
+    _expand_as_by_sizes(gm)
     set_plan(gm, Plan(model_class=f"{type(model).__module__}.{type(model).__qualname__}",
                       kind="causal_lm" if causal_lm else "module", module_prefix=HF_PREFIX if causal_lm else "",
                       parameters_before=unique_parameters(model)))

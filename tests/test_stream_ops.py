@@ -171,3 +171,31 @@ def test_a_projection_of_zeros_reads_nothing_so_the_projection_narrows_with_the_
     sliced = compile_quietly(model, [fuse_norm, rotate, slice(0.25)])
     shapes = {tuple(w.shape) for name, w in sliced.named_parameters() if "delayed" in name and name.endswith("weight")}
     assert shapes == {(16, 24)}
+
+
+class BroadcastBiasLM(TinyLM):
+    """A bias broadcast to the stream's shape before it is added (``bias.expand_as(residual)``): the stream
+    is read for its shape only."""
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        self.biases = nn.Parameter(torch.randn(arch.depth, arch.width) * 0.1)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = x + (block.attn(block.norm1(x)) + self.biases[i].expand_as(x))
+            x = x + block.mlp(block.norm2(x))
+        return self.head(self.final_norm(x))
+
+
+def test_a_bias_expanded_to_the_streams_shape_rotates_and_slices_with_the_state_it_joins():
+    model = BroadcastBiasLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    assert not fxslice.report(rotated)["skipped"]
+    assert relative_error(rotated(ids), model(ids)) < 1e-12
+    # Every state its own width: the expanded bias takes the width of the state it is added to.
+    sliced = compile_quietly(model, [fuse_norm, rotate, slice(widths=lambda index, d: 16 + 8 * (index % 2))])
+    assert {s["width_after"] for s in fxslice.report(sliced)["states"]} == {16, 24}
+    assert sliced(ids).shape == model(ids).shape
