@@ -17,6 +17,7 @@ __all__ = [
     "INSERTED",
     "STREAMED",
     "add_parameter",
+    "computes_sizes_from_values",
     "constant_value",
     "eliminate_dead_code",
     "fake_weights",
@@ -236,11 +237,17 @@ def refresh_shapes(gm: fx.GraphModule) -> None:
         FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
 
 
+def computes_sizes_from_values(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` computes a size from values (``item``, ``nonzero``): fake runs of it then need a
+    shape environment for the sizes they cannot know."""
+    return any("unbacked_bindings" in n.meta for n in gm.graph.nodes)
+
+
 def _data_dependent_sizes(gm: fx.GraphModule) -> ShapeEnv | None:
     """The capture's shape environment where the graph computes a size from values (``item``, ``nonzero``):
     propagating again makes a new symbol for each, which torch binds to the capture's one in that
     environment. None for a graph without such sizes (propagation is then faster, without one)."""
-    if not any("unbacked_bindings" in n.meta for n in gm.graph.nodes):
+    if not computes_sizes_from_values(gm):
         return None
     for node in gm.graph.nodes:
         value = node.meta.get("val")

@@ -24,9 +24,10 @@ import optree
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, ShapeEnv
 
 from .errors import CalibrationError
-from .graph import fake_weights, flat_inputs
+from .graph import computes_sizes_from_values, fake_weights, flat_inputs
 
 __all__ = ["GiB", "MAX_MEMORY_ENV", "available_bytes", "calibration_estimate", "check_fits", "describe", "fits",
            "value_bytes"]
@@ -45,14 +46,24 @@ def value_bytes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict[fx.Node, 
         def run_node(self, node):
             result = super().run_node(node)
             if node.op not in ("get_attr", "output"):
-                sizes[node] = sum(leaf.numel() * leaf.element_size() for leaf in optree.tree_leaves(result)
+                sizes[node] = sum(_known_numel(leaf) * leaf.element_size() for leaf in optree.tree_leaves(result)
                                   if isinstance(leaf, torch.Tensor) and leaf.is_floating_point())
             return result
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # A throwaway environment for sizes computed from values: the capture's own is left as it was.
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv() if computes_sizes_from_values(gm) else None)
     with fake_weights(gm, mode), mode:
         _Measure(gm).run(*flat_inputs(gm, args, kwargs))
     return sizes
+
+
+def _known_numel(tensor: torch.Tensor) -> int:
+    """Elements of ``tensor``; 0 where a size is computed from values (the rows routed to one expert),
+    which no fake run knows: such values are left out of the estimate."""
+    try:
+        return int(tensor.numel())
+    except GuardOnDataDependentSymNode:
+        return 0
 
 
 def _alive(gm: fx.GraphModule, sizes: dict[fx.Node, int]) -> tuple[dict[fx.Node, int], int]:

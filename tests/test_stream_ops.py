@@ -199,3 +199,93 @@ def test_a_bias_expanded_to_the_streams_shape_rotates_and_slices_with_the_state_
     sliced = compile_quietly(model, [fuse_norm, rotate, slice(widths=lambda index, d: 16 + 8 * (index % 2))])
     assert {s["width_after"] for s in fxslice.report(sliced)["states"]} == {16, 24}
     assert sliced(ids).shape == model(ids).shape
+
+
+class RoutedExpertsLM(TinyLM):
+    """Experts held as one 3-D weight per projection and applied one matrix at a time: each token's row
+    gathered by its expert, the rows split by the count per expert (sizes computed from values), one
+    ``F.linear(rows_e, W[e])`` per piece, the pieces put together with ``cat`` along the rows and added
+    per token into zeros with ``index_add``."""
+
+    experts, inner = 3, 16
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        self.routers = nn.ModuleList(nn.Linear(arch.width, self.experts, bias=False) for _ in range(arch.depth))
+        self.ups = nn.ParameterList(torch.randn(self.experts, self.inner, arch.width) * 0.2 for _ in range(arch.depth))
+        self.downs = nn.ParameterList(torch.randn(self.experts, arch.width, self.inner) * 0.2 for _ in range(arch.depth))
+
+    def routed(self, i, h):
+        batch, tokens, width = h.shape
+        flat = h.reshape(-1, width)
+        choice = self.routers[i](flat).argmax(-1)
+        order = choice.argsort()
+        pieces = flat[order].split(nn.functional.one_hot(choice, self.experts).sum(0).tolist(), 0)
+        out = torch.cat([nn.functional.linear(nn.functional.gelu(nn.functional.linear(rows, self.ups[i][e])),
+                                              self.downs[i][e]) for e, rows in enumerate(pieces)], 0)
+        return torch.zeros(batch * tokens, width, dtype=h.dtype).index_add(0, order, out).view(batch, tokens, width)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = x + block.attn(block.norm1(x))
+            x = x + self.routed(i, block.norm2(x))
+        return self.head(self.final_norm(x))
+
+
+def test_experts_applied_one_matrix_at_a_time_and_added_back_per_token_rotate_and_slice():
+    model = RoutedExpertsLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    report = fxslice.report(rotated)
+    assert not report["skipped"] and not any(r["bridges"] for r in report["fuse_norm"]["regions"])
+    assert relative_error(rotated(ids), model(ids)) < 1e-12
+    calibration = [(example_ids(ARCH, 4, 9, seed=s),) for s in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=calibration,
+                                 example_inputs=(example_ids(ARCH, 2, 7),))
+    shapes = {name: tuple(p.shape) for name, p in sliced.named_parameters() if name.startswith(("ups", "downs"))}
+    # the last experts write the state the head reads, which slice(0.25) keeps whole (as SliceGPT)
+    assert shapes == {"ups.0": (3, 16, 24), "ups.1": (3, 16, 24), "downs.0": (3, 24, 16), "downs.1": (3, 32, 16)}
+    assert sliced(ids).shape == model(ids).shape
+
+
+class BatchedExpertsLM(TinyLM):
+    """Experts batched along a first dim: every token repeated once per expert and scaled by its router
+    score, ``bmm`` with ``[E, d, i]`` and ``[E, i, d]`` weights, the experts' outputs summed."""
+
+    experts, inner = 3, 16
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        self.routers = nn.ModuleList(nn.Linear(arch.width, self.experts, bias=False) for _ in range(arch.depth))
+        self.ups = nn.ParameterList(torch.randn(self.experts, arch.width, self.inner) * 0.2 for _ in range(arch.depth))
+        self.downs = nn.ParameterList(torch.randn(self.experts, self.inner, arch.width) * 0.2 for _ in range(arch.depth))
+
+    def batched(self, i, h):
+        flat = h.reshape(-1, h.shape[-1])
+        scores = self.routers[i](flat).softmax(-1).transpose(0, 1).reshape(-1, 1)  # [E·N, 1]
+        rows = (flat.repeat(self.experts, 1) * scores).view(self.experts, -1, h.shape[-1])
+        out = torch.bmm(nn.functional.gelu(torch.bmm(rows, self.ups[i])), self.downs[i])
+        return out.view(self.experts, -1, h.shape[-1]).sum(0).view(h.shape)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = x + block.attn(block.norm1(x))
+            x = x + self.batched(i, block.norm2(x))
+        return self.head(self.final_norm(x))
+
+
+def test_experts_batched_along_a_first_dim_rotate_and_slice():
+    model = BatchedExpertsLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    report = fxslice.report(rotated)
+    assert not report["skipped"] and not any(r["bridges"] for r in report["fuse_norm"]["regions"])
+    assert relative_error(rotated(ids), model(ids)) < 1e-12
+    sliced = compile_quietly(model, [fuse_norm, rotate, slice(0.25)])
+    shapes = {name: tuple(p.shape) for name, p in sliced.named_parameters() if name.startswith(("ups", "downs"))}
+    assert shapes == {"ups.0": (3, 24, 16), "ups.1": (3, 24, 16), "downs.0": (3, 16, 24), "downs.1": (3, 16, 32)}
+    assert sliced(ids).shape == model(ids).shape

@@ -17,6 +17,7 @@ that commutes with a rotation of the last dimension).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable
@@ -37,6 +38,7 @@ __all__ = [
     "register_weight_op",
     "stream_step",
     "weight_use",
+    "zeros_width",
 ]
 
 
@@ -120,7 +122,7 @@ def _ndim(node: Any) -> int:
 
 
 def _resolve_weight(node: Any) -> tuple[str, tuple[int, ...]] | None:
-    """Follow a weight operand back through casts and transposes to its parameter.
+    """Follow a weight operand back through casts, transposes and selects to its parameter.
 
     Returns the get_attr target and, for each axis of the operand, the parameter axis it shows.
     """
@@ -146,6 +148,9 @@ def _resolve_weight(node: Any) -> tuple[str, tuple[int, ...]] | None:
         return target, tuple(swapped)
     if is_op(node, aten.permute):
         return target, tuple(axes[_norm_dim(d, nd)] for d in node.args[1])
+    if is_op(node, aten.select) and isinstance(node.args[1], int):
+        # one expert's matrix of a 3-D weight: a rotation of a matrix axis applies to every expert alike
+        return target, tuple(a for i, a in enumerate(axes) if i != _norm_dim(node.args[1], nd))
     return None
 
 
@@ -222,6 +227,15 @@ def _matmul(node: fx.Node) -> WeightUse | None:
     offsets = (node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")) if grouped else None
     return WeightUse(node, "matmul", node.args[0], weight[0], axes[-2], axes[-1], weight_arg=1,
                      groups=offsets if isinstance(offsets, fx.Node) else None)
+
+
+@register_weight_op("aten::bmm")
+def _bmm(node: fx.Node) -> WeightUse | None:
+    """``y[e] = x[e] W[e]`` with ``W`` of shape ``[E, in, out]``: experts batched along the first dim."""
+    weight = _resolve_weight(node.args[1])
+    if weight is None or len(weight[1]) != 3 or weight[1][0] != 0:
+        return None
+    return WeightUse(node, "matmul", node.args[0], weight[0], weight[1][1], weight[1][2], weight_arg=1)
 
 
 @register_weight_op("aten::embedding")
@@ -308,6 +322,8 @@ def stream_step(node: fx.Node, operand: fx.Node) -> Step | None:
     """How ``node`` treats the last dimension of its input ``operand`` (None: cannot rotate through)."""
     if node.op != "call_function":
         return None
+    if node.target is operator.getitem:  # one piece of a split along another dim than the last
+        return Step(StepKind.COMMUTES) if is_op(operand, aten.split, aten.split_with_sizes) else None
     rule = _STREAM_OPS.get(_op_name(node) or "")
     return rule(node, operand) if rule is not None else None
 
@@ -346,6 +362,47 @@ def _type_as(node: fx.Node, operand: fx.Node) -> Step | None:
     if node.args[0] is operand:
         return Step(StepKind.COMMUTES)  # a cast
     return Step(StepKind.READS_SHAPE) if node.args[1] is operand else None  # type_as(y, x) reads only x's dtype
+
+
+def zeros_width(node: fx.Node) -> ShapeLiteral | None:
+    """Where ``node`` makes a tensor of zeros ending in the stream's width (``zeros(size)``,
+    ``x.new_zeros(size)``): that width, written into the graph. Zeros rotate to zeros (0·Q = 0) and slice
+    to zeros, so such a tensor may start a stream value (the accumulator experts are added into)."""
+    if is_op(node, aten.zeros):
+        arg = 0
+    elif is_op(node, aten.new_zeros):
+        arg = 1
+    else:
+        return None
+    size = node.args[arg] if len(node.args) > arg else None
+    if not isinstance(size, (list, tuple)) or not size or not isinstance(size[-1], int) or size[-1] != last_dim(node):
+        return None
+    return ShapeLiteral(node, arg, len(size) - 1)
+
+
+@_stream_rule(aten.index_add, aten.index_add_)
+def _index_add(node: fx.Node, operand: fx.Node) -> Step | None:
+    """``index_add(acc, dim, index, rows)``: ``acc`` plus ``rows`` added at the indexed positions of another
+    dim, a sum of feature vectors, so it joins the two like an add (experts' outputs added per token)."""
+    acc, dim, rows = node.args[0], node.args[1], node.args[3] if len(node.args) > 3 else None
+    if operand is not acc and operand is not rows or not isinstance(dim, int) or _norm_dim(dim, _ndim(acc)) == _ndim(acc) - 1:
+        return None
+    if is_op(node, aten.index_add_) and len(acc.users) > 1:
+        return None  # in place into a value also read elsewhere: order would matter
+    return Step(StepKind.JOINS) if last_dim(acc) == last_dim(rows) == last_dim(node) else None
+
+
+@_stream_rule(aten.cat)
+def _cat(node: fx.Node, operand: fx.Node) -> Step | None:
+    """``cat(values, dim)`` along another dim than the last: whole feature vectors side by side (the rows of
+    every expert's output put together), each rotated alike, so it joins them."""
+    values = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(values, (list, tuple)) or operand not in values or not isinstance(dim, int):
+        return None
+    if _norm_dim(dim, _ndim(operand)) == _ndim(operand) - 1:
+        return None
+    return Step(StepKind.JOINS) if all(last_dim(v) == last_dim(node) for v in values) else None
 
 
 @_stream_rule(aten.add, aten.sub, aten.add_, aten.sub_)
@@ -404,6 +461,24 @@ def _other_dims(node: fx.Node, operand: fx.Node) -> Step | None:
     dims = node.args[1] if len(node.args) > 1 else None
     dims = dims if isinstance(dims, (list, tuple)) else [dims]
     if any(d is None or not isinstance(d, int) or _norm_dim(d, nd) == nd - 1 for d in dims):
+        return None
+    return Step(StepKind.COMMUTES)
+
+
+@_stream_rule(aten.split, aten.split_with_sizes)
+@_on_data
+def _split(node: fx.Node, operand: fx.Node) -> Step | None:
+    """Pieces along another dim than the last (the rows routed to each expert): each keeps whole vectors."""
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    return Step(StepKind.COMMUTES) if isinstance(dim, int) and _norm_dim(dim, _ndim(operand)) != _ndim(operand) - 1 else None
+
+
+@_stream_rule(aten.repeat)
+@_on_data
+def _repeat(node: fx.Node, operand: fx.Node) -> Step | None:
+    """Copies of whole feature vectors (the tokens repeated once per expert): the last dim repeated once."""
+    repeats = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(repeats, (list, tuple)) or len(repeats) < _ndim(operand) or repeats[-1] != 1:
         return None
     return Step(StepKind.COMMUTES)
 

@@ -27,7 +27,7 @@ import torch.fx as fx
 from ..errors import describe_node, module_path
 from ..graph import val
 from .norms import Norm, find_norms
-from .ops import ParamAxis, ShapeLiteral, StepKind, WeightUse, last_dim, stream_step, weight_use
+from .ops import ParamAxis, ShapeLiteral, StepKind, WeightUse, last_dim, stream_step, weight_use, zeros_width
 
 __all__ = [
     "SKIP_EDGE",
@@ -206,6 +206,11 @@ def _producer(n: fx.Node, g: _Growth, queue: list, by_output: dict) -> None:
     norm = by_output.get(n)
     if norm is not None:
         g.sources[n] = Source(n, norm=norm)
+        return
+    zeros = zeros_width(n)
+    if zeros is not None:  # a start of zeros: it reads nothing and rotates to itself; its width follows the state
+        g.sources[n] = Source(n)
+        g.literals.append(zeros)
         return
     use = weight_use(n)
     if use is not None:

@@ -131,16 +131,22 @@ class FuseNorm(FxslicePass):
         """Fold each norm's γ, β into the linears reading it (or bridge a shared one); return the bridged."""
         bridged = []
         for norm in region.norms:
-            for sink in (s for s in region.sinks if s.norm is norm):
-                use = sink.use
-                shared = len(uses.get(use.weight, ())) > 1
-                # (x + β)W_e = xW_e + βW_e needs a bias per expert, which a 3-D weight's op does not take.
-                no_bias = norm.bias is not None and tensor_meta(gm, use.weight).dim() != 2
+            sinks = [s.use for s in region.sinks if s.norm is norm]
+            folded = set()
+            for use in sinks:
+                # A weight read only by this norm's sinks, on the same axis (one expert's matrix of a 3-D
+                # weight each), takes γ once; one read elsewhere too is shared.
+                mine = {u.node for u in sinks if u.weight == use.weight and u.input_side() == use.input_side()}
+                shared = any(u.node not in mine for u in uses.get(use.weight, ()))
+                # (x + β)W_e = xW_e + βW_e needs a bias per expert (or per reading op), which a 3-D
+                # weight's op does not take.
+                no_bias = norm.bias is not None and (tensor_meta(gm, use.weight).dim() != 2 or len(mine) > 1)
                 if shared or no_bias:
                     self._bridge(gm, norm, use, use.input_side() in centred_sides)
                     bridged.append(use.node)
-                    continue
-                _fold(gm, use, norm.weight, norm.bias)
+                elif use.input_side() not in folded:
+                    _fold(gm, use, norm.weight, norm.bias)
+                    folded.add(use.input_side())
             out = emit_norm(gm, norm, "rms")
             norm.output.replace_all_uses_with(out)
         return bridged
