@@ -10,7 +10,8 @@ from .errors import CalibrationError, CaptureError, PassOrderError, UnsupportedG
 from .heal import heal
 from .io import load, save
 from .portable import export
-from .passes import FuseNorm, Rotate, ShrinkMLP, Slice, fuse_norm, rotate, shrink_mlp, slice  # noqa: A004
+from .passes import (FuseNorm, Rotate, ShrinkMLP, ShrinkValues, Slice, fuse_norm, rotate, shrink_mlp,  # noqa: A004
+                     shrink_values, slice)
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "PassOrderError",
     "Rotate",
     "ShrinkMLP",
+    "ShrinkValues",
     "Slice",
     "UnsupportedGraphError",
     "capture",
@@ -33,5 +35,6 @@ __all__ = [
     "rotate",
     "save",
     "shrink_mlp",
+    "shrink_values",
     "slice",
 ]

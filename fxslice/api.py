@@ -78,7 +78,9 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
     ``states``: every residual state with the module that writes it, its width before and after, where
     its ``Q`` came from (and, with PCA, the variance kept); ``inner``: after ``shrink_mlp`` or
     ``slice(budget=…)``, every MLP's down projection with its inner width before and after (``mlps``),
-    its module, and the candidates skipped with the reason; ``skipped``: regions left alone and why;
+    its module, and the candidates skipped with the reason; ``values``: after ``shrink_values``, every
+    value projection with its head width before and after, its module and the attentions skipped with the
+    reason; ``skipped``: regions left alone and why;
     ``heal``: after ``fxslice.heal``, its steps, best step, seconds, tokens/s and peak memory (GiB) next to
     its estimate; ``parameters``: counts before and after, every parameter counted once, inserted skip / bridge
     matrices included.
@@ -104,6 +106,7 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
         "rotation": rotation,
         "states": states,
         "inner": plan.details.get("shrink_mlp"),
+        "values": plan.details.get("shrink_values"),
         "skipped": [{"pass": s.pass_name, **{k: v for k, v in dataclasses.asdict(s).items() if k != "pass_name"}}
                     for s in plan.skipped],
         "heal": {k.removeprefix("heal_"): v for k, v in plan.timings.items() if k.startswith("heal_")} or None,

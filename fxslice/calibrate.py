@@ -485,7 +485,7 @@ class InnerStatistics:
 
 
 def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.Node, fx.Node | None, tuple]],
-                apply, progress: bool = True, desc: str = "fxslice: shrinking inner widths") -> None:
+                apply, progress: bool = True, desc: str = "fxslice: shrinking inner widths", unit: str = "mlp") -> None:
     """Run the graph over ``batches``; at each ``(node, groups, ups)`` of ``inputs`` (in graph order)
     hand the node's ``InnerStatistics`` (per group of rows when ``groups`` holds expert offsets) to
     ``apply(index, statistics)``, which rewrites the weights: the ``ups`` nodes (the linears that make
@@ -496,7 +496,7 @@ def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.
     run once into scratch for the statistics and once more, from the shrunk weights, for what follows,
     so no MLP's inner values are ever held at full width for every batch."""
     sweep = _Sweep(gm, batches, [node for node, _, _ in inputs])
-    for index, (node, groups, ups) in enumerate(tqdm(inputs, desc=desc, disable=not progress or rank() != 0, unit="mlp")):
+    for index, (node, groups, ups) in enumerate(tqdm(inputs, desc=desc, disable=not progress or rank() != 0, unit=unit)):
         first = sweep.start_of(ups, node)
         if first > sweep.cursor:
             sweep.run_until(sweep.order[first - 1])

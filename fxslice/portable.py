@@ -258,6 +258,10 @@ def export_hf(model: SlicedCausalLM, staging: Path, tokenizer: Any = None) -> No
     if len(inner) > 1:
         raise UnsupportedGraphError(why + f"which has one MLP width; this model's MLPs keep "
                                     f"{sorted({after for _, _, after in mlps})}: export --format pt2")
+    values = (plan.details.get("shrink_values") or {}).get("values") or []
+    if any(after != before for _, before, after in values):
+        raise UnsupportedGraphError(why + "whose value heads are as wide as its query heads; this model's value heads "
+                                    "were narrowed (shrink_values): export --format pt2")
     config = model.config.get_text_config()
     dense = int(config.hidden_size)
     kept = widths.pop() if widths else dense

@@ -11,9 +11,10 @@ from .base import FxslicePass, PassResult, calibrated, run_passes
 from .fuse_norm import FuseNorm, fuse_norm
 from .rotate import RandomRotation, Rotate, RotationSource, random_orthogonal, rotate
 from .shrink_mlp import ShrinkMLP, shrink_mlp
+from .shrink_values import ShrinkValues, shrink_values
 from .slice import Slice, slice  # noqa: A004 - `slice(0.25)` is the documented spelling
 
-REGISTRY: dict[str, type[FxslicePass]] = {cls.name: cls for cls in (FuseNorm, Rotate, Slice, ShrinkMLP)}
+REGISTRY: dict[str, type[FxslicePass]] = {cls.name: cls for cls in (FuseNorm, Rotate, Slice, ShrinkMLP, ShrinkValues)}
 
 __all__ = [
     "REGISTRY",
@@ -24,6 +25,7 @@ __all__ = [
     "Rotate",
     "RotationSource",
     "ShrinkMLP",
+    "ShrinkValues",
     "Slice",
     "calibrated",
     "fuse_norm",
@@ -31,5 +33,6 @@ __all__ = [
     "rotate",
     "run_passes",
     "shrink_mlp",
+    "shrink_values",
     "slice",
 ]

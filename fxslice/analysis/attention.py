@@ -1,0 +1,269 @@
+"""Attention value widths: value projection → heads → attention → output projection, found by op pattern.
+
+Attention computes, for each query head ``h``, ``A_h V_g`` with ``V_g`` the values of the key/value group
+``g = g(h)`` the head reads (``d_h`` channels of the value projection's output) and ``A_h`` the attention
+weights; the output projection then reads every head's ``d_h`` channels: ``o = Σ_h A_h V_g O_h``. ``A_h``
+mixes tokens, never channels, so for any invertible ``M`` (``d_h × d_h``, one per group) the values
+``V_g M`` read back through ``M⁻¹ O_h`` by every head of the group give the same ``o``. Keeping ``r``
+columns of ``V_g M`` and the matching ``r`` rows of ``M⁻¹ O_h`` narrows the value heads to ``r``
+(``fxslice.passes.shrink_values`` chooses ``M``).
+
+A *value path* is a linear whose output reaches the value operand of ``scaled_dot_product_attention``
+through views into heads, transposes, head repeats (grouped-query attention) and a cache write
+(``index_copy_`` into a buffer, in the decoding graph) only, with the value channels last throughout,
+and whose attention output reaches one linear through transposes and reshapes only, the heads merged
+with the channels last. Anything else on the way (a norm or rotary embedding on the values, an eager
+attention written as matmuls) makes the candidate a ``SkippedValues`` with the node and the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from ..errors import describe_node, module_path
+from ..graph import aten, is_op, val
+from .ops import ParamAxis, ShapeLiteral, WeightUse, weight_use
+
+__all__ = ["SkippedValues", "ValuePath", "find_value_paths", "value_module"]
+
+_SAME_VALUES = (aten.clone, aten.contiguous, aten._to_copy, aten.to, aten.alias, aten.detach)
+
+
+@dataclass(frozen=True, eq=False)
+class ValuePath:
+    """``value`` makes the values of ``groups`` key/value groups of ``width`` channels each; ``output``
+    reads the attention output of ``heads`` query heads, head ``h`` reading group ``group_of_head[h]``.
+
+    ``literals``: the value width written into views and expands on the way; ``merged``: the heads ×
+    width written into the reshape before ``output``; ``caches``: buffers that hold values (a decoding
+    graph's cache), whose last dim is the value width."""
+
+    value: WeightUse
+    output: WeightUse
+    width: int
+    groups: int
+    heads: int
+    group_of_head: tuple[int, ...]
+    literals: tuple[ShapeLiteral, ...]
+    merged: tuple[ShapeLiteral, ...]
+    caches: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """The value projection's weight: how plans and reports name the path (stable across captures)."""
+        return self.value.weight
+
+    def value_sides(self) -> tuple[ParamAxis, ...]:
+        """The value projection's output rows (and bias), ``groups`` blocks of ``width``."""
+        sides = (ParamAxis(self.value.weight, self.value.out_axis, self.groups),)
+        if self.value.bias is not None:
+            sides += (ParamAxis(self.value.bias, self.value.bias_axis, self.groups),)
+        return sides
+
+    def output_side(self) -> ParamAxis:
+        """The output projection's input columns, ``heads`` blocks of ``width``."""
+        return ParamAxis(self.output.weight, self.output.in_axis, self.heads)
+
+
+@dataclass(frozen=True)
+class SkippedValues:
+    """A value projection whose head width cannot be changed, and why."""
+
+    node: fx.Node
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {describe_node(self.node)}"
+
+
+class _NotAPath(Exception):
+    def __init__(self, node: fx.Node, reason: str):
+        super().__init__(reason)
+        self.node, self.reason = node, reason
+
+
+def value_module(path: ValuePath, prefix: str = "") -> str:
+    return module_path(path.value.node, prefix)
+
+
+def find_value_paths(gm: fx.GraphModule) -> tuple[list[ValuePath], list[SkippedValues]]:
+    """Every value path of ``gm`` (graph order), and the value operands of attention that are not one."""
+    paths, skipped = [], []
+    for attention in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+        try:
+            paths.append(_value_path(attention))
+        except _NotAPath as why:
+            skipped.append(SkippedValues(why.node, why.reason))
+    names = [p.name for p in paths]
+    for path in paths:
+        if names.count(path.name) > 1:
+            skipped.append(SkippedValues(path.value.node, "a value projection read by two attentions"))
+    return [p for p in paths if names.count(p.name) == 1], skipped
+
+
+def _shape(node) -> tuple:
+    v = val(node)
+    return tuple(v.shape) if v is not None and hasattr(v, "shape") else ()
+
+
+def _value_path(attention: fx.Node) -> ValuePath:
+    # Walk back from the value operand to the projection, recording the way in graph order.
+    chain, caches, node = [], [], attention.args[2]
+    while True:
+        use = weight_use(node) if isinstance(node, fx.Node) else None
+        if use is not None:
+            break
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            raise _NotAPath(attention, "the attention's values come from no linear through views and head repeats")
+        if is_op(node, aten.index_copy_, aten.index_copy):
+            buffer = node.args[0]
+            if buffer.op != "get_attr" or node.args[1] in (-1, len(_shape(node)) - 1):
+                raise _NotAPath(node, "values written into something other than a cache buffer")
+            caches.append(buffer.target)
+            chain.append(node)
+            node = node.args[3]
+            continue
+        chain.append(node)
+        node = node.args[0]
+    if use.kind != "linear" or len(_shape(use.node)) < 2:
+        raise _NotAPath(use.node, "the values come from an op that is not a plain linear")
+    chain.reverse()
+    heads_shape = _shape(chain[0]) if chain else ()
+    if not chain or not is_op(chain[0], aten.view, aten.reshape, aten._unsafe_view) or len(heads_shape) != len(_shape(use.node)) + 1:
+        raise _NotAPath(use.node, "the value projection's output is not split into heads by a view")
+    groups, width = heads_shape[-2], heads_shape[-1]
+    if not isinstance(groups, int) or not isinstance(width, int) or groups * width != _shape(use.node)[-1]:
+        raise _NotAPath(chain[0], "the heads' count or width is not static")
+    for node in [use.node, *chain[:-1]]:
+        if len(node.users) != 1:
+            raise _NotAPath(node, "a value on the way to attention is read elsewhere too")
+    # Axis tags: which value head (and repeat) each axis of the current tensor indexes.
+    tags: list = ["batch"] * (len(heads_shape) - 2) + [("group",), "width"]
+    literals = [_literal(chain[0], width)]
+    for node in chain[1:]:
+        tags = _follow(node, tags, width, literals)
+    value_heads = tags[-3] if len(tags) >= 3 else None
+    if value_heads is None or not isinstance(value_heads, tuple):
+        raise _NotAPath(attention, "the attention's value heads are not the projection's groups")
+    out_shape = _shape(attention)
+    heads = out_shape[-3] if len(out_shape) >= 3 else None
+    sizes = {"group": groups}
+    for tag, size in zip(tags, _shape(chain[-1])):
+        if isinstance(tag, tuple) and "repeat" in tag:
+            sizes["repeat"] = size // groups
+    value_head_count = _shape(chain[-1])[-3]
+    if not isinstance(heads, int) or heads % value_head_count:
+        raise _NotAPath(attention, "the query heads are not a multiple of the value heads")
+    per_value_head = heads // value_head_count  # enable_gqa: query head h reads value head h // per_value_head
+    group_of_value_head = _groups_of(value_heads, groups, sizes.get("repeat", 1))
+    group_of_head = tuple(group_of_value_head[h // per_value_head] for h in range(heads))
+    output, after, merged = _output_of(attention, heads, width)
+    return ValuePath(use, output, width, groups, heads, group_of_head, tuple(x for x in literals + after if x),
+                     tuple(merged), tuple(caches))
+
+
+def _groups_of(tag: tuple, groups: int, repeat: int) -> list[int]:
+    """The group each index of an axis tagged ``tag`` reads: ``("group",)``, or a group axis merged with a
+    repeat axis (``("group", "repeat")``: each group's copies side by side; ``("repeat", "group")``: tiled)."""
+    if tag == ("group",):
+        return list(range(groups))
+    if tag == ("group", "repeat"):
+        return [i // repeat for i in range(groups * repeat)]
+    if tag == ("repeat", "group"):
+        return [i % groups for i in range(groups * repeat)]
+    raise ValueError(tag)
+
+
+def _literal(node: fx.Node, width: int, arg: int = 1) -> ShapeLiteral | None:
+    shape = node.args[arg] if len(node.args) > arg else None
+    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[-1], int) and shape[-1] == width:
+        return ShapeLiteral(node, arg, len(shape) - 1)
+    return None
+
+
+def _follow(node: fx.Node, tags: list, width: int, literals: list) -> list:
+    """The axis tags after ``node``, which must keep the value channels last and whole."""
+    nd = len(tags)
+    if is_op(node, *_SAME_VALUES) or is_op(node, aten.index_copy_, aten.index_copy):
+        return tags
+    if is_op(node, aten.transpose):
+        a, b = (d % nd for d in node.args[1:3])
+        if nd - 1 in (a, b):
+            raise _NotAPath(node, "the value channels are moved from the last dim")
+        tags = list(tags)
+        tags[a], tags[b] = tags[b], tags[a]
+        return tags
+    if is_op(node, aten.slice):
+        d = (node.args[1] if len(node.args) > 1 else 0) % nd
+        whole = _shape(node)[d] == _shape(node.args[0])[d]
+        if d == nd - 1 or (isinstance(tags[d], tuple) and not whole):
+            raise _NotAPath(node, "a slice of the value channels or heads")
+        return tags
+    if is_op(node, aten.repeat_interleave) and isinstance(node.args[1], int) and len(node.args) > 2:
+        d = node.args[2] % nd
+        if not isinstance(tags[d], tuple):
+            raise _NotAPath(node, "the values are repeated along another dim than the heads")
+        return tags[:d] + [tags[d] + ("repeat",)] + tags[d + 1:]  # each group's copies side by side
+    if is_op(node, aten.unsqueeze):
+        d = node.args[1] % (nd + 1)
+        if d == nd:
+            raise _NotAPath(node, "a dim added after the value channels")
+        return tags[:d] + [("repeat",)] + tags[d:]
+    if is_op(node, aten.expand):
+        literals.append(_literal(node, width))
+        if _shape(node)[-1] != width:
+            raise _NotAPath(node, "the value channels are broadcast")
+        return tags
+    if is_op(node, aten.view, aten.reshape, aten._unsafe_view):
+        before, after = _shape(node.args[0]), _shape(node)
+        if not after or after[-1] != width:
+            raise _NotAPath(node, "a reshape changes the value channels")
+        literals.append(_literal(node, width))
+        if len(after) == len(before):
+            return tags
+        if len(after) == len(before) - 1:
+            for i in range(nd - 2):
+                if isinstance(tags[i], tuple) and isinstance(tags[i + 1], tuple):
+                    return tags[:i] + [tags[i] + tags[i + 1]] + tags[i + 2:]
+        raise _NotAPath(node, "a reshape mixes the value heads with other dims")
+    raise _NotAPath(node, "the values pass through an op that is not a view, transpose or head repeat")
+
+
+def _output_of(attention: fx.Node, heads: int, width: int
+               ) -> tuple[WeightUse, list[ShapeLiteral], list[ShapeLiteral]]:
+    """The linear reading the attention output with the heads merged before the channels (``[…, H, d_h]``
+    flattened to ``H·d_h``); the value width and the merged width written into reshapes on the way."""
+    node, widths, merged, nd = attention, [], [], len(_shape(attention))
+    tags = ["other"] * (nd - 3) + ["heads", "other", "width"]
+    while True:
+        if len(node.users) != 1:
+            raise _NotAPath(node, "the attention output is read by more than one op")
+        (user,) = node.users
+        use = weight_use(user)
+        if use is not None:
+            if use.kind != "linear" or use.input is not node or tags[-1] != ("heads", "width"):
+                raise _NotAPath(user, "the attention output reaches a linear without its heads merged before the channels")
+            return use, widths, merged
+        if is_op(user, *_SAME_VALUES):
+            node = user
+            continue
+        if is_op(user, aten.transpose):
+            a, b = (d % len(tags) for d in user.args[1:3])
+            tags = list(tags)
+            tags[a], tags[b] = tags[b], tags[a]
+            node = user
+            continue
+        if is_op(user, aten.view, aten.reshape, aten._unsafe_view):
+            before, after = _shape(node), _shape(user)
+            if len(after) == len(before) and after[-1] == before[-1] == width and tags[-1] == "width":
+                widths.append(_literal(user, width))
+            elif len(after) == len(before) - 1 and tags[-2:] == ["heads", "width"] and after[-1] == heads * width:
+                merged += [x for x in [_literal(user, heads * width)] if x]
+                tags = tags[:-2] + [("heads", "width")]
+            else:
+                raise _NotAPath(user, "a reshape of the attention output that is not the heads merged")
+            node = user
+            continue
+        raise _NotAPath(user, "the attention output passes through an op that is not a transpose or reshape")
