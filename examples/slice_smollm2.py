@@ -63,7 +63,7 @@ def main() -> None:
     dense_ppl = perplexity(model, tokenizer, test, seq_len=512, max_windows=args.windows, progress=True)
     print(f"dense: perplexity {dense_ppl:.2f}")
     batches = calibration_batches(tokenizer, join_rows(DATA / "valid.txt"), n_samples=args.samples, seq_len=512, seed=42)
-    passes = [fuse_norm, slice(budget=args.budget)] if args.budget else [fuse_norm, rotate, slice(args.ratio)]
+    passes = [slice(budget=args.budget)] if args.budget else [fuse_norm, rotate, slice(args.ratio)]
     sliced = fxslice.compile(model, passes=passes, calibration=batches)
     sliced_ppl = perplexity(sliced, tokenizer, test, seq_len=512, max_windows=args.windows, progress=True)
     parameters = fxslice.report(sliced)["parameters"]

@@ -221,7 +221,7 @@ def _slice_on_this_process(args) -> None:
     batches = distributed.share(batches)  # under torchrun, this process's share of the batches
     start = time.perf_counter()
     if args.budget is not None:
-        passes = [fuse_norm, slice(budget=args.budget)]
+        passes = [slice(budget=args.budget)]
     else:
         passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.head,
                                                                  rescale=not args.no_rescale)]
