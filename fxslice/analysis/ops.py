@@ -385,7 +385,7 @@ def _index_add(node: fx.Node, operand: fx.Node) -> Step | None:
     """``index_add(acc, dim, index, rows)``: ``acc`` plus ``rows`` added at the indexed positions of another
     dim, a sum of feature vectors, so it joins the two like an add (experts' outputs added per token)."""
     acc, dim, rows = node.args[0], node.args[1], node.args[3] if len(node.args) > 3 else None
-    if operand is not acc and operand is not rows or not isinstance(dim, int) or _norm_dim(dim, _ndim(acc)) == _ndim(acc) - 1:
+    if operand not in (acc, rows) or not isinstance(dim, int) or _norm_dim(dim, _ndim(acc)) == _ndim(acc) - 1:
         return None
     if is_op(node, aten.index_add_) and len(acc.users) > 1:
         return None  # in place into a value also read elsewhere: order would matter
