@@ -34,3 +34,13 @@ def machine() -> str:
 
     return (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def held_out_valid(tokenizer, samples: int = 64) -> tuple[list, str]:
+    """Calibration windows (``samples`` × 512 tokens, seed 42) from the first 80% of the joined valid stream,
+    and the remaining 20% as text the calibration never saw (for choosing settings, never the test windows)."""
+    from fxslice.data import calibration_batches, join_rows
+
+    text = join_rows(VALID)
+    cut = int(0.8 * len(text))
+    return calibration_batches(tokenizer, text[:cut], n_samples=samples, seq_len=512, batch_size=8, seed=42), text[cut:]

@@ -30,7 +30,7 @@ import warnings
 
 import torch
 
-from common import VALID, load_smollm2, machine
+from common import held_out_valid, load_smollm2, machine
 
 GRID = 64
 RIDGE = 1e-2
@@ -118,14 +118,10 @@ def main() -> None:
     warnings.simplefilter("ignore")
     import fxslice
     from fxslice import fuse_norm, shrink_mlp, slice
-    from fxslice.data import calibration_batches, join_rows
     from fxslice.eval import perplexity
 
     model, tokenizer = load_smollm2()
-    text = join_rows(VALID)
-    cut = int(0.8 * len(text))
-    calibration = calibration_batches(tokenizer, text[:cut], n_samples=64, seq_len=512, batch_size=8, seed=42)
-    held = text[cut:]
+    calibration, held = held_out_valid(tokenizer)
     print(f"<!-- {machine()}, command: python benchmarks/mlp_allocation.py "
           f"--budget {args.budget} --variants {' '.join(args.variants)} -->")
     curves = None

@@ -18,7 +18,7 @@ import json
 import sys
 import warnings
 
-from common import VALID, load_smollm2, machine
+from common import held_out_valid, load_smollm2, machine
 
 
 def main() -> None:
@@ -29,14 +29,10 @@ def main() -> None:
     warnings.simplefilter("ignore")
     import fxslice
     from fxslice import shrink_values, slice
-    from fxslice.data import calibration_batches, join_rows
     from fxslice.eval import perplexity
 
     model, tokenizer = load_smollm2()
-    text = join_rows(VALID)
-    cut = int(0.8 * len(text))
-    calibration = calibration_batches(tokenizer, text[:cut], n_samples=64, seq_len=512, batch_size=8, seed=42)
-    held = text[cut:]
+    calibration, held = held_out_valid(tokenizer)
     rows = " ".join(f"'{r}'" for r in args.rows)
     print(f"<!-- {machine()}, command: python benchmarks/value_widths.py --budget {args.budget} --rows {rows} -->")
     print("| row | value width | MLP width | parameters / dense | held-out valid perplexity |")
