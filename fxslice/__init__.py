@@ -10,8 +10,8 @@ from .errors import CalibrationError, CaptureError, PassOrderError, UnsupportedG
 from .heal import heal
 from .io import load, save
 from .portable import export
-from .passes import (FuseNorm, Rotate, ShrinkMLP, ShrinkValues, Slice, fuse_norm, rotate, shrink_mlp,  # noqa: A004
-                     shrink_values, slice)
+from .passes import (FuseNorm, Rotate, ShrinkMLP, ShrinkQueryKey, ShrinkValues, Slice, fuse_norm,  # noqa: A004
+                     rotate, shrink_mlp, shrink_query_key, shrink_values, slice)
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "PassOrderError",
     "Rotate",
     "ShrinkMLP",
+    "ShrinkQueryKey",
     "ShrinkValues",
     "Slice",
     "UnsupportedGraphError",
@@ -35,6 +36,7 @@ __all__ = [
     "rotate",
     "save",
     "shrink_mlp",
+    "shrink_query_key",
     "shrink_values",
     "slice",
 ]

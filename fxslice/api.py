@@ -80,7 +80,9 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
     ``slice(budget=…)``, every MLP's down projection with its inner width before and after (``mlps``),
     its module, and the candidates skipped with the reason; ``values``: after ``shrink_values``, every
     value projection with its head width before and after, its module and the attentions skipped with the
-    reason; ``skipped``: regions left alone and why;
+    reason; ``query_key``: after ``shrink_query_key``, every query projection with its head width before
+    and after (``heads``), its module and the attentions skipped with the reason (``channels``: the plan
+    keeps which channels); ``skipped``: regions left alone and why;
     ``heal``: after ``fxslice.heal``, its steps, best step, seconds, tokens/s and peak memory (GiB) next to
     its estimate; ``parameters``: counts before and after, every parameter counted once, inserted skip / bridge
     matrices included.
@@ -107,8 +109,16 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
         "states": states,
         "inner": plan.details.get("shrink_mlp"),
         "values": plan.details.get("shrink_values"),
+        "query_key": _query_key(plan.details.get("shrink_query_key")),
         "skipped": [{"pass": s.pass_name, **{k: v for k, v in dataclasses.asdict(s).items() if k != "pass_name"}}
                     for s in plan.skipped],
         "heal": {k.removeprefix("heal_"): v for k, v in plan.timings.items() if k.startswith("heal_")} or None,
         "parameters": {"before": before, "after": after, "ratio": (after / before) if before else None},
     }
+
+
+def _query_key(details: dict | None) -> dict | None:
+    if details is None:
+        return None
+    heads = [[name, width, len(kept[0])] for name, width, kept in details["channels"]]
+    return {"heads": heads, **{k: v for k, v in details.items() if k != "channels"}}

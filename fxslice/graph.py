@@ -120,8 +120,9 @@ def set_tensor(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> None:
         setattr(owner, name, tensor)
 
 
-def add_parameter(gm: fx.GraphModule, hint: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-    """Register ``tensor`` under ``fxslice_inserted.<hint>[_N]`` and return a get_attr node for it."""
+def add_parameter(gm: fx.GraphModule, hint: str, tensor: torch.Tensor, before: fx.Node, buffer: bool = False) -> fx.Node:
+    """Register ``tensor`` under ``fxslice_inserted.<hint>[_N]`` and return a get_attr node for it; as a
+    buffer with ``buffer=True`` (an index, not a weight: parameter counts and healing leave it out)."""
     if not hasattr(gm, INSERTED):
         gm.add_submodule(INSERTED, torch.nn.Module())
     holder = getattr(gm, INSERTED)
@@ -131,8 +132,12 @@ def add_parameter(gm: fx.GraphModule, hint: str, tensor: torch.Tensor, before: f
         n += 1
         name = f"{base}_{n}"
     store = gm.meta.get(STREAMED)
-    held = torch.nn.Parameter(tensor, requires_grad=False) if store is None else store.put(f"{INSERTED}.{name}", tensor)
-    holder.register_parameter(name, held)
+    if buffer:
+        holder.register_buffer(name, tensor)
+        held = tensor
+    else:
+        held = torch.nn.Parameter(tensor, requires_grad=False) if store is None else store.put(f"{INSERTED}.{name}", tensor)
+        holder.register_parameter(name, held)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(f"{INSERTED}.{name}")
     node.meta["val"] = held

@@ -101,7 +101,8 @@ def _save(gm: fx.GraphModule, model: torch.nn.Module, directory: Path, tokenizer
         "format": FORMAT,
         "versions": {"fxslice": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "plan": plan_of(gm).to_json(),
-        "dtype": str(tensor_meta(gm, stored[0]).dtype).removeprefix("torch."),
+        "dtype": str(next((d for d in (tensor_meta(gm, t).dtype for t in stored) if d.is_floating_point),
+                          torch.float32)).removeprefix("torch."),  # an index buffer says nothing of it
         "aliases": aliases,
         "dtypes": {target: str(tensor_meta(gm, target).dtype).removeprefix("torch.") for target in tensor_targets(gm)},
         "fingerprint": fingerprint(gm),

@@ -262,6 +262,10 @@ def export_hf(model: SlicedCausalLM, staging: Path, tokenizer: Any = None) -> No
     if any(after != before for _, before, after in values):
         raise UnsupportedGraphError(why + "whose value heads are as wide as its query heads; this model's value heads "
                                     "were narrowed (shrink_values): export --format pt2")
+    channels = (plan.details.get("shrink_query_key") or {}).get("channels") or []
+    if any(len(kept[0]) != width for _, width, kept in channels):
+        raise UnsupportedGraphError(why + "whose query and key heads are as wide as its value heads; this model's "
+                                    "query and key heads were narrowed (shrink_query_key): export --format pt2")
     config = model.config.get_text_config()
     dense = int(config.hidden_size)
     kept = widths.pop() if widths else dense

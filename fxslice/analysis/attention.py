@@ -24,11 +24,10 @@ import torch.fx as fx
 
 from ..errors import describe_node, module_path
 from ..graph import aten, is_op, val
-from .ops import ParamAxis, ShapeLiteral, WeightUse, weight_use
+from .ops import SAME_VALUES, ParamAxis, ShapeLiteral, WeightUse, weight_use
 
-__all__ = ["SkippedValues", "ValuePath", "find_value_paths", "value_module"]
-
-_SAME_VALUES = (aten.clone, aten.contiguous, aten._to_copy, aten.to, aten.alias, aten.detach)
+__all__ = ["QueryKeyPath", "RotaryTable", "SkippedValues", "ValuePath", "find_query_key_paths", "find_value_paths",
+           "value_module"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,15 +148,15 @@ def _value_path(attention: fx.Node) -> ValuePath:
         raise _NotAPath(attention, "the attention's value heads are not the projection's groups")
     out_shape = _shape(attention)
     heads = out_shape[-3] if len(out_shape) >= 3 else None
-    sizes = {"group": groups}
+    repeat = 1
     for tag, size in zip(tags, _shape(chain[-1])):
         if isinstance(tag, tuple) and "repeat" in tag:
-            sizes["repeat"] = size // groups
+            repeat = size // groups
     value_head_count = _shape(chain[-1])[-3]
     if not isinstance(heads, int) or heads % value_head_count:
         raise _NotAPath(attention, "the query heads are not a multiple of the value heads")
     per_value_head = heads // value_head_count  # enable_gqa: query head h reads value head h // per_value_head
-    group_of_value_head = _groups_of(value_heads, groups, sizes.get("repeat", 1))
+    group_of_value_head = _groups_of(value_heads, groups, repeat)
     group_of_head = tuple(group_of_value_head[h // per_value_head] for h in range(heads))
     output, after, merged = _output_of(attention, heads, width)
     return ValuePath(use, output, width, groups, heads, group_of_head, tuple(x for x in literals + after if x),
@@ -186,7 +185,7 @@ def _literal(node: fx.Node, width: int, arg: int = 1) -> ShapeLiteral | None:
 def _follow(node: fx.Node, tags: list, width: int, literals: list) -> list:
     """The axis tags after ``node``, which must keep the value channels last and whole."""
     nd = len(tags)
-    if is_op(node, *_SAME_VALUES) or is_op(node, aten.index_copy_, aten.index_copy):
+    if is_op(node, *SAME_VALUES) or is_op(node, aten.index_copy_, aten.index_copy):
         return tags
     if is_op(node, aten.transpose):
         a, b = (d % nd for d in node.args[1:3])
@@ -246,7 +245,7 @@ def _output_of(attention: fx.Node, heads: int, width: int
             if use.kind != "linear" or use.input is not node or tags[-1] != ("heads", "width"):
                 raise _NotAPath(user, "the attention output reaches a linear without its heads merged before the channels")
             return use, widths, merged
-        if is_op(user, *_SAME_VALUES):
+        if is_op(user, *SAME_VALUES):
             node = user
             continue
         if is_op(user, aten.transpose):
@@ -267,3 +266,249 @@ def _output_of(attention: fx.Node, heads: int, width: int
             node = user
             continue
         raise _NotAPath(user, "the attention output passes through an op that is not a transpose or reshape")
+
+
+# Query/key widths ------------------------------------------------------------------------------------
+#
+# Head h's scores are Σ_j q_j k_j over the channels j of its queries and of its group's keys: deleting
+# channel j from both deletes one term. A rotary embedding mixes channel j with j + d_h/2 (the halves
+# sliced, one negated and joined, each multiplied by a cos / sin table): deleting both of a pair deletes
+# their two terms and leaves the rest as they were, once the tables are indexed by the kept channels
+# too. Nothing else may touch the channels between the projections and the attention (a norm over a
+# head's channels, an interleaved or partial rotary embedding): the candidate is then skipped.
+
+
+@dataclass(frozen=True, eq=False)
+class RotaryTable:
+    """``node.args[arg]`` is a table multiplied into (or added to) the channels of ``role``'s heads, one
+    row per channel (``half``: one per pair, ``d_h/2``), broadcast along axis ``heads_axis``, whose index
+    ``i`` reads the channels kept for key/value group ``group_along_heads[i]``."""
+
+    node: fx.Node
+    arg: int
+    heads_axis: int
+    role: str
+    half: bool
+    group_along_heads: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class QueryKeyPath:
+    """``query`` makes ``heads`` heads and ``key`` makes ``groups`` groups of ``width`` channels, compared by
+    ``attention``: head ``h`` with group ``group_of_head[h]``. ``paired``: channel ``j`` is rotated with
+    ``j + width/2``. ``literals`` hold the width, ``halves`` the half width, written into views and slices;
+    ``caches`` are buffers that hold keys (a decoding graph's cache), their last dim the width."""
+
+    attention: fx.Node
+    query: WeightUse
+    key: WeightUse
+    width: int
+    groups: int
+    heads: int
+    group_of_head: tuple[int, ...]
+    paired: bool
+    literals: tuple[ShapeLiteral, ...]
+    halves: tuple[ShapeLiteral, ...]
+    tables: tuple[RotaryTable, ...]
+    caches: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """The query projection's weight: how plans and reports name the path."""
+        return self.query.weight
+
+
+@dataclass
+class _Walk:
+    """What the walk from one projection to the attention found."""
+
+    use: WeightUse
+    tags: list
+    groups: int
+    paired: bool = False
+    literals: list = None
+    halves: list = None
+    tables: list = None
+    caches: list = None
+
+
+def find_query_key_paths(gm: fx.GraphModule) -> tuple[list[QueryKeyPath], list[SkippedValues]]:
+    """Every attention whose query and key channels can be deleted in pairs (graph order), and those that
+    cannot, with the node and the reason."""
+    paths, skipped = [], []
+    for attention in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+        try:
+            paths.append(_query_key_path(attention))
+        except _NotAPath as why:
+            skipped.append(SkippedValues(why.node, why.reason))
+    names = [p.name for p in paths]
+    for path in paths:
+        if names.count(path.name) > 1:
+            skipped.append(SkippedValues(path.query.node, "a query projection read by two attentions"))
+    return [p for p in paths if names.count(p.name) == 1], skipped
+
+
+def _query_key_path(attention: fx.Node) -> QueryKeyPath:
+    query_operand, key_operand = attention.args[0], attention.args[1]
+    width = _shape(query_operand)[-1] if _shape(query_operand) else None
+    if not isinstance(width, int) or _shape(key_operand)[-1:] != (width,):
+        raise _NotAPath(attention, "the queries and keys are not of one static width")
+    query, key = _walk(query_operand, width, "query"), _walk(key_operand, width, "key")
+    if _uncast(query.use.input) is not _uncast(key.use.input):
+        raise _NotAPath(key.use.node, "the queries and keys are made from different inputs")
+    heads, key_heads = _shape(query_operand)[-3], _shape(key_operand)[-3]
+    if query.tags[-3] != ("group",) or query.groups != heads:
+        raise _NotAPath(attention, "the attention's query heads are not the query projection's heads")
+    if not isinstance(heads, int) or not isinstance(key_heads, int) or heads % key_heads:
+        raise _NotAPath(attention, "the query heads are not a multiple of the key heads")
+    group_of_key_head = _groups_of(key.tags[-3], key.groups, _repeat(key.tags, key_operand, key.groups))
+    group_of_head = tuple(group_of_key_head[h // (heads // key_heads)] for h in range(heads))
+    tables = [RotaryTable(node, arg, axis, role, half, tuple(
+        group_of_head[i] if role == "query" else i for i in _groups_of(tag, walk.groups, repeat)))
+        for walk in (query, key) for node, arg, axis, role, half, tag, repeat in walk.tables]
+    return QueryKeyPath(attention, query.use, key.use, width, key.groups, heads, group_of_head,
+                        query.paired or key.paired, tuple(x for x in query.literals + key.literals if x),
+                        tuple(query.halves + key.halves), tuple(tables), tuple(query.caches + key.caches))
+
+
+def _uncast(node):
+    while is_op(node, *SAME_VALUES) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _repeat(tags: list, node: fx.Node, groups: int) -> int:
+    repeat = 1
+    for tag, size in zip(tags, _shape(node)):
+        if isinstance(tag, tuple) and "repeat" in tag:
+            repeat = size // groups
+    return repeat
+
+
+def _region(operand: fx.Node, role: str) -> tuple[WeightUse, list[fx.Node]]:
+    """The linear that makes ``operand`` and the nodes between them, in graph order."""
+    seen, uses, stack = set(), [], [operand]
+    while stack:
+        node = stack.pop()
+        if node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        use = weight_use(node)
+        if use is not None:
+            uses.append(use)
+        elif is_op(node, aten.index_copy_, aten.index_copy):
+            stack.append(node.args[3])  # the values written; the cache buffer is not on the way
+        else:
+            stack.extend(node.all_input_nodes)
+    if len(uses) != 1 or uses[0].kind != "linear":
+        raise _NotAPath(operand, f"the attention's {_PLURAL[role]} are not made by one linear")
+    (use,) = uses
+    region = {use.node}
+    for node in use.node.graph.nodes:
+        if node in seen and any(a in region for a in node.all_input_nodes) and not (
+                is_op(node, aten.index_copy_, aten.index_copy) and node.args[3] not in region):
+            region.add(node)
+    if operand not in region:
+        raise _NotAPath(operand, f"the attention's {_PLURAL[role]} are not made by one linear")
+    for node in region:
+        readers = {u for u in node.users if is_op(u, aten.scaled_dot_product_attention)} if node is operand else region
+        if any(u not in readers for u in node.users):
+            raise _NotAPath(node, f"a {role} value on the way to attention is read elsewhere too")
+    return use, [n for n in use.node.graph.nodes if n in region and n is not use.node]
+
+
+def _walk(operand: fx.Node, width: int, role: str) -> _Walk:
+    use, region = _region(operand, role)
+    out = _shape(use.node)
+    if len(out) < 2 or not isinstance(out[-1], int) or out[-1] % width:
+        raise _NotAPath(use.node, f"the {role} projection's output is not whole heads")
+    walk = _Walk(use, [], out[-1] // width, literals=[], halves=[], tables=[], caches=[])
+    state = {use.node: (["batch"] * (len(out) - 1) + ["heads"], "all")}
+    for node in region:
+        inputs = [a for a in node.all_input_nodes if a in state]
+        tags, channels = state[inputs[0]]
+        if tags[-1] == "heads":
+            if is_op(node, *SAME_VALUES) or (is_op(node, aten.mul, aten.div) and not any(
+                    isinstance(a, fx.Node) and a not in state and _shape(a)[-1:] not in ((), (1,)) for a in node.args)):
+                state[node] = (tags, channels)  # a cast, a scale
+                continue
+            if not is_op(node, aten.view, aten.reshape, aten._unsafe_view):
+                raise _NotAPath(node, f"the {role} projection's output passes through an op that deleting channels "
+                                      f"would change before it is split into heads (a norm over it, say)")
+            if _shape(node)[-2:] != (walk.groups, width):
+                raise _NotAPath(node, f"the {role} projection's output is not split into heads of the attention's width")
+            walk.literals.append(_literal(node, width))
+            state[node] = (["batch"] * (len(_shape(node)) - 2) + [("group",), "width"], "all")
+            continue
+        layouts = [state[a] for a in inputs]
+        if is_op(node, aten.cat):
+            parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+            if (len(parts) != 2 or any(p not in state for p in parts) or layouts[0][0] != layouts[-1][0]
+                    or sorted(c for _, c in layouts) != ["first", "second"] or dim % len(tags) != len(tags) - 1):
+                raise _NotAPath(node, f"the {role} channels are joined with something other than their other half")
+            state[node] = (tags, "all")
+            continue
+        if any(layout != (tags, channels) for layout in layouts):
+            raise _NotAPath(node, f"two {role} values of different layouts are combined")
+        state[node] = _step(node, tags, channels, inputs, width, role, walk)
+    tags, channels = state[operand]
+    if channels != "all" or tags[-1] != "width" or len(tags) < 3 or not isinstance(tags[-3], tuple):
+        raise _NotAPath(operand, f"the attention's {_PLURAL[role]} are not the projection's heads with their channels last")
+    walk.tags = tags
+    return walk
+
+
+_ELEMENTWISE = (aten.mul, aten.add, aten.sub, aten.div)
+_PLURAL = {"query": "queries", "key": "keys"}
+
+
+def _step(node: fx.Node, tags: list, channels: str, inputs: list, width: int, role: str, walk: _Walk):
+    """The layout (axis tags, which channels) after ``node``; records what narrowing must rewrite."""
+    nd, half = len(tags), width // 2
+    last = (lambda d: isinstance(d, int) and d % nd == nd - 1)
+    if is_op(node, aten.slice) and last(node.args[1] if len(node.args) > 1 else 0):
+        start, end = (list(node.args[2:4]) + [None, None])[:2]
+        if len(node.args) > 4 and node.args[4] != 1:
+            raise _NotAPath(node, f"every other {role} channel is taken (an interleaved rotary embedding)")
+        if channels == "all" and width % 2 == 0 and start in (0, None) and end == half:
+            walk.paired = True
+            walk.halves.append(ShapeLiteral(node, 3, None))
+            return tags, "first"
+        if channels == "all" and width % 2 == 0 and start == half and (end is None or end >= width):
+            walk.paired = True
+            walk.halves.append(ShapeLiteral(node, 2, None))
+            return tags, "second"
+        raise _NotAPath(node, f"a slice of the {role} channels that is not one half (an interleaved or partial "
+                              f"rotary embedding)")
+    if is_op(node, aten.neg):
+        return tags, channels
+    if is_op(node, *_ELEMENTWISE):
+        for arg, other in enumerate(node.args[:2]):
+            if other in inputs or not isinstance(other, fx.Node):
+                continue
+            shape = _shape(other)
+            if len(shape) == 0 or shape[-1] == 1:
+                continue
+            heads_axis = next((i for i, t in enumerate(tags) if isinstance(t, tuple)), None)
+            if (shape[-1] != (width if channels == "all" else half) or len(shape) != nd
+                    or heads_axis is None or shape[heads_axis] != 1 or (is_op(node, aten.div) and arg == 1)):
+                raise _NotAPath(node, f"the {role} channels are combined with a tensor fxslice cannot index per head")
+            tag = tags[heads_axis]
+            walk.tables.append((node, arg, heads_axis, role, channels != "all", tag,
+                                _repeat(tags, node, walk.groups)))
+        return tags, channels
+    if is_op(node, aten.index_copy_, aten.index_copy):
+        buffer = node.args[0]
+        if buffer.op != "get_attr" or last(node.args[1]):
+            raise _NotAPath(node, f"{_PLURAL[role]} written into something other than a cache buffer")
+        walk.caches.append(buffer.target)
+        return tags, channels
+    if channels != "all":
+        raise _NotAPath(node, f"half of the {role} channels pass through an op that is not a rotary embedding's")
+    try:
+        return _follow(node, tags, width, walk.literals), channels
+    except _NotAPath as why:
+        if "not a view" not in why.reason:
+            raise
+        raise _NotAPath(node, f"the {role} channels pass through an op that deleting channels would change "
+                              f"(a norm over each head's channels, say)") from None

@@ -28,6 +28,7 @@ import torch.fx as fx
 from ..graph import aten, is_op, val
 
 __all__ = [
+    "SAME_VALUES",
     "ParamAxis",
     "ShapeLiteral",
     "Step",
@@ -104,7 +105,8 @@ class Step:
     literal: ShapeLiteral | None = None
 
 
-_CASTS = (aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy)
+# Ops whose output holds the same values as their first operand (up to dtype).
+SAME_VALUES = (aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy)
 
 
 def last_dim(node: Any) -> int | None:
@@ -137,7 +139,7 @@ def _resolve_weight(node: Any) -> tuple[str, tuple[int, ...]] | None:
         return None
     target, axes = inner
     nd = len(axes)
-    if is_op(node, *_CASTS):
+    if is_op(node, *SAME_VALUES):
         return target, axes
     if is_op(node, aten.t, aten.numpy_T):
         return target, axes[::-1]
@@ -337,7 +339,7 @@ def _commutes(node: fx.Node, operand: fx.Node) -> Step:
     return Step(StepKind.COMMUTES)
 
 
-_stream_rule(*_CASTS, aten.neg)(_on_data(_commutes))
+_stream_rule(*SAME_VALUES, aten.neg)(_on_data(_commutes))
 
 
 @_stream_rule(aten.sym_size)

@@ -11,10 +11,12 @@ from .base import FxslicePass, PassResult, calibrated, run_passes
 from .fuse_norm import FuseNorm, fuse_norm
 from .rotate import RandomRotation, Rotate, RotationSource, random_orthogonal, rotate
 from .shrink_mlp import ShrinkMLP, shrink_mlp
+from .shrink_query_key import ShrinkQueryKey, shrink_query_key
 from .shrink_values import ShrinkValues, shrink_values
 from .slice import Slice, slice  # noqa: A004 - `slice(0.25)` is the documented spelling
 
-REGISTRY: dict[str, type[FxslicePass]] = {cls.name: cls for cls in (FuseNorm, Rotate, Slice, ShrinkMLP, ShrinkValues)}
+REGISTRY: dict[str, type[FxslicePass]] = {cls.name: cls for cls in (FuseNorm, Rotate, Slice, ShrinkMLP, ShrinkValues,
+                                                               ShrinkQueryKey)}
 
 __all__ = [
     "REGISTRY",
@@ -25,6 +27,7 @@ __all__ = [
     "Rotate",
     "RotationSource",
     "ShrinkMLP",
+    "ShrinkQueryKey",
     "ShrinkValues",
     "Slice",
     "calibrated",
@@ -33,6 +36,7 @@ __all__ = [
     "rotate",
     "run_passes",
     "shrink_mlp",
+    "shrink_query_key",
     "shrink_values",
     "slice",
 ]

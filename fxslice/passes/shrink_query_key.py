@@ -1,0 +1,183 @@
+"""shrink_query_key: delete the same channels from every attention's queries and keys.
+
+Head ``h`` scores ``Σ_j q_j k_j`` over its channels ``j`` against its key/value group's keys
+(``fxslice.analysis.attention``): deleting channel ``j`` from the query projection's rows of every head
+of a group and from the key projection's rows of that group deletes one term of each of those heads'
+scores and leaves the others as they were. Rotary embeddings rotate channel ``j`` with ``j + d_h/2``: a
+pair is kept or deleted whole, and the cos / sin tables are indexed by the kept channels of each head.
+
+Which channels: the pairs with the largest bound on their term, ``‖q_j‖ ‖k_j‖`` over the calibration
+tokens (``‖q_j‖² = w_jᵀ C w_j`` for the projection's row ``w_j`` and ``C = Σ xᵀx`` of the input the
+projections share; a bias adds ``2 b w_jᵀ Σx + n b²``), summed over the heads of the group: the column /
+row selection of MoDeGPT's query/key compression. Nothing is refitted: a rotation mixes the two channels
+of a pair with a position-dependent angle, so no matrix but a selection of whole pairs commutes with it.
+
+The softmax scale stays ``1/√d_h`` of the original width (written into the attention when it was implied).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..analysis.attention import QueryKeyPath, RotaryTable, find_query_key_paths
+from ..analysis.ops import ParamAxis, ShapeLiteral
+from ..distributed import from_rank0
+from ..errors import UnsupportedGraphError, module_path
+from ..graph import add_parameter, aten, get_tensor, set_tensor
+from ..plan import Plan
+from ..rewrite import select_axis, write_width
+from .base import Context, FxslicePass, kept_width
+
+__all__ = ["ShrinkQueryKey", "shrink_query_key"]
+
+
+@dataclass(frozen=True)
+class ShrinkQueryKey(FxslicePass):
+    """Delete the query and key channels (rotary pairs) whose terms of the attention scores are smallest."""
+
+    ratio: float = 0.25
+    multiple_of: int = 8
+    strict: bool = False
+    progress: bool = True
+    name = "shrink_query_key"
+
+    def __post_init__(self):
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"shrink_query_key ratio must be a number in [0, 1): the fraction of each head's query "
+                             f"and key channels to delete; got {self.ratio!r}")
+        if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise ValueError(f"multiple_of must be a positive integer; got {self.multiple_of!r}")
+
+    def needs_calibration(self) -> str | None:
+        return "shrink_query_key chooses the query and key channels from activations"
+
+    def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
+        start = time.perf_counter()
+        paths, skipped = find_query_key_paths(gm)
+        if self.strict and skipped:
+            raise UnsupportedGraphError("shrink_query_key: " + " | ".join(str(s) for s in skipped))
+        if context.replay is not None:
+            recorded = {name: kept for name, _, kept in context.replay.details.get(self.name, {}).get("channels", ())}
+            if sorted(recorded) != sorted(p.name for p in paths):
+                raise UnsupportedGraphError(f"shrink_query_key: the plan records the query projections {sorted(recorded)}, "
+                                            f"the graph has {sorted(p.name for p in paths)}")
+            kept = [recorded[p.name] for p in paths]
+            for path, channels in zip(paths, kept):
+                if len(channels[0]) < path.width:
+                    _narrow_graph(gm, path, _insert_gathers(gm, path), torch.tensor(channels))
+        else:
+            kept = self._calibrate(gm, paths, context)
+        prefix = plan.module_prefix
+        details = {"channels": [[p.name, p.width, k] for p, k in zip(paths, kept)],
+                   "modules": [module_path(p.query.node, prefix) for p in paths],
+                   "skipped": [f"{module_path(s.node, prefix)}: {s.reason}" for s in skipped]}
+        return plan.with_pass(self.spec(), details={self.name: details},
+                              timings={f"{self.name}_s": time.perf_counter() - start})
+
+    def _keep(self, path: QueryKeyPath) -> int:
+        keep = path.width if self.ratio == 0 else kept_width(1.0 - self.ratio, path.width, self.multiple_of)
+        return keep - keep % 2 if path.paired else keep
+
+    def _calibrate(self, gm: fx.GraphModule, paths: list[QueryKeyPath], context: Context) -> list[list[list[int]]]:
+        from ..calibrate import sweep_inner
+
+        every = [[list(range(p.width))] * p.groups for p in paths]
+        narrowed = [i for i, p in enumerate(paths) if self._keep(p) < p.width]
+        if not narrowed:
+            return every
+        # The sweep runs the graph it was given: the tables' gathers go in first, keeping every channel.
+        gathers = {i: _insert_gathers(gm, paths[i]) for i in narrowed}
+
+        def apply(index: int, statistics) -> None:
+            i = narrowed[index]
+            path = paths[i]
+            channels = from_rank0(lambda: _choose(gm, path, statistics, self._keep(path)))
+            _narrow_graph(gm, path, gathers[i], channels)
+            every[i] = channels.tolist()
+
+        inputs = [paths[i].query.input for i in narrowed]
+        sweep_inner(gm, list(context.calibration), [(x, None, (x,)) for x in inputs], apply,
+                    progress=self.progress, desc="fxslice: shrinking query/key heads", unit="attention")
+        return every
+
+
+def _energies(gm: fx.GraphModule, weight: str, axis: int, bias: str | None, statistics) -> torch.Tensor:
+    """``Σ (x w_j + b_j)²`` over the calibration tokens for every output channel ``j``."""
+    w = torch.movedim(get_tensor(gm, weight).detach(), axis, 0).to(torch.float64)
+    h = statistics.h.to(w.device)
+    energy = ((w @ h) * w).sum(1)
+    if bias is not None:
+        b = get_tensor(gm, bias).detach().to(torch.float64)
+        energy = energy + 2 * b * (w @ statistics.sum.to(w.device)) + statistics.tokens * b * b
+    return energy.clamp_min(0)
+
+
+def _choose(gm: fx.GraphModule, path: QueryKeyPath, statistics, keep: int) -> torch.Tensor:
+    """``[groups, keep]``: the channels each group keeps, in their order (pairs: first halves, then seconds)."""
+    d = path.width
+    q = _energies(gm, path.query.weight, path.query.out_axis, path.query.bias, statistics).reshape(path.heads, d)
+    k = _energies(gm, path.key.weight, path.key.out_axis, path.key.bias, statistics).reshape(path.groups, d)
+    chosen = []
+    for g in range(path.groups):
+        q_g = q[[h for h in range(path.heads) if path.group_of_head[h] == g]].sum(0)
+        k_g = k[g]
+        if path.paired:  # a pair's length is what a rotation keeps
+            q_g, k_g = q_g[: d // 2] + q_g[d // 2 :], k_g[: d // 2] + k_g[d // 2 :]
+        score = (q_g * k_g).sqrt()  # Cauchy–Schwarz: |Σ_tokens q_j k_j| ≤ ‖q_j‖ ‖k_j‖
+        units = torch.topk(score, keep // 2 if path.paired else keep).indices.sort().values
+        chosen.append(torch.cat([units, units + d // 2]) if path.paired else units)
+    return torch.stack(chosen)
+
+
+def _insert_gathers(gm: fx.GraphModule, path: QueryKeyPath) -> list[tuple[RotaryTable, str, ShapeLiteral]]:
+    """Index each rotary table per head, all channels kept for now: ``table[..., index]`` laid out
+    ``[…, heads, …, channels]``. Returns (table, index buffer, the channel count written into the gather)."""
+    gathers = []
+    graph = gm.graph
+    for table in path.tables:
+        node, operand = table.node, table.node.args[table.arg]
+        width = path.width // 2 if table.half else path.width
+        heads = len(table.group_along_heads)
+        index = torch.arange(width).repeat(heads)
+        buffer = add_parameter(gm, f"{path.name}.{table.role}_table_index", index, before=node, buffer=True)
+        with graph.inserting_before(node):
+            chosen = graph.call_function(aten.index_select.default, (operand, -1, buffer))
+            split = graph.call_function(aten.unflatten.int, (chosen, -1, [heads, width]))
+            moved = graph.call_function(aten.movedim.int, (split, -2, table.heads_axis))
+            per_head = graph.call_function(aten.squeeze.dim, (moved, table.heads_axis + 1))
+        node.update_arg(table.arg, per_head)
+        gathers.append((table, buffer.target, ShapeLiteral(split, 2, 1)))
+    return gathers
+
+
+def _narrow_graph(gm: fx.GraphModule, path: QueryKeyPath, gathers, channels: torch.Tensor) -> None:
+    """Keep ``channels[g]`` of every query head of group ``g`` and of its keys: the projections' rows,
+    the widths written into the graph, the tables' indices, the key caches; pin the softmax scale."""
+    d, keep = path.width, channels.shape[1]
+    query_rows = torch.cat([h * d + channels[path.group_of_head[h]] for h in range(path.heads)])
+    key_rows = torch.cat([g * d + channels[g] for g in range(path.groups)])
+    for use, rows in ((path.query, query_rows), (path.key, key_rows)):
+        select_axis(gm, ParamAxis(use.weight, use.out_axis), rows)
+        if use.bias is not None:
+            select_axis(gm, ParamAxis(use.bias, use.bias_axis), rows)
+    write_width(path.literals, keep)
+    write_width(path.halves, keep // 2)
+    for table, target, literal in gathers:
+        units = channels[:, : keep // 2] if table.half else channels
+        set_tensor(gm, target, torch.cat([units[g] for g in table.group_along_heads]))
+        write_width([literal], units.shape[1])
+    for target in path.caches:
+        cache = get_tensor(gm, target)
+        set_tensor(gm, target, cache.new_zeros(*cache.shape[:-1], keep))
+    if path.attention.kwargs.get("scale") is None:
+        path.attention.kwargs = {**path.attention.kwargs, "scale": 1 / math.sqrt(d)}
+
+
+def shrink_query_key(ratio: float = 0.25, *, multiple_of: int = 8) -> ShrinkQueryKey:
+    """``shrink_query_key(0.25)``: the ``ShrinkQueryKey`` pass."""
+    return ShrinkQueryKey(ratio=ratio, multiple_of=multiple_of)
