@@ -1,4 +1,6 @@
-"""Attention value widths: value projection → heads → attention → output projection, found by op pattern.
+"""Attention head widths, found by op pattern: value projection → heads → attention → output projection
+(``find_value_paths``), and query / key projections → heads, rotary embedding → attention
+(``find_query_key_paths``, below).
 
 Attention computes, for each query head ``h``, ``A_h V_g`` with ``V_g`` the values of the key/value group
 ``g = g(h)`` the head reads (``d_h`` channels of the value projection's output) and ``A_h`` the attention
