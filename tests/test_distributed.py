@@ -144,6 +144,8 @@ def test_a_bad_share_is_refused_on_every_process(tmp_path, share, message):
     assert result.stdout.count("refused") == 2 and message in result.stdout, result.stdout
 
 
+@pytest.mark.slow  # two CLI processes under torchrun: over a minute on 2 cores; the plan and weights of two
+# processes against one are checked in the default run (test_two_processes_give_the_plan_and_weights_of_one)
 def test_cli_under_torchrun_writes_once_and_matches_one_process(tiny_hf_dir, tmp_path):
     common = ["slice", tiny_hf_dir, "--ratio", "0.25", "--calibration", VALID, "--samples", "8", "--seq-len", "32",
               "--batch-size", "2"]

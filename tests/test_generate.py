@@ -123,6 +123,7 @@ def test_cached_decoding_follows_the_models_own_attention(name, overrides):
     assert [d is not None for d in sliced.decoders.values()] == [True]
 
 
+@pytest.mark.slow  # torch.compile of both graphs: over a minute on 2 cores
 def test_compiled_decoding_gives_the_eager_greedy_output():
     _, model = compressed("llama", torch.float32)
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(4))
