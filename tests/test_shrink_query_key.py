@@ -33,11 +33,11 @@ def dead_pairs(model):
 def test_the_analysis_pairs_rotary_halves_and_maps_each_query_head_to_its_group():
     (path, other), skipped = find_query_key_paths(fxslice.capture(grouped_llama()))
     assert not skipped
-    assert (path.width, path.groups, path.heads, path.group_of_head, path.paired) == (HEAD_DIM, GROUPS, HEADS, (0, 0, 1, 1), True)
+    assert (path.width, path.groups, path.heads, path.group_of_head) == (HEAD_DIM, GROUPS, HEADS, (0, 0, 1, 1))
+    assert path.units == tuple((j, j + HEAD_DIM // 2) for j in range(HEAD_DIM // 2)) and set(path.kinds) == {0}
     # cos and sin for the queries and for the keys; each table index reads its head's group
-    assert sorted((t.role, t.group_along_heads) for t in path.tables) == \
-        [("key", (0, 1))] * 2 + [("query", (0, 0, 1, 1))] * 2
-    assert len(path.halves) == 4  # x[..., :d/2] and x[..., d/2:] of the queries and of the keys
+    assert sorted(t.group_along_heads for t in path.tables) == [(0, 0, 1, 1)] * 2 + [(0, 1)] * 2
+    assert len(path.slices) == 4  # x[..., :d/2] and x[..., d/2:] of the queries and of the keys
 
 
 def test_a_norm_over_each_heads_channels_is_skipped_with_the_reason():

@@ -272,34 +272,38 @@ def _output_of(attention: fx.Node, heads: int, width: int
 
 # Query/key widths ------------------------------------------------------------------------------------
 #
-# Head h's scores are Σ_j q_j k_j over the channels j of its queries and of its group's keys: deleting
-# channel j from both deletes one term. A rotary embedding mixes channel j with j + d_h/2 (the halves
-# sliced, one negated and joined, each multiplied by a cos / sin table): deleting both of a pair deletes
-# their two terms and leaves the rest as they were, once the tables are indexed by the kept channels
-# too. Nothing else may touch the channels between the projections and the attention (a norm over a
-# head's channels, an interleaved or partial rotary embedding): the candidate is then skipped.
+# Head h's scores are Σ_p q_p k_p over the positions p of the query and key operands of the attention:
+# deleting a channel from both deletes one term. The walk from each projection to the attention tracks
+# which projection channel every position of every value holds (its *layout*: slices take part of it,
+# concatenations join, a stack of two halves flattened interleaves them), and an elementwise op combining
+# two values of different layouts ties the channels at equal positions together: a rotary embedding
+# ``x·cos + rotate(x)·sin`` ties channel j to the channel its rotation reads (j + d_h/2 for halves, j ± 1
+# for interleaved pairs). Tied channels are kept or deleted together (a *unit*). Tables multiplied into
+# the channels (cos, sin) are indexed by the kept positions of each head. Anything else touching the
+# channels (a norm over a head's channels) makes the candidate skipped.
 
 
 @dataclass(frozen=True, eq=False)
 class RotaryTable:
-    """``node.args[arg]`` is a table multiplied into (or added to) the channels of ``role``'s heads, one
-    row per channel (``half``: one per pair, ``d_h/2``), broadcast along axis ``heads_axis``, whose index
-    ``i`` reads the channels kept for key/value group ``group_along_heads[i]``."""
+    """``node.args[arg]`` is a table multiplied into (or added to) a value whose positions hold the
+    channels ``layout``, broadcast along axis ``heads_axis``, whose index ``i`` belongs to key/value group
+    ``group_along_heads[i]``."""
 
     node: fx.Node
     arg: int
     heads_axis: int
-    role: str
-    half: bool
+    layout: tuple[int, ...]
     group_along_heads: tuple[int, ...]
 
 
 @dataclass(frozen=True, eq=False)
 class QueryKeyPath:
     """``query`` makes ``heads`` heads and ``key`` makes ``groups`` groups of ``width`` channels, compared by
-    ``attention``: head ``h`` with group ``group_of_head[h]``. ``paired``: channel ``j`` is rotated with
-    ``j + width/2``. ``literals`` hold the width, ``halves`` the half width, written into views and slices;
-    ``caches`` are buffers that hold keys (a decoding graph's cache), their last dim the width."""
+    ``attention``: head ``h`` with group ``group_of_head[h]``. ``units``: channels kept or deleted together;
+    ``kinds[u]``: units of one kind hold the same number of positions on each side of every slice, so
+    every group keeping as many units of each kind keeps the slices' bounds equal for all heads.
+    ``widths``: literals and the layout whose kept count they hold; ``slices``: last-dim slices with the
+    layout they read; ``caches``: buffers that hold keys, their last dim the width."""
 
     attention: fx.Node
     query: WeightUse
@@ -308,9 +312,10 @@ class QueryKeyPath:
     groups: int
     heads: int
     group_of_head: tuple[int, ...]
-    paired: bool
-    literals: tuple[ShapeLiteral, ...]
-    halves: tuple[ShapeLiteral, ...]
+    units: tuple[tuple[int, ...], ...]
+    kinds: tuple[int, ...]
+    widths: tuple[tuple[ShapeLiteral, tuple[int, ...]], ...]
+    slices: tuple[tuple[fx.Node, tuple[int, ...]], ...]
     tables: tuple[RotaryTable, ...]
     caches: tuple[str, ...]
 
@@ -325,17 +330,18 @@ class _Walk:
     """What the walk from one projection to the attention found."""
 
     use: WeightUse
-    tags: list
     groups: int
-    paired: bool = False
-    literals: list = None
-    halves: list = None
-    tables: list = None
+    tags: list = None
+    layout: tuple = ()
+    ties: list = None  # pairs of layouts combined position by position
+    widths: list = None
+    slices: list = None
+    tables: list = None  # (node, arg, heads axis, layout, tag, repeat)
     caches: list = None
 
 
 def find_query_key_paths(gm: fx.GraphModule) -> tuple[list[QueryKeyPath], list[SkippedValues]]:
-    """Every attention whose query and key channels can be deleted in pairs (graph order), and those that
+    """Every attention whose query and key channels can be deleted together (graph order), and those that
     cannot, with the node and the reason."""
     paths, skipped = [], []
     for attention in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
@@ -365,12 +371,86 @@ def _query_key_path(attention: fx.Node) -> QueryKeyPath:
         raise _NotAPath(attention, "the query heads are not a multiple of the key heads")
     group_of_key_head = _groups_of(key.tags[-3], key.groups, _repeat(key.tags, key_operand, key.groups))
     group_of_head = tuple(group_of_key_head[h // (heads // key_heads)] for h in range(heads))
-    tables = [RotaryTable(node, arg, axis, role, half, tuple(
-        group_of_head[i] if role == "query" else i for i in _groups_of(tag, walk.groups, repeat)))
-        for walk in (query, key) for node, arg, axis, role, half, tag, repeat in walk.tables]
-    return QueryKeyPath(attention, query.use, key.use, width, key.groups, heads, group_of_head,
-                        query.paired or key.paired, tuple(x for x in query.literals + key.literals if x),
-                        tuple(query.halves + key.halves), tuple(tables), tuple(query.caches + key.caches))
+    units = _units(width, query.ties + key.ties + [(query.layout, key.layout)])
+    slices = query.slices + key.slices
+    kinds = _kinds(units, slices)
+    tables = tuple(RotaryTable(node, arg, axis, layout, tuple(
+        group_of_head[i] if walk is query else i for i in _groups_of(tag, walk.groups, repeat)))
+        for walk in (query, key) for node, arg, axis, layout, tag, repeat in walk.tables)
+    path = QueryKeyPath(attention, query.use, key.use, width, key.groups, heads, group_of_head, units, kinds,
+                        tuple(query.widths + key.widths), tuple(slices), tables, tuple(query.caches + key.caches))
+    _check_slices(path)
+    return path
+
+
+def _units(width: int, ties: list) -> tuple[tuple[int, ...], ...]:
+    """The channels tied together by combining layouts position by position (union–find)."""
+    parent = list(range(width))
+
+    def root(c):
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for a, b in ties:
+        for x, y in zip(a, b):
+            parent[root(x)] = root(y)
+    units: dict = {}
+    for c in range(width):
+        units.setdefault(root(c), []).append(c)
+    return tuple(tuple(u) for u in sorted(units.values()))
+
+
+def _kinds(units, slices) -> tuple[int, ...]:
+    """Units alike for every slice: as many channels in what it reads and in what it takes."""
+    signatures = []
+    for unit in units:
+        members = set(unit)
+        signature = []
+        for node, layout in slices:
+            start, end, step = _slice_bounds(node, len(layout))
+            signature += [sum(c in members for c in layout), sum(c in members for c in layout[start:end:step])]
+        signatures.append(tuple(signature))
+    order = sorted(set(signatures))
+    return tuple(order.index(s) for s in signatures)
+
+
+def _slice_bounds(node: fx.Node, size: int) -> tuple[int, int, int]:
+    args = list(node.args) + [None] * (5 - len(node.args))
+    start, end, step = args[2] or 0, args[3], args[4] or 1
+    return start, size if end is None or end > size else end, step
+
+
+def narrowed_slice(node: fx.Node, layout: tuple[int, ...], kept: set) -> tuple[int, int] | None:
+    """The start and end of a last-dim slice of ``layout`` once only the channels ``kept`` remain, or
+    None if no bounds take from the narrowed layout the kept channels the slice took before."""
+    start, end, step = _slice_bounds(node, len(layout))
+    taken = [c for c in layout[start:end:step] if c in kept]
+    narrowed = [c for c in layout if c in kept]
+    if not taken:
+        return (0, 0)
+    bounds = narrowed.index(taken[0]), narrowed.index(taken[-1]) + 1
+    return bounds if narrowed[bounds[0]:bounds[1]:step] == taken else None
+
+
+def _check_slices(path: QueryKeyPath) -> None:
+    """Every slice must cut every head alike once each group keeps as many units of each kind: tried
+    with the first and the last half of every kind's units."""
+    by_kind: dict = {}
+    for unit, kind in zip(path.units, path.kinds):
+        by_kind.setdefault(kind, []).append(unit)
+    kept_sets = []
+    for last in (False, True):
+        kept: set = set()
+        for units in by_kind.values():
+            half = max(1, len(units) // 2)
+            kept |= {c for unit in (units[len(units) - half:] if last else units[:half]) for c in unit}
+        kept_sets.append(kept)
+    for node, layout in path.slices:
+        bounds = [narrowed_slice(node, layout, kept) for kept in kept_sets]
+        if None in bounds or len(set(bounds)) != 1:
+            raise _NotAPath(node, "a slice of the channels that deleting some of them would move")
 
 
 def _uncast(node):
@@ -385,6 +465,9 @@ def _repeat(tags: list, node: fx.Node, groups: int) -> int:
         if isinstance(tag, tuple) and "repeat" in tag:
             repeat = size // groups
     return repeat
+
+
+_PLURAL = {"query": "queries", "key": "keys"}
 
 
 def _region(operand: fx.Node, role: str) -> tuple[WeightUse, list[fx.Node]]:
@@ -424,93 +507,93 @@ def _walk(operand: fx.Node, width: int, role: str) -> _Walk:
     out = _shape(use.node)
     if len(out) < 2 or not isinstance(out[-1], int) or out[-1] % width:
         raise _NotAPath(use.node, f"the {role} projection's output is not whole heads")
-    walk = _Walk(use, [], out[-1] // width, literals=[], halves=[], tables=[], caches=[])
-    state = {use.node: (["batch"] * (len(out) - 1) + ["heads"], "all")}
+    walk = _Walk(use, out[-1] // width, ties=[], widths=[], slices=[], tables=[], caches=[])
+    state = {use.node: (["batch"] * (len(out) - 1) + ["heads"], None)}
     for node in region:
         inputs = [a for a in node.all_input_nodes if a in state]
-        tags, channels = state[inputs[0]]
+        tags, layout = state[inputs[0]]
         if tags[-1] == "heads":
             if is_op(node, *SAME_VALUES) or (is_op(node, aten.mul, aten.div) and not any(
                     isinstance(a, fx.Node) and a not in state and _shape(a)[-1:] not in ((), (1,)) for a in node.args)):
-                state[node] = (tags, channels)  # a cast, a scale
+                state[node] = (tags, layout)  # a cast, a scale
                 continue
             if not is_op(node, aten.view, aten.reshape, aten._unsafe_view):
                 raise _NotAPath(node, f"the {role} projection's output passes through an op that deleting channels "
                                       f"would change before it is split into heads (a norm over it, say)")
             if _shape(node)[-2:] != (walk.groups, width):
                 raise _NotAPath(node, f"the {role} projection's output is not split into heads of the attention's width")
-            walk.literals.append(_literal(node, width))
-            state[node] = (["batch"] * (len(_shape(node)) - 2) + [("group",), "width"], "all")
+            literal = _literal(node, width)
+            walk.widths += [(literal, tuple(range(width)))] if literal else []
+            state[node] = (["batch"] * (len(_shape(node)) - 2) + [("group",), "width"], tuple(range(width)))
             continue
-        layouts = [state[a] for a in inputs]
-        if is_op(node, aten.cat):
-            parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
-            if (len(parts) != 2 or any(p not in state for p in parts) or layouts[0][0] != layouts[-1][0]
-                    or sorted(c for _, c in layouts) != ["first", "second"] or dim % len(tags) != len(tags) - 1):
-                raise _NotAPath(node, f"the {role} channels are joined with something other than their other half")
-            state[node] = (tags, "all")
-            continue
-        if any(layout != (tags, channels) for layout in layouts):
-            raise _NotAPath(node, f"two {role} values of different layouts are combined")
-        state[node] = _step(node, tags, channels, inputs, width, role, walk)
-    tags, channels = state[operand]
-    if channels != "all" or tags[-1] != "width" or len(tags) < 3 or not isinstance(tags[-3], tuple):
-        raise _NotAPath(operand, f"the attention's {_PLURAL[role]} are not the projection's heads with their channels last")
-    walk.tags = tags
+        state[node] = _step(node, {a: state[a] for a in inputs}, role, walk)
+    tags, layout = state[operand]
+    if tags[-1] != "width" or len(tags) < 3 or not isinstance(tags[-3], tuple) or len(layout) != width:
+        raise _NotAPath(operand, f"the attention's {_PLURAL[role]} are not the projection's heads with their "
+                                 f"channels last")
+    walk.tags, walk.layout = tags, layout
     return walk
 
 
 _ELEMENTWISE = (aten.mul, aten.add, aten.sub, aten.div)
-_PLURAL = {"query": "queries", "key": "keys"}
 
 
-def _step(node: fx.Node, tags: list, channels: str, inputs: list, width: int, role: str, walk: _Walk):
-    """The layout (axis tags, which channels) after ``node``; records what narrowing must rewrite."""
-    nd, half = len(tags), width // 2
+def _step(node: fx.Node, states: dict, role: str, walk: _Walk):
+    """The axis tags and layout after ``node`` (``states``: those of its inputs on the way); records what
+    narrowing must rewrite."""
+    tags, layout = next(iter(states.values()))
+    nd = len(tags)
     last = (lambda d: isinstance(d, int) and d % nd == nd - 1)
+    if is_op(node, aten.cat, aten.stack):
+        parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+        whole = all(p in states and states[p][0] == tags for p in parts)
+        if is_op(node, aten.cat) and last(dim) and whole:
+            return tags, sum((states[p][1] for p in parts), ())
+        if is_op(node, aten.stack) and dim % (nd + 1) == nd and whole and len(parts) == 2 and len(node.users) == 1:
+            (flat,) = node.users  # a stack of two halves flattened: interleaved
+            if is_op(flat, aten.flatten) and tuple(flat.args[1:]) in ((-2,), (-2, -1), (nd - 1,), (nd - 1, nd)):
+                a, b = (states[p][1] for p in parts)
+                return tags + ["stack"], tuple(c for pair in zip(a, b) for c in pair)
+        raise _NotAPath(node, f"the {role} channels are joined with something fxslice cannot follow")
+    if tags[-1] == "stack":
+        if not is_op(node, aten.flatten):
+            raise _NotAPath(node, f"stacked {role} channels are not flattened")
+        return tags[:-1], layout
+    if any(t != tags or len(other) != len(layout) for t, other in states.values()):
+        raise _NotAPath(node, f"two {role} values of different shapes are combined")
     if is_op(node, aten.slice) and last(node.args[1] if len(node.args) > 1 else 0):
-        start, end = (list(node.args[2:4]) + [None, None])[:2]
-        if len(node.args) > 4 and node.args[4] != 1:
-            raise _NotAPath(node, f"every other {role} channel is taken (an interleaved rotary embedding)")
-        if channels == "all" and width % 2 == 0 and start in (0, None) and end == half:
-            walk.paired = True
-            walk.halves.append(ShapeLiteral(node, 3, None))
-            return tags, "first"
-        if channels == "all" and width % 2 == 0 and start == half and (end is None or end >= width):
-            walk.paired = True
-            walk.halves.append(ShapeLiteral(node, 2, None))
-            return tags, "second"
-        raise _NotAPath(node, f"a slice of the {role} channels that is not one half (an interleaved or partial "
-                              f"rotary embedding)")
+        start, end, step = _slice_bounds(node, len(layout))
+        walk.slices.append((node, layout))
+        return tags, layout[start:end:step]
     if is_op(node, aten.neg):
-        return tags, channels
+        return tags, layout
     if is_op(node, *_ELEMENTWISE):
+        walk.ties += [(layout, other) for _, other in states.values() if other != layout]
         for arg, other in enumerate(node.args[:2]):
-            if other in inputs or not isinstance(other, fx.Node):
+            if not isinstance(other, fx.Node) or other in states:
                 continue
             shape = _shape(other)
             if len(shape) == 0 or shape[-1] == 1:
                 continue
             heads_axis = next((i for i, t in enumerate(tags) if isinstance(t, tuple)), None)
-            if (shape[-1] != (width if channels == "all" else half) or len(shape) != nd
-                    or heads_axis is None or shape[heads_axis] != 1 or (is_op(node, aten.div) and arg == 1)):
+            if (shape[-1] != len(layout) or len(shape) != nd or heads_axis is None or shape[heads_axis] != 1
+                    or (is_op(node, aten.div) and arg == 1)):
                 raise _NotAPath(node, f"the {role} channels are combined with a tensor fxslice cannot index per head")
-            tag = tags[heads_axis]
-            walk.tables.append((node, arg, heads_axis, role, channels != "all", tag,
-                                _repeat(tags, node, walk.groups)))
-        return tags, channels
+            walk.tables.append((node, arg, heads_axis, layout, tags[heads_axis], _repeat(tags, node, walk.groups)))
+        return tags, layout
     if is_op(node, aten.index_copy_, aten.index_copy):
         buffer = node.args[0]
         if buffer.op != "get_attr" or last(node.args[1]):
             raise _NotAPath(node, f"{_PLURAL[role]} written into something other than a cache buffer")
         walk.caches.append(buffer.target)
-        return tags, channels
-    if channels != "all":
-        raise _NotAPath(node, f"half of the {role} channels pass through an op that is not a rotary embedding's")
+        return tags, layout
+    literals: list = []
     try:
-        return _follow(node, tags, width, walk.literals), channels
+        tags = _follow(node, tags, len(layout), literals)
     except _NotAPath as why:
         if "not a view" not in why.reason:
             raise
         raise _NotAPath(node, f"the {role} channels pass through an op that deleting channels would change "
                               f"(a norm over each head's channels, say)") from None
+    walk.widths += [(x, layout) for x in literals if x]
+    return tags, layout

@@ -3,10 +3,13 @@
 Head ``h`` scores ``Σ_j q_j k_j`` over its channels ``j`` against its key/value group's keys
 (``fxslice.analysis.attention``): deleting channel ``j`` from the query projection's rows of every head
 of a group and from the key projection's rows of that group deletes one term of each of those heads'
-scores and leaves the others as they were. Rotary embeddings rotate channel ``j`` with ``j + d_h/2``: a
-pair is kept or deleted whole, and the cos / sin tables are indexed by the kept channels of each head.
+scores and leaves the others as they were. A rotary embedding rotates channel ``j`` with ``j + d_h/2``
+(or, interleaved, with its neighbour): the channels it ties are kept or deleted together (a unit), and
+the cos / sin tables are indexed by the kept channels of each head. A partial rotary embedding slices
+the channels: every group keeps as many rotated pairs and as many passed-through channels, so that the
+slices cut every head alike.
 
-Which channels: the pairs with the largest bound on their term, ``‖q_j‖ ‖k_j‖`` over the calibration
+Which channels: the units with the largest bound on their term, ``‖q_j‖ ‖k_j‖`` over the calibration
 tokens (``‖q_j‖² = w_jᵀ C w_j`` for the projection's row ``w_j`` and ``C = Σ xᵀx`` of the input the
 projections share; a bias adds ``2 b w_jᵀ Σx + n b²``), summed over the heads of the group: the column /
 row selection of MoDeGPT's query/key compression. Nothing is refitted: a rotation mixes the two channels
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..analysis.attention import QueryKeyPath, RotaryTable, find_query_key_paths
+from ..analysis.attention import QueryKeyPath, RotaryTable, find_query_key_paths, narrowed_slice
 from ..analysis.ops import ParamAxis, ShapeLiteral
 from ..distributed import from_rank0
 from ..errors import UnsupportedGraphError, module_path
@@ -80,8 +83,7 @@ class ShrinkQueryKey(FxslicePass):
                               timings={f"{self.name}_s": time.perf_counter() - start})
 
     def _keep(self, path: QueryKeyPath) -> int:
-        keep = path.width if self.ratio == 0 else kept_width(1.0 - self.ratio, path.width, self.multiple_of)
-        return keep - keep % 2 if path.paired else keep
+        return path.width if self.ratio == 0 else kept_width(1.0 - self.ratio, path.width, self.multiple_of)
 
     def _calibrate(self, gm: fx.GraphModule, paths: list[QueryKeyPath], context: Context) -> list[list[list[int]]]:
         from ..calibrate import sweep_inner
@@ -118,33 +120,36 @@ def _energies(gm: fx.GraphModule, weight: str, axis: int, bias: str | None, stat
 
 
 def _choose(gm: fx.GraphModule, path: QueryKeyPath, statistics, keep: int) -> torch.Tensor:
-    """``[groups, keep]``: the channels each group keeps, in their order (pairs: first halves, then seconds)."""
+    """``[groups, k]``: the channels each group keeps, ascending: whole units, as many of each kind in
+    every group (so that slices cut every head alike), about ``keep`` channels in all."""
     d = path.width
     q = _energies(gm, path.query.weight, path.query.out_axis, path.query.bias, statistics).reshape(path.heads, d)
     k = _energies(gm, path.key.weight, path.key.out_axis, path.key.bias, statistics).reshape(path.groups, d)
+    kinds = sorted(set(path.kinds))
+    counts = {kind: round(keep / d * path.kinds.count(kind)) for kind in kinds}
     chosen = []
     for g in range(path.groups):
         q_g = q[[h for h in range(path.heads) if path.group_of_head[h] == g]].sum(0)
-        k_g = k[g]
-        if path.paired:  # a pair's length is what a rotation keeps
-            q_g, k_g = q_g[: d // 2] + q_g[d // 2 :], k_g[: d // 2] + k_g[d // 2 :]
-        score = (q_g * k_g).sqrt()  # Cauchy–Schwarz: |Σ_tokens q_j k_j| ≤ ‖q_j‖ ‖k_j‖
-        units = torch.topk(score, keep // 2 if path.paired else keep).indices.sort().values
-        chosen.append(torch.cat([units, units + d // 2]) if path.paired else units)
-    return torch.stack(chosen)
+        # Cauchy–Schwarz: |Σ_tokens Σ_{j in unit} q_j k_j| ≤ ‖q_unit‖ ‖k_unit‖ (a rotation keeps a pair's length)
+        score = torch.stack([(q_g[list(u)].sum() * k[g, list(u)].sum()).sqrt() for u in path.units])
+        kept = []
+        for kind in kinds:
+            mine = [i for i, other in enumerate(path.kinds) if other == kind]
+            best = torch.topk(score[mine], counts[kind]).indices.tolist()
+            kept += [c for i in best for c in path.units[mine[i]]]
+        chosen.append(sorted(kept))
+    return torch.tensor(chosen)
 
 
 def _insert_gathers(gm: fx.GraphModule, path: QueryKeyPath) -> list[tuple[RotaryTable, str, ShapeLiteral]]:
-    """Index each rotary table per head, all channels kept for now: ``table[..., index]`` laid out
-    ``[…, heads, …, channels]``. Returns (table, index buffer, the channel count written into the gather)."""
+    """Index each rotary table per head, every position kept for now: ``table[..., index]`` laid out
+    ``[…, heads, …, positions]``. Returns (table, index buffer, the position count written into the gather)."""
     gathers = []
     graph = gm.graph
     for table in path.tables:
         node, operand = table.node, table.node.args[table.arg]
-        width = path.width // 2 if table.half else path.width
-        heads = len(table.group_along_heads)
-        index = torch.arange(width).repeat(heads)
-        buffer = add_parameter(gm, f"{path.name}.{table.role}_table_index", index, before=node, buffer=True)
+        width, heads = len(table.layout), len(table.group_along_heads)
+        buffer = add_parameter(gm, f"{path.name}.table_index", torch.arange(width).repeat(heads), before=node, buffer=True)
         with graph.inserting_before(node):
             chosen = graph.call_function(aten.index_select.default, (operand, -1, buffer))
             split = graph.call_function(aten.unflatten.int, (chosen, -1, [heads, width]))
@@ -155,22 +160,41 @@ def _insert_gathers(gm: fx.GraphModule, path: QueryKeyPath) -> list[tuple[Rotary
     return gathers
 
 
+def _one_for_all(values: list, what: str, node: fx.Node):
+    if len(set(values)) != 1:
+        raise UnsupportedGraphError(f"shrink_query_key: the kept channels give the key/value groups different "
+                                    f"{what} at {node.format_node()}; please report this graph")
+    return values[0]
+
+
 def _narrow_graph(gm: fx.GraphModule, path: QueryKeyPath, gathers, channels: torch.Tensor) -> None:
     """Keep ``channels[g]`` of every query head of group ``g`` and of its keys: the projections' rows,
-    the widths written into the graph, the tables' indices, the key caches; pin the softmax scale."""
+    the widths and slice bounds written into the graph, the tables' indices, the key caches; pin the
+    softmax scale to the original width."""
     d, keep = path.width, channels.shape[1]
+    kept = [set(row) for row in channels.tolist()]
     query_rows = torch.cat([h * d + channels[path.group_of_head[h]] for h in range(path.heads)])
     key_rows = torch.cat([g * d + channels[g] for g in range(path.groups)])
     for use, rows in ((path.query, query_rows), (path.key, key_rows)):
         select_axis(gm, ParamAxis(use.weight, use.out_axis), rows)
         if use.bias is not None:
             select_axis(gm, ParamAxis(use.bias, use.bias_axis), rows)
-    write_width(path.literals, keep)
-    write_width(path.halves, keep // 2)
+    for literal, layout in path.widths:
+        write_width([literal], _one_for_all([sum(c in k for c in layout) for k in kept], "widths", literal.node))
+    for node, layout in path.slices:
+        start, end = _one_for_all([narrowed_slice(node, layout, k) for k in kept], "slices", node) or (None, None)
+        if start is None:
+            raise UnsupportedGraphError(f"shrink_query_key: no bounds of {node.format_node()} take the kept "
+                                        f"channels; please report this graph")
+        args = list(node.args) + [None] * (4 - len(node.args))
+        args[2] = start
+        if args[3] is not None and args[3] < len(layout):
+            args[3] = end
+        node.args = tuple(args)
     for table, target, literal in gathers:
-        units = channels[:, : keep // 2] if table.half else channels
-        set_tensor(gm, target, torch.cat([units[g] for g in table.group_along_heads]))
-        write_width([literal], units.shape[1])
+        positions = [[p for p, c in enumerate(table.layout) if c in kept[g]] for g in table.group_along_heads]
+        set_tensor(gm, target, torch.tensor([p for row in positions for p in row]))
+        write_width([literal], _one_for_all([len(row) for row in positions], "table widths", table.node))
     for target in path.caches:
         cache = get_tensor(gm, target)
         set_tensor(gm, target, cache.new_zeros(*cache.shape[:-1], keep))
