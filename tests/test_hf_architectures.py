@@ -100,7 +100,16 @@ QUERY_KEY_SKIPPED = {"qwen3": "norm over each head", "gpt2": "not made by one li
 """q/k norms and fused QKV projections: left whole, with the reason (phi and stablelm: partial rotary)."""
 
 
-@pytest.mark.parametrize("name", LISTED + ["cohere", "glm"])  # interleaved rotary pairs; partial and interleaved
+INNER_WIDTH_PATTERNS = {"llama", "qwen2", "phi", "opt", "qwen3", "gpt2", "cohere"}
+"""One of each attention pattern (grouped heads, biases, partial rotary, no rotary, q/k norms, fused QKV,
+interleaved rotary) in the default run; the other architectures with ``-m slow``."""
+
+
+def _patterns(names):
+    return [n if n in INNER_WIDTH_PATTERNS else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("name", _patterns(LISTED + ["cohere", "glm"]))  # interleaved; partial and interleaved
 def test_query_key_channels_deleted_are_exactly_those_zeroed(name, ids):
     # Half of each head's query/key channels deleted: the logits are the dense model's with those rows
     # zeroed (rotary tables indexed per head, softmax scale kept, every head reading its own group's keys).
@@ -134,3 +143,36 @@ def test_query_key_channels_deleted_are_exactly_those_zeroed(name, ids):
                             deleted[kept[group]] = False
                             heads[head, deleted] = 0
     assert relative_error(_logits(narrowed, ids), _logits(model, ids)) <= 1e-12
+
+
+@pytest.mark.parametrize("name", _patterns(LISTED))
+def test_values_of_lower_rank_narrow_exactly(name, ids):
+    # Each key/value group's values confined to half its channels' directions: narrowing every value head
+    # to half loses nothing (up to the damping), whatever the model's head layout.
+    from fxslice.analysis.attention import find_value_paths
+    from fxslice.passes.shrink_values import ShrinkValues
+
+    model = tiny_model(name, torch.float64)
+    paths, skipped = find_value_paths(fxslice.capture(model))
+    weights = {f"model.{n}": p for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for path in paths:
+            d, rank = path.width, path.width // 2
+            bases = [torch.randn(d, rank, generator=generator, dtype=torch.float64) for _ in range(path.groups)]
+            for target, axis in ((path.value.weight, path.value.out_axis), (path.value.bias, path.value.bias_axis)):
+                if target is not None:  # weight and bias in the same basis: x W + b stays in it
+                    groups = torch.movedim(weights[target], axis, 0).view(path.groups, d, -1)
+                    for g, basis in enumerate(bases):
+                        groups[g] = basis @ torch.randn(rank, groups.shape[-1], generator=generator, dtype=torch.float64)
+    calibration = [{"input_ids": torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(i))}
+                   for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        narrowed = fxslice.compile(model, [ShrinkValues(0.5, multiple_of=1, progress=False)], calibration=calibration)
+    details = fxslice.report(narrowed)["values"]
+    assert len(details["values"]) + len(details["skipped"]) == model.config.num_hidden_layers
+    assert {kept for _, width, kept in details["values"]} <= {8}
+    assert relative_error(_logits(narrowed, ids), _logits(model, ids)) <= 1e-4  # the damping (1e-6 of the mean variance)
+    if not paths:
+        assert skipped and name in ("gpt2", "gpt_neox")
