@@ -89,16 +89,23 @@ def test_inspect_lists_states_and_skips(tiny_hf_dir):
     (["slice", "{model}", "--ratio", "0.25", "--calibration", VALID, "--samples", "64", "--seq-len", "256",
       "--max-memory", "0.001", "--out", "{out}"], "needs an estimated"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, arguments, message):
+def test_bad_input_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, capsys, arguments, message):
+    # In this process (``python -m fxslice`` is ``cli.main``; the other tests run it as a command).
+    from fxslice.cli import main
+
     out = tmp_path / "out"
     filled = [str(a).format(model=tiny_hf_dir, out=out, tmp=tmp_path) for a in arguments]
-    result = fxslice(*filled, check=False)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    lines = result.stderr.replace("\r", "\n").strip().splitlines()
+    try:
+        code = main(filled)
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert message in stderr and "Traceback" not in stderr
+    lines = stderr.replace("\r", "\n").strip().splitlines()
     errors = [line for line in lines if ": error:" in line]
     # One error line, last; only progress lines (loading the model) may come before it.
-    assert len(errors) == 1 and lines[-1] == errors[0] and message in errors[0], result.stderr
+    assert len(errors) == 1 and lines[-1] == errors[0] and message in errors[0], stderr
     assert not out.exists()
 
 

@@ -10,6 +10,8 @@ stream's own precision when that is above float32. For those models the 1e-9 che
 against the original at 1e-9 directly.
 """
 
+import datetime
+import random
 import warnings
 
 import pytest
@@ -78,7 +80,12 @@ def test_rotation_is_close_in_float32_and_slicing_shrinks(name, ids):
     assert report["parameters"]["after"] < report["parameters"]["before"]
 
 
-@pytest.mark.parametrize("name", EXTRA)
+EXTRA_TODAY = set(random.Random(int(datetime.date.today().strftime("%Y%m%d"))).sample(EXTRA, 6))
+"""Six of the further architectures run by default, drawn by the date (the others on other days, and all
+with ``-m slow``)."""
+
+
+@pytest.mark.parametrize("name", [n if n in EXTRA_TODAY else pytest.param(n, marks=pytest.mark.slow) for n in EXTRA])
 def test_unlisted_architectures_through_the_same_calls(name, ids):
     model = tiny_model(name)
     reference = _logits(model, ids)

@@ -91,16 +91,22 @@ def value_module(path: ValuePath, prefix: str = "") -> str:
 
 def find_value_paths(gm: fx.GraphModule) -> tuple[list[ValuePath], list[SkippedValues]]:
     """Every value path of ``gm`` (graph order), and the value operands of attention that are not one."""
+    return _each_attention(gm, _value_path, "value")
+
+
+def _each_attention(gm: fx.GraphModule, build, role: str) -> tuple[list, list[SkippedValues]]:
+    """``build(attention)`` for every attention of ``gm`` (graph order), and those it refused, with the
+    reason; a projection (of ``role``) read by two attentions is refused too."""
     paths, skipped = [], []
     for attention in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
         try:
-            paths.append(_value_path(attention))
+            paths.append(build(attention))
         except _NotAPath as why:
             skipped.append(SkippedValues(why.node, why.reason))
     names = [p.name for p in paths]
     for path in paths:
         if names.count(path.name) > 1:
-            skipped.append(SkippedValues(path.value.node, "a value projection read by two attentions"))
+            skipped.append(SkippedValues(getattr(path, role).node, f"a {role} projection read by two attentions"))
     return [p for p in paths if names.count(p.name) == 1], skipped
 
 
@@ -343,17 +349,7 @@ class _Walk:
 def find_query_key_paths(gm: fx.GraphModule) -> tuple[list[QueryKeyPath], list[SkippedValues]]:
     """Every attention whose query and key channels can be deleted together (graph order), and those that
     cannot, with the node and the reason."""
-    paths, skipped = [], []
-    for attention in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
-        try:
-            paths.append(_query_key_path(attention))
-        except _NotAPath as why:
-            skipped.append(SkippedValues(why.node, why.reason))
-    names = [p.name for p in paths]
-    for path in paths:
-        if names.count(path.name) > 1:
-            skipped.append(SkippedValues(path.query.node, "a query projection read by two attentions"))
-    return [p for p in paths if names.count(p.name) == 1], skipped
+    return _each_attention(gm, _query_key_path, "query")
 
 
 def _query_key_path(attention: fx.Node) -> QueryKeyPath:
@@ -369,14 +365,17 @@ def _query_key_path(attention: fx.Node) -> QueryKeyPath:
         raise _NotAPath(attention, "the attention's query heads are not the query projection's heads")
     if not isinstance(heads, int) or not isinstance(key_heads, int) or heads % key_heads:
         raise _NotAPath(attention, "the query heads are not a multiple of the key heads")
-    group_of_key_head = _groups_of(key.tags[-3], key.groups, _repeat(key.tags, key_operand, key.groups))
-    group_of_head = tuple(group_of_key_head[h // (heads // key_heads)] for h in range(heads))
+    try:
+        group_of_key_head = _groups_of(key.tags[-3], key.groups, _repeat(key.tags, key_operand, key.groups))
+        group_of_head = tuple(group_of_key_head[h // (heads // key_heads)] for h in range(heads))
+        tables = tuple(RotaryTable(node, arg, axis, layout, tuple(
+            group_of_head[i] if walk is query else i for i in _groups_of(tag, walk.groups, repeat)))
+            for walk in (query, key) for node, arg, axis, layout, tag, repeat in walk.tables)
+    except ValueError:
+        raise _NotAPath(attention, "the heads are repeated in a way fxslice cannot map to their groups") from None
     units = _units(width, query.ties + key.ties + [(query.layout, key.layout)])
     slices = query.slices + key.slices
     kinds = _kinds(units, slices)
-    tables = tuple(RotaryTable(node, arg, axis, layout, tuple(
-        group_of_head[i] if walk is query else i for i in _groups_of(tag, walk.groups, repeat)))
-        for walk in (query, key) for node, arg, axis, layout, tag, repeat in walk.tables)
     path = QueryKeyPath(attention, query.use, key.use, width, key.groups, heads, group_of_head, units, kinds,
                         tuple(query.widths + key.widths), tuple(slices), tables, tuple(query.caches + key.caches))
     _check_slices(path)

@@ -31,7 +31,7 @@ from ..analysis.attention import QueryKeyPath, RotaryTable, find_query_key_paths
 from ..analysis.ops import ParamAxis, ShapeLiteral
 from ..distributed import from_rank0
 from ..errors import UnsupportedGraphError, module_path
-from ..graph import add_parameter, aten, get_tensor, set_tensor
+from ..graph import add_parameter, aten, get_tensor, graph_device, set_tensor
 from ..plan import Plan
 from ..rewrite import select_axis, write_width
 from .base import Context, FxslicePass, kept_width
@@ -149,7 +149,8 @@ def _insert_gathers(gm: fx.GraphModule, path: QueryKeyPath) -> list[tuple[Rotary
     for table in path.tables:
         node, operand = table.node, table.node.args[table.arg]
         width, heads = len(table.layout), len(table.group_along_heads)
-        buffer = add_parameter(gm, f"{path.name}.table_index", torch.arange(width).repeat(heads), before=node, buffer=True)
+        index = torch.arange(width, device=graph_device(gm)).repeat(heads)
+        buffer = add_parameter(gm, f"{path.name}.table_index", index, before=node, buffer=True)
         with graph.inserting_before(node):
             chosen = graph.call_function(aten.index_select.default, (operand, -1, buffer))
             split = graph.call_function(aten.unflatten.int, (chosen, -1, [heads, width]))
@@ -193,7 +194,7 @@ def _narrow_graph(gm: fx.GraphModule, path: QueryKeyPath, gathers, channels: tor
         node.args = tuple(args)
     for table, target, literal in gathers:
         positions = [[p for p, c in enumerate(table.layout) if c in kept[g]] for g in table.group_along_heads]
-        set_tensor(gm, target, torch.tensor([p for row in positions for p in row]))
+        set_tensor(gm, target, torch.tensor([p for row in positions for p in row], device=get_tensor(gm, target).device))
         write_width([literal], _one_for_all([len(row) for row in positions], "table widths", table.node))
     for target in path.caches:
         cache = get_tensor(gm, target)
