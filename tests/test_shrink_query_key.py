@@ -14,7 +14,7 @@ from fxslice import UnsupportedGraphError, shrink_query_key
 from fxslice.analysis.attention import find_query_key_paths
 from fxslice.passes.shrink_query_key import ShrinkQueryKey
 from strategies import TinyLM, architectures, example_ids
-from test_shrink_values import GROUPS, HEAD_DIM, HEADS, calibration, compress, grouped_llama
+from test_shrink_values import GROUPS, HEAD_DIM, HEADS, compress, grouped_llama
 
 PAIRS = 4  # pairs (j, j + HEAD_DIM/2) that carry anything in dead_pairs' models
 
