@@ -89,9 +89,12 @@ def test_inspect_lists_states_and_skips(tiny_hf_dir):
     (["slice", "{model}", "--ratio", "0.25", "--calibration", VALID, "--samples", "64", "--seq-len", "256",
       "--max-memory", "0.001", "--out", "{out}"], "needs an estimated"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, capsys, arguments, message):
-    # In this process (``python -m fxslice`` is ``cli.main``; the other tests run it as a command).
+def test_bad_input_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, capsys, monkeypatch, arguments, message):
+    # In this process (``python -m fxslice`` is ``cli.main``; the other tests run it as a command), with
+    # an environment of its own: --max-memory sets one for the process, which later commands would inherit.
     from fxslice.cli import main
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))
 
     out = tmp_path / "out"
     filled = [str(a).format(model=tiny_hf_dir, out=out, tmp=tmp_path) for a in arguments]
