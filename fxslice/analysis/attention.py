@@ -20,7 +20,7 @@ attention written as matmuls) makes the candidate a ``SkippedValues`` with the n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.fx as fx
 
@@ -85,6 +85,19 @@ class _NotAPath(Exception):
         self.node, self.reason = node, reason
 
 
+class _UnknownOp(_NotAPath):
+    """The channels pass through an op none of the walk's rules follows."""
+
+
+def _cache_buffer(node: fx.Node, what: str) -> str:
+    """The buffer an ``index_copy_`` writes ``what`` into along another dim than the channels (a decoding
+    graph's cache)."""
+    buffer = node.args[0]
+    if buffer.op != "get_attr" or node.args[1] in (-1, len(_shape(node)) - 1):
+        raise _NotAPath(node, f"{what} written into something other than a cache buffer")
+    return buffer.target
+
+
 def value_module(path: ValuePath, prefix: str = "") -> str:
     return module_path(path.value.node, prefix)
 
@@ -125,10 +138,7 @@ def _value_path(attention: fx.Node) -> ValuePath:
         if not isinstance(node, fx.Node) or node.op != "call_function":
             raise _NotAPath(attention, "the attention's values come from no linear through views and head repeats")
         if is_op(node, aten.index_copy_, aten.index_copy):
-            buffer = node.args[0]
-            if buffer.op != "get_attr" or node.args[1] in (-1, len(_shape(node)) - 1):
-                raise _NotAPath(node, "values written into something other than a cache buffer")
-            caches.append(buffer.target)
+            caches.append(_cache_buffer(node, "values"))
             chain.append(node)
             node = node.args[3]
             continue
@@ -156,15 +166,11 @@ def _value_path(attention: fx.Node) -> ValuePath:
         raise _NotAPath(attention, "the attention's value heads are not the projection's groups")
     out_shape = _shape(attention)
     heads = out_shape[-3] if len(out_shape) >= 3 else None
-    repeat = 1
-    for tag, size in zip(tags, _shape(chain[-1])):
-        if isinstance(tag, tuple) and "repeat" in tag:
-            repeat = size // groups
     value_head_count = _shape(chain[-1])[-3]
     if not isinstance(heads, int) or heads % value_head_count:
         raise _NotAPath(attention, "the query heads are not a multiple of the value heads")
     per_value_head = heads // value_head_count  # enable_gqa: query head h reads value head h // per_value_head
-    group_of_value_head = _groups_of(value_heads, groups, repeat)
+    group_of_value_head = _groups_of(value_heads, groups, _repeat(tags, chain[-1], groups))
     group_of_head = tuple(group_of_value_head[h // per_value_head] for h in range(heads))
     output, after, merged = _output_of(attention, heads, width)
     return ValuePath(use, output, width, groups, heads, group_of_head, tuple(x for x in literals + after if x),
@@ -235,7 +241,7 @@ def _follow(node: fx.Node, tags: list, width: int, literals: list) -> list:
                 if isinstance(tags[i], tuple) and isinstance(tags[i + 1], tuple):
                     return tags[:i] + [tags[i] + tags[i + 1]] + tags[i + 2:]
         raise _NotAPath(node, "a reshape mixes the value heads with other dims")
-    raise _NotAPath(node, "the values pass through an op that is not a view, transpose or head repeat")
+    raise _UnknownOp(node, "the values pass through an op that is not a view, transpose or head repeat")
 
 
 def _output_of(attention: fx.Node, heads: int, width: int
@@ -337,13 +343,13 @@ class _Walk:
 
     use: WeightUse
     groups: int
-    tags: list = None
+    tags: list = field(default_factory=list)
     layout: tuple = ()
-    ties: list = None  # pairs of layouts combined position by position
-    widths: list = None
-    slices: list = None
-    tables: list = None  # (node, arg, heads axis, layout, tag, repeat)
-    caches: list = None
+    ties: list = field(default_factory=list)  # pairs of layouts combined position by position
+    widths: list = field(default_factory=list)
+    slices: list = field(default_factory=list)
+    tables: list = field(default_factory=list)  # (node, arg, heads axis, layout, tag, repeat)
+    caches: list = field(default_factory=list)
 
 
 def find_query_key_paths(gm: fx.GraphModule) -> tuple[list[QueryKeyPath], list[SkippedValues]]:
@@ -459,6 +465,7 @@ def _uncast(node):
 
 
 def _repeat(tags: list, node: fx.Node, groups: int) -> int:
+    """How many copies of each of ``groups`` heads an axis tagged with a repeat holds in ``node``."""
     repeat = 1
     for tag, size in zip(tags, _shape(node)):
         if isinstance(tag, tuple) and "repeat" in tag:
@@ -506,7 +513,7 @@ def _walk(operand: fx.Node, width: int, role: str) -> _Walk:
     out = _shape(use.node)
     if len(out) < 2 or not isinstance(out[-1], int) or out[-1] % width:
         raise _NotAPath(use.node, f"the {role} projection's output is not whole heads")
-    walk = _Walk(use, out[-1] // width, ties=[], widths=[], slices=[], tables=[], caches=[])
+    walk = _Walk(use, out[-1] // width)
     state = {use.node: (["batch"] * (len(out) - 1) + ["heads"], None)}
     for node in region:
         inputs = [a for a in node.all_input_nodes if a in state]
@@ -581,17 +588,12 @@ def _step(node: fx.Node, states: dict, role: str, walk: _Walk):
             walk.tables.append((node, arg, heads_axis, layout, tags[heads_axis], _repeat(tags, node, walk.groups)))
         return tags, layout
     if is_op(node, aten.index_copy_, aten.index_copy):
-        buffer = node.args[0]
-        if buffer.op != "get_attr" or last(node.args[1]):
-            raise _NotAPath(node, f"{_PLURAL[role]} written into something other than a cache buffer")
-        walk.caches.append(buffer.target)
+        walk.caches.append(_cache_buffer(node, _PLURAL[role]))
         return tags, layout
     literals: list = []
     try:
         tags = _follow(node, tags, len(layout), literals)
-    except _NotAPath as why:
-        if "not a view" not in why.reason:
-            raise
+    except _UnknownOp:
         raise _NotAPath(node, f"the {role} channels pass through an op that deleting channels would change "
                               f"(a norm over each head's channels, say)") from None
     walk.widths += [(x, layout) for x in literals if x]

@@ -33,7 +33,7 @@ from ..graph import eliminate_dead_code, graph_device, refresh_shapes, tensor_me
 from ..plan import PassSpec, Plan, Skipped, plan_of, set_plan
 
 __all__ = ["CONTEXT", "Context", "FxslicePass", "PassResult", "calibrated", "check_invariants", "context_of",
-           "kept_width", "order_problems", "replaying", "run_passes", "skipped_regions"]
+           "kept_width", "order_problems", "recorded", "replaying", "run_passes", "skipped_regions"]
 
 CONTEXT = "fxslice.context"
 """``gm.meta`` key of the ``Context`` while a pipeline runs (never saved)."""
@@ -227,6 +227,16 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[FxslicePass], calibration: A
                     f"please report it with the model: {type(error).__name__}: {error}"
                 ) from error
     return gm
+
+
+def recorded(context: Context, pass_name: str, key: str, names: list[str], what: str) -> dict:
+    """Replaying: the kept width (or channels) the plan records for each name under
+    ``details[pass_name][key]`` (rows ``[name, before, after]``); the graph must have exactly ``names``."""
+    rows = {name: kept for name, _, kept in context.replay.details.get(pass_name, {}).get(key, ())}
+    if sorted(rows) != sorted(names):
+        raise UnsupportedGraphError(f"{pass_name}: the plan records the {what} {sorted(rows)}, the graph has "
+                                    f"{sorted(names)}")
+    return rows
 
 
 def skipped_regions(regions, strict: bool, what: str) -> tuple[Skipped, ...]:

@@ -37,7 +37,7 @@ from ..errors import UnsupportedGraphError, module_path
 from ..graph import get_tensor, set_tensor, tensor_meta, unique_parameters
 from ..plan import Plan
 from ..rewrite import narrow_axis, select_axis, write_width
-from .base import Context, FxslicePass, kept_width
+from .base import Context, FxslicePass, kept_width, recorded
 
 __all__ = ["ShrinkMLP", "budget_widths", "check_budget", "prune_channels", "shrink_mlp"]
 
@@ -130,12 +130,8 @@ class ShrinkMLP(FxslicePass):
         if self.strict and skipped:
             raise UnsupportedGraphError("shrink_mlp: " + " | ".join(str(s) for s in skipped))
         if context.replay is not None:
-            recorded = {name: kept for name, _, kept in context.replay.details.get(ShrinkMLP.name, {}).get("mlps", ())}
-            missing = [m.name for m in mlps if m.name not in recorded]
-            if missing or len(recorded) != len(mlps):
-                raise UnsupportedGraphError(f"shrink_mlp: the plan records the MLPs {sorted(recorded)}, the graph "
-                                            f"has {[m.name for m in mlps]}")
-            widths = [recorded[m.name] for m in mlps]
+            kept = recorded(context, ShrinkMLP.name, "mlps", [m.name for m in mlps], "MLPs")
+            widths = [kept[m.name] for m in mlps]
             for mlp, k in zip(mlps, widths):
                 for side in (*mlp.channel_sides, mlp.down.input_side()):
                     narrow_axis(gm, side, k)

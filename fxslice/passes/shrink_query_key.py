@@ -34,7 +34,7 @@ from ..errors import UnsupportedGraphError, module_path
 from ..graph import add_parameter, aten, get_tensor, graph_device, set_tensor
 from ..plan import Plan
 from ..rewrite import select_axis, write_width
-from .base import Context, FxslicePass, kept_width
+from .base import Context, FxslicePass, kept_width, recorded
 
 __all__ = ["ShrinkQueryKey", "shrink_query_key"]
 
@@ -65,11 +65,8 @@ class ShrinkQueryKey(FxslicePass):
         if self.strict and skipped:
             raise UnsupportedGraphError("shrink_query_key: " + " | ".join(str(s) for s in skipped))
         if context.replay is not None:
-            recorded = {name: kept for name, _, kept in context.replay.details.get(self.name, {}).get("channels", ())}
-            if sorted(recorded) != sorted(p.name for p in paths):
-                raise UnsupportedGraphError(f"shrink_query_key: the plan records the query projections {sorted(recorded)}, "
-                                            f"the graph has {sorted(p.name for p in paths)}")
-            kept = [recorded[p.name] for p in paths]
+            channels_of = recorded(context, self.name, "channels", [p.name for p in paths], "query projections")
+            kept = [channels_of[p.name] for p in paths]
             for path, channels in zip(paths, kept):
                 if len(channels[0]) < path.width:
                     _narrow_graph(gm, path, _insert_gathers(gm, path), torch.tensor(channels))

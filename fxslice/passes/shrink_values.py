@@ -29,7 +29,7 @@ from ..errors import UnsupportedGraphError, module_path
 from ..graph import get_tensor, set_tensor
 from ..plan import Plan
 from ..rewrite import narrow_axis, write_width
-from .base import Context, FxslicePass, kept_width
+from .base import Context, FxslicePass, kept_width, recorded
 
 __all__ = ["ShrinkValues", "shrink_values", "value_transform"]
 
@@ -76,11 +76,8 @@ class ShrinkValues(FxslicePass):
         if self.strict and skipped:
             raise UnsupportedGraphError("shrink_values: " + " | ".join(str(s) for s in skipped))
         if context.replay is not None:
-            recorded = {name: kept for name, _, kept in context.replay.details.get(self.name, {}).get("values", ())}
-            if sorted(recorded) != sorted(p.name for p in paths):
-                raise UnsupportedGraphError(f"shrink_values: the plan records the value projections {sorted(recorded)}, "
-                                            f"the graph has {sorted(p.name for p in paths)}")
-            widths = [recorded[p.name] for p in paths]
+            kept = recorded(context, self.name, "values", [p.name for p in paths], "value projections")
+            widths = [kept[p.name] for p in paths]
             for path, keep in zip(paths, widths):
                 for side in (*path.value_sides(), path.output_side()):
                     narrow_axis(gm, side, keep)
