@@ -1,5 +1,7 @@
 """The command line: slice, eval, generate, inspect; bad input is one line on stderr and nothing written."""
 
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -11,8 +13,30 @@ import pytest
 VALID = pathlib.Path(__file__).resolve().parent.parent / "data" / "wikitext-2" / "valid.txt"
 
 
-def fxslice(*args, check=True):
+def command(*args, check=True):
+    """``python -m fxslice …`` as a command (the module fixture below runs one this way)."""
     result = subprocess.run([sys.executable, "-m", "fxslice", *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def fxslice(*args, check=True):
+    """``python -m fxslice …`` run in this process (``cli.main``: no interpreter and imports to start), with
+    an environment of its own (``--max-memory`` sets a variable later commands would otherwise inherit)."""
+    from fxslice.cli import main
+
+    out, err, environ = io.StringIO(), io.StringIO(), os.environ
+    os.environ = dict(environ)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exit:  # argparse's own errors
+                code = exit.code
+    finally:
+        os.environ = environ
+    result = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -21,7 +45,7 @@ def fxslice(*args, check=True):
 @pytest.fixture(scope="module")
 def sliced_dir(tiny_hf_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "sliced"
-    result = fxslice("slice", tiny_hf_dir, "--ratio", "0.25", "--calibration", VALID, "--samples", "8",
+    result = command("slice", tiny_hf_dir, "--ratio", "0.25", "--calibration", VALID, "--samples", "8",
                      "--seq-len", "32", "--out", out)
     assert "saved to" in result.stdout
     return out
@@ -89,21 +113,11 @@ def test_inspect_lists_states_and_skips(tiny_hf_dir):
     (["slice", "{model}", "--ratio", "0.25", "--calibration", VALID, "--samples", "64", "--seq-len", "256",
       "--max-memory", "0.001", "--out", "{out}"], "needs an estimated"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, capsys, monkeypatch, arguments, message):
-    # In this process (``python -m fxslice`` is ``cli.main``; the other tests run it as a command), with
-    # an environment of its own: --max-memory sets one for the process, which later commands would inherit.
-    from fxslice.cli import main
-
-    monkeypatch.setattr(os, "environ", dict(os.environ))
-
+def test_bad_input_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, arguments, message):
     out = tmp_path / "out"
-    filled = [str(a).format(model=tiny_hf_dir, out=out, tmp=tmp_path) for a in arguments]
-    try:
-        code = main(filled)
-    except SystemExit as exit:  # argparse's own errors
-        code = exit.code
-    stderr = capsys.readouterr().err
-    assert code == 2
+    result = fxslice(*[str(a).format(model=tiny_hf_dir, out=out, tmp=tmp_path) for a in arguments], check=False)
+    stderr = result.stderr
+    assert result.returncode == 2
     assert message in stderr and "Traceback" not in stderr
     lines = stderr.replace("\r", "\n").strip().splitlines()
     errors = [line for line in lines if ": error:" in line]

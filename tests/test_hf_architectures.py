@@ -10,7 +10,9 @@ stream's own precision when that is above float32. For those models the 1e-9 che
 against the original at 1e-9 directly.
 """
 
+import copy
 import datetime
+import functools
 import random
 import warnings
 
@@ -20,6 +22,7 @@ import torch
 import fxslice
 from conftest import relative_error
 from fxslice import fuse_norm, rotate, slice
+from fxslice.passes import run_passes
 from hf_zoo import EXTRA, LISTED, tiny_model
 
 FLOAT32_NORMS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "granite"}
@@ -29,6 +32,27 @@ def _compile(model, passes):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fxslice.compile(model, passes)
+
+
+@functools.cache
+def _captured(name: str, dtype: torch.dtype):
+    """The tiny model and its graph, captured once per architecture and dtype (capture is most of the time
+    a compile takes on these models)."""
+    model = tiny_model(name, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, fxslice.capture(model)
+
+
+def _compiled(name: str, dtype: torch.dtype, passes, calibration=None):
+    """``(model, fxslice.compile(model, passes, calibration=…))``, on a copy of the cached capture:
+    ``compile`` is ``capture`` then ``run_passes`` (test_compiled_causal_lm_keeps_its_config calls it whole)."""
+    from fxslice.model import SlicedCausalLM
+
+    model, gm = _captured(name, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, SlicedCausalLM(run_passes(copy.deepcopy(gm), passes, calibration), model.config)
 
 
 def _logits(model, ids):
@@ -43,8 +67,7 @@ def ids():
 
 @pytest.mark.parametrize("name", LISTED)
 def test_capture_matches_the_model_at_new_shapes(name, ids):
-    model = tiny_model(name)
-    gm = fxslice.capture(model)  # example inputs derived from the config
+    model, gm = _captured(name, torch.float32)  # example inputs derived from the config
     for batch, length in [(1, 5), (3, 13)]:
         x = ids[:batch, :length]
         out = gm(input_ids=x, attention_mask=torch.ones_like(x))
@@ -54,10 +77,10 @@ def test_capture_matches_the_model_at_new_shapes(name, ids):
 
 @pytest.mark.parametrize("name", LISTED)
 def test_rotation_is_exact_in_float64(name, ids):
-    model = tiny_model(name, torch.float64)
+    model, _ = _captured(name, torch.float64)
     reference = _logits(model, ids)
-    fused = _logits(_compile(model, [fuse_norm]), ids)
-    rotated = _logits(_compile(model, [fuse_norm, rotate]), ids)
+    fused = _logits(_compiled(name, torch.float64, [fuse_norm])[1], ids)
+    rotated = _logits(_compiled(name, torch.float64, [fuse_norm, rotate])[1], ids)
     assert relative_error(rotated, fused) <= 1e-9
     tolerance = 1e-6 if name in FLOAT32_NORMS else 1e-9
     assert relative_error(rotated, reference) <= tolerance, "rotated model drifted from the original"
@@ -65,11 +88,10 @@ def test_rotation_is_exact_in_float64(name, ids):
 
 @pytest.mark.parametrize("name", LISTED)
 def test_rotation_is_close_in_float32_and_slicing_shrinks(name, ids):
-    model = tiny_model(name)
+    model, rotated = _compiled(name, torch.float32, [fuse_norm, rotate])
     reference = _logits(model, ids)
-    rotated = _compile(model, [fuse_norm, rotate])
     assert relative_error(_logits(rotated, ids), reference) <= 1e-4
-    sliced = _compile(model, [fuse_norm, rotate, slice(0.25)])
+    _, sliced = _compiled(name, torch.float32, [fuse_norm, rotate, slice(0.25)])
     assert _logits(sliced, ids).shape == reference.shape
     report = fxslice.report(sliced)
     assert report["skipped"] == []
@@ -87,10 +109,10 @@ with ``-m slow``)."""
 
 @pytest.mark.parametrize("name", [n if n in EXTRA_TODAY else pytest.param(n, marks=pytest.mark.slow) for n in EXTRA])
 def test_unlisted_architectures_through_the_same_calls(name, ids):
-    model = tiny_model(name)
+    model, rotated = _compiled(name, torch.float32, [fuse_norm, rotate])
     reference = _logits(model, ids)
-    assert relative_error(_logits(_compile(model, [fuse_norm, rotate]), ids), reference) <= 1e-4
-    sliced = _compile(model, [fuse_norm, rotate, slice(0.25)])
+    assert relative_error(_logits(rotated, ids), reference) <= 1e-4
+    _, sliced = _compiled(name, torch.float32, [fuse_norm, rotate, slice(0.25)])
     assert _logits(sliced, ids).shape == reference.shape
     assert fxslice.report(sliced)["skipped"] == []
 
@@ -127,16 +149,15 @@ def test_query_key_channels_deleted_are_exactly_those_zeroed(name, ids):
 
     calibration = [{"input_ids": torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(i))}
                    for i in range(2)]
-    model = tiny_model(name, torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        narrowed = fxslice.compile(model, [ShrinkQueryKey(0.5, multiple_of=2, progress=False)], calibration=calibration)
+    dense, narrowed = _compiled(name, torch.float64, [ShrinkQueryKey(0.5, multiple_of=2, progress=False)], calibration)
     details = fxslice.report(narrowed)["query_key"]
     if name in QUERY_KEY_SKIPPED:
         assert not details["heads"] and all(QUERY_KEY_SKIPPED[name] in s for s in details["skipped"])
         return
     assert not details["skipped"] and {kept for _, _, kept in details["heads"]} == {8}
-    paths = {p.name: p for p in find_query_key_paths(fxslice.capture(model))[0]}
+    paths = {p.name: p for p in find_query_key_paths(copy.deepcopy(_captured(name, torch.float64)[1]))[0]}
+    model = tiny_model(name, torch.float64)  # the same weights as ``dense``, whose rows are zeroed below
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), dense.parameters()))
     weights = {f"model.{n}": p for n, p in model.named_parameters()}
     with torch.no_grad():
         for name_, width, kept in plan_of(graph_module(narrowed)).details["shrink_query_key"]["channels"]:
