@@ -343,11 +343,22 @@ class _Sweep:
         for b, env in self._environments():
             for node in segment:
                 env[node] = self._run(node, env)
+                self._drop_read(node, env, (target,))
             if observe is not None:
                 observe(b, env[target])
             for node in [n for n in env if n.op != "placeholder" and self.last_use.get(n, -1) <= end]:
                 del env[node]
         self.cursor = end + 1
+
+    def _drop_read(self, node: fx.Node, env: dict, observed: tuple) -> None:
+        """Values ``node`` was the last to read leave ``env`` at once (but the ``observed`` ones): one batch's
+        segment holds only what is still to be read, as a plain forward does (an MLP's inner values,
+        attention's scores)."""
+        here = self.position[node]
+        for value in (*node.all_input_nodes, node):  # ``node`` itself when nothing reads it (an in-place copy)
+            if (value not in observed and value.op != "placeholder" and value in env
+                    and self.last_use.get(value, -1) <= here):
+                del env[value]
 
     def start_of(self, nodes, target: fx.Node) -> int:
         """The earliest position from which ``peek(target)`` may recompute, given that ``nodes`` must be
@@ -371,6 +382,7 @@ class _Sweep:
             scratch = dict(env)
             for node in segment:
                 scratch[node] = self._run(node, scratch)
+                self._drop_read(node, scratch, (target, groups))
             observe(b, scratch[target], *([scratch[groups]] if groups is not None else []))
 
     def transform(self, nodes: frozenset, matrix: torch.Tensor, anchor: fx.Node | None = None) -> float:
@@ -493,8 +505,9 @@ def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.
     sequential scheme as the residual sweep).
 
     Only values before the ``ups`` are cached while the statistics are gathered: the ``ups`` to ``node``
-    run once into scratch for the statistics and once more, from the shrunk weights, for what follows,
-    so no MLP's inner values are ever held at full width for every batch."""
+    run once into scratch for the statistics and once more, from the shrunk weights, within the next
+    segment, so an MLP's inner values are never held for every batch (only the stream crosses from one
+    segment into the next)."""
     sweep = _Sweep(gm, batches, [node for node, _, _ in inputs])
     for index, (node, groups, ups) in enumerate(tqdm(inputs, desc=desc, disable=not progress or rank() != 0, unit=unit)):
         first = sweep.start_of(ups, node)
@@ -504,7 +517,8 @@ def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.
         sweep.peek(node, statistics, groups)
         statistics.h, statistics.sum, statistics.tokens = total((statistics.h, statistics.sum, statistics.tokens))
         apply(index, statistics)
-        sweep.run_until(node)
+        # Nothing runs on to ``node``: the next MLP's ``run_until`` computes these ups again from the
+        # shrunk weights, a batch at a time, so no inner value is cached for every batch at any width.
 
 
 READS_BLOCK = 16384

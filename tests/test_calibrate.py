@@ -353,3 +353,28 @@ def test_calibration_runs_in_place_writes_that_have_no_users():
     assert torch.isfinite(sliced(ids)).all()
     kept = [s["kept_variance"] for s in fxslice.report(sliced)["states"]]
     assert all(0.5 < k <= 1.0 for k in kept), kept
+
+
+@pytest.mark.parametrize("passes", [[fuse_norm, rotate, slice(0.25)], [fxslice.shrink_mlp(0.5, multiple_of=2)]],
+                         ids=["residual sweep", "inner sweep"])
+def test_the_sweep_holds_no_value_past_its_last_reader(monkeypatch, passes):
+    # A batch's segment runs like a plain forward: what no later node reads is dropped as soon as its last
+    # reader has run (an MLP's inner values, attention's scores), not when the segment ends; the memory
+    # estimate (fxslice.memory) assumes exactly this.
+    from fxslice.calibrate import _Sweep
+
+    held, runs = [], []
+    original = _Sweep._run
+
+    def run(self, node, env):
+        if node in self.position:
+            runs.append(node)
+            here = self.position[node]
+            held.extend(n.name for n in env if n.op != "placeholder" and self.last_use.get(n, -1) < here)
+        return original(self, node, env)
+
+    monkeypatch.setattr(_Sweep, "_run", run)
+    arch = Arch(width=16, heads=2, depth=3, mlp=24)
+    compile_quietly(TinyLM(arch).double().eval(), passes, example_inputs=(example_ids(arch),),
+                    calibration=batches(arch, n=2))
+    assert len(runs) > 50 and held == []

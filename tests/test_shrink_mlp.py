@@ -73,13 +73,14 @@ class ReluMLP(nn.Module):
         return self.down(F.relu(self.up(x)))
 
 
-def test_no_mlp_inner_value_is_cached_at_full_width(monkeypatch):
-    # The memory the calibration sweep holds: an MLP's inner values at full width for every batch would be
-    # the largest thing it caches; they are only computed into scratch for the statistics.
+def test_no_mlp_inner_value_is_cached_for_every_batch(monkeypatch):
+    # The memory the calibration sweep holds: an MLP's inner values for every batch would be the largest
+    # thing it caches (at full width, or at the kept width between the refit and the down projection);
+    # they are computed into scratch for the statistics and again within the next segment, a batch at a time.
     from fxslice.calibrate import _Sweep
 
     arch = Arch(width=16, heads=2, depth=3, mlp=24)
-    cached_widths = []
+    cached_widths, calls = [], []
     original_init, original_run_until = _Sweep.__init__, _Sweep.run_until
 
     def init(self, gm, batches, targets):
@@ -88,13 +89,15 @@ def test_no_mlp_inner_value_is_cached_at_full_width(monkeypatch):
 
     def run_until(self, target, *args, **kwargs):
         original_run_until(self, target, *args, **kwargs)
+        calls.append(target)
         cached_widths.extend((n.name, env[n].shape[-1]) for env in self.envs for n in self.inner_nodes if n in env)
 
     monkeypatch.setattr(_Sweep, "__init__", init)
     monkeypatch.setattr(_Sweep, "run_until", run_until)
-    _compile(TinyLM(arch).double().eval(), [shrink_mlp(0.5, multiple_of=2)], _arch_calibration(arch), (example_ids(arch),))
-    # Cached for the ops after each MLP's inner node; the sweep stops at the last MLP's (batches: 2).
-    assert len(cached_widths) == 2 * (arch.depth - 1) and {width for _, width in cached_widths} == {12}
+    shrunk = _compile(TinyLM(arch).double().eval(), [shrink_mlp(0.5, multiple_of=2)], _arch_calibration(arch),
+                      (example_ids(arch),))
+    assert len(calls) == arch.depth and cached_widths == []  # looked at after each segment
+    assert {kept for _, _, kept in fxslice.report(shrunk)["inner"]["mlps"]} == {12}
 
 
 def test_dead_and_constant_channels_go_first_and_their_removal_is_exact():
