@@ -24,9 +24,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _quiet_torch():
-    # pytest-xdist runs several workers at once: the cores are shared among them.
+    # pytest-xdist runs several workers at once: the cores are shared among them. Session-wide, so module
+    # fixtures compute with the same thread count as the tests (and the child processes told it).
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // workers)))
     yield
