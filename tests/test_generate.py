@@ -280,8 +280,8 @@ def test_a_model_whose_capture_is_specialised_to_its_length_calibrates_runs_any_
     assert not (tmp_path / "pt2").exists()
 
 
-@pytest.mark.parametrize("name", ["recurrent_gemma", pytest.param("xlstm", marks=pytest.mark.slow)],
-                         ids=["module-attributes", "own-cache-class"])
+@pytest.mark.slow  # over 40 s on 2 busy cores; recurrent_gemma's census row (tests/test_zoo.py) checks the same
+@pytest.mark.parametrize("name", ["recurrent_gemma", "xlstm"], ids=["module-attributes", "own-cache-class"])
 def test_recurrent_states_held_outside_a_transformers_cache_are_buffers_reset_for_each_prompt(name):
     # RecurrentGemma's blocks hold their convolution and recurrent states as plain attributes
     # (``self.conv1d_state = ...``), None until a cached call, reassigned at every step; xLSTM takes only
