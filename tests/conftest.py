@@ -33,6 +33,12 @@ def _quiet_torch():
     yield
 
 
+def same_threads() -> str:
+    """A line for a child Python process that compares logits bitwise with this one: the same thread count
+    (a matmul split another way may sum in another order)."""
+    return f"import torch; torch.set_num_threads({torch.get_num_threads()})\n"
+
+
 def word_tokenizer(vocab_size: int = 128):
     """A whitespace word-level tokenizer over the most frequent words of the calibration text (offline)."""
     import collections

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fxslice
+from conftest import same_threads
 from fxslice import Rotate, fuse_norm, rotate, slice
 from fxslice.errors import UnsupportedGraphError
 from hf_zoo import tiny_model
@@ -35,8 +36,7 @@ def compress(name="llama", dtype=torch.float32, passes=(fuse_norm, rotate, slice
 
 def run_alone(code: str, *, block_transformers: bool = True) -> str:
     blocked = WITHOUT_FXSLICE + ("sys.modules['transformers'] = None\n" if block_transformers else "")
-    # The same number of threads as this process: a matmul split otherwise may sum in another order.
-    blocked += f"import torch; torch.set_num_threads({torch.get_num_threads()})\n"
+    blocked += same_threads()
     result = subprocess.run([sys.executable, "-c", blocked + code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

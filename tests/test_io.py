@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fxslice
+from conftest import same_threads
 from fxslice import UnsupportedGraphError, fuse_norm, rotate, slice
 from fxslice.plan import plan_of
 from hf_zoo import tiny_model
@@ -40,10 +41,8 @@ def test_directory_holds_weights_recipe_and_config_and_no_pickle(saved):
 
 def test_reload_in_a_fresh_process_is_bitwise_identical_without_calibration(saved):
     _, directory = saved
-    # The same number of threads as this process: a matmul split otherwise may sum in another order.
-    code = textwrap.dedent(f"""
+    code = same_threads() + textwrap.dedent(f"""
         import torch, fxslice
-        torch.set_num_threads({torch.get_num_threads()})
         model = fxslice.load({str(directory)!r})
         ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(5))
         assert torch.equal(model(input_ids=ids).logits, torch.load({str(directory.parent / 'logits.pt')!r}))
