@@ -280,7 +280,7 @@ def test_a_model_whose_capture_is_specialised_to_its_length_calibrates_runs_any_
     assert not (tmp_path / "pt2").exists()
 
 
-@pytest.mark.slow  # over 40 s on 2 busy cores; recurrent_gemma's census row (tests/test_zoo.py) checks the same
+@pytest.mark.slow  # among the slowest tests; recurrent_gemma's census row (tests/test_zoo.py) checks the same
 @pytest.mark.parametrize("name", ["recurrent_gemma", "xlstm"], ids=["module-attributes", "own-cache-class"])
 def test_recurrent_states_held_outside_a_transformers_cache_are_buffers_reset_for_each_prompt(name):
     # RecurrentGemma's blocks hold their convolution and recurrent states as plain attributes
