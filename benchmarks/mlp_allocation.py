@@ -14,6 +14,10 @@ MLP whose loss after the removal is least (minimax), the loss divided by
 * ``own``: the MLP's own output energy ``‖h W‖²`` (a relative error of the module);
 * ``stream``: the energy of the residual stream after the layer;
 * ``own_floorN``: as ``own``, no MLP below ``N`` channels;
+* ``fisher``: multiplied by the mean squared gradient of the loss at the MLP's output (one backward pass
+  of the dense model over the same 8 sequences), so the error is counted at what it costs downstream;
+* ``fisherdiag``: each output dimension's error weighted by its own mean squared gradient;
+* ``…_half``: each MLP halfway between that allocation's width and the uniform width;
 
 and ``uniform`` is ``slice(budget=…)``'s rule (every MLP the same fraction). Reads SmolLM2's Hugging Face
 modules through hooks (``model.model.layers[i].mlp.down_proj``): a measurement, not library code.
@@ -36,13 +40,15 @@ GRID = 64
 RIDGE = 1e-2
 
 
-def held_out_path(c_fit: torch.Tensor, c_test: torch.Tensor, w: torch.Tensor) -> dict[int, float]:
+def held_out_path(c_fit: torch.Tensor, c_test: torch.Tensor, w: torch.Tensor,
+                  fisher: torch.Tensor) -> dict[int, tuple[float, float]]:
     """``‖h (W − β_k)‖²`` over the held-out Gram ``c_test`` at widths ``m, m − 64, …, 64``, along the greedy
-    removal path fitted on ``c_fit`` (8 channels at a time)."""
+    removal path fitted on ``c_fit`` (8 channels at a time), and the same error with each output dimension
+    ``j`` weighted by ``fisher[j]``, the loss's mean squared gradient there: ``Σ_j F_j (Dᵀ C D)_jj``."""
     m = w.shape[0]
     damp = RIDGE * float(c_fit.diagonal().mean())
     a = torch.cholesky_inverse(torch.linalg.cholesky(c_fit + damp * torch.eye(m, dtype=c_fit.dtype)))
-    beta, alive, out, k = w.clone(), torch.ones(m, dtype=torch.bool), {m: 0.0}, m
+    beta, alive, out, k = w.clone(), torch.ones(m, dtype=torch.bool), {m: (0.0, 0.0)}, m
     while k > GRID:
         cost = (beta * beta).sum(1) / a.diagonal()
         cost[~alive] = math.inf
@@ -55,8 +61,36 @@ def held_out_path(c_fit: torch.Tensor, c_test: torch.Tensor, w: torch.Tensor) ->
         k -= 8
         if k % GRID == 0:
             d = w - beta
-            out[k] = float(((c_test @ d) * d).sum())
+            per_output = ((c_test @ d) * d).sum(0)
+            out[k] = (float(per_output.sum()), float(per_output @ fisher))
     return out
+
+
+def output_fisher(model, pre: dict) -> list[torch.Tensor]:
+    """Per MLP, the mean over tokens of the squared gradient of the next-token loss (summed over the
+    sequence) with respect to each dimension of the MLP's output: one backward pass of the dense model."""
+    layers = model.model.layers
+    fisher = [torch.zeros(model.config.hidden_size, dtype=torch.float64) for _ in layers]
+    hooks = []
+    for i, layer in enumerate(layers):
+        def down_hook(module, args, out, i=i):
+            def grad_hook(g, i=i):
+                fisher[i] += (g.detach().double() ** 2).reshape(-1, g.shape[-1]).sum(0)
+            out.register_hook(grad_hook)
+
+        hooks.append(layer.mlp.down_proj.register_forward_hook(down_hook))
+    # the weights stay frozen; the embedding's output asks for gradients so the stream's are computed
+    hooks.append(model.model.embed_tokens.register_forward_hook(lambda m, a, out: out.requires_grad_()))
+    ids = pre["input_ids"]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for s in range(ids.shape[0]):
+        with torch.enable_grad():
+            logits = model(input_ids=ids[s:s + 1]).logits[0, :-1].float()
+            torch.nn.functional.cross_entropy(logits, ids[s, 1:], reduction="sum").backward()
+    for hook in hooks:
+        hook.remove()
+    return [f / ids.numel() for f in fisher]
 
 
 def measure_curves(model, pre: dict) -> list[dict]:
@@ -83,24 +117,30 @@ def measure_curves(model, pre: dict) -> list[dict]:
         model(**pre)
     for hook in hooks:
         hook.remove()
+    fisher = output_fisher(model, pre)
     curves = []
     for i, layer in enumerate(layers):
         w = layer.mlp.down_proj.weight.detach().double().T  # m × n (y = h W)
         errors: dict[int, float] = {}
+        weighted: dict[int, float] = {}
         for f in (0, 1):
-            for k, v in held_out_path(grams[i][1 - f], grams[i][f], w).items():
+            for k, (v, u) in held_out_path(grams[i][1 - f], grams[i][f], w, fisher[i]).items():
                 errors[k] = errors.get(k, 0.0) + v
+                weighted[k] = weighted.get(k, 0.0) + u
         own = sum(float(((grams[i][f] @ w) * w).sum()) for f in (0, 1))
-        curves.append({"errors": errors, "own": own, "stream": energy[i]})
+        curves.append({"errors": errors, "fisherdiag": weighted, "own": own, "stream": energy[i],
+                       "fisher": float(fisher[i].mean()), "one": 1.0})
     return curves
 
 
 def allocate(curves: list[dict], width: int, remove: int, norm: str, floor: int = GRID) -> list[int]:
     def loss(i: int, k: int) -> float:
-        e = curves[i]["errors"]
+        e = curves[i]["fisherdiag" if norm == "fisherdiag" else "errors"]
         lo, hi = max(x for x in e if x <= k), min(x for x in e if x >= k)
         v = e[lo] if lo == hi else e[lo] + (e[hi] - e[lo]) * (k - lo) / (hi - lo)
-        return v / curves[i][norm]
+        if norm == "fisher":
+            return v * curves[i]["fisher"]
+        return v / curves[i]["one" if norm == "fisherdiag" else norm]
 
     widths = [width] * len(curves)
     while remove > 0:
@@ -140,9 +180,12 @@ def main() -> None:
                 start = time.perf_counter()
                 curves = measure_curves(model, calibration[0])
                 print(f"held-out removal paths: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-            norm, _, floor = variant.partition("_floor")
+            base, half, _ = variant.partition("_half")
+            norm, _, floor = base.partition("_floor")
             remove = math.ceil((dense - args.budget * dense) / per_channel / 8) * 8
             row["widths"] = allocate(curves, width, remove, norm, int(floor or GRID))
+            if half:  # halfway between the allocation and the uniform fraction, the same total
+                row["widths"] = [8 * round((w + width - remove / len(curves)) / 16) for w in row["widths"]]
             passes = [fuse_norm, shrink_mlp(widths=row["widths"])]
         compressed = fxslice.compile(model, passes, calibration=calibration)
         row["ratio"] = fxslice.report(compressed)["parameters"]["ratio"]
