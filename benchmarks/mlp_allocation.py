@@ -19,7 +19,9 @@ MLP whose loss after the removal is least (minimax), the loss divided by
 * ``fisherdiag``: each output dimension's error weighted by its own mean squared gradient;
 * ``…_half``: each MLP halfway between that allocation's width and the uniform width;
 
-and ``uniform`` is ``slice(budget=…)``'s rule (every MLP the same fraction). Reads SmolLM2's Hugging Face
+and ``uniform`` is ``slice(budget=…)``'s rule (every MLP the same fraction); ``sensitivity`` is
+``slice(budget=…, schedule="sensitivity")``, the library's form of ``fisher_half`` (its error curves
+in-sample, on the dense model's first 4096 calibration tokens). Reads SmolLM2's Hugging Face
 modules through hooks (``model.model.layers[i].mlp.down_proj``): a measurement, not library code.
 """
 
@@ -175,6 +177,8 @@ def main() -> None:
             continue
         if variant == "uniform":
             passes = [fuse_norm, slice(budget=args.budget)]
+        elif variant == "sensitivity":  # the library's schedule: in-sample curves, Fisher weights, halfway
+            passes = [fuse_norm, slice(budget=args.budget, schedule="sensitivity")]
         else:
             if curves is None:
                 start = time.perf_counter()
@@ -187,7 +191,11 @@ def main() -> None:
             if half:  # halfway between the allocation and the uniform fraction, the same total
                 row["widths"] = [8 * round((w + width - remove / len(curves)) / 16) for w in row["widths"]]
             passes = [fuse_norm, shrink_mlp(widths=row["widths"])]
+        start = time.perf_counter()
         compressed = fxslice.compile(model, passes, calibration=calibration)
+        row["compress_s"] = round(time.perf_counter() - start, 1)
+        if "inner" in fxslice.report(compressed) and variant == "sensitivity":
+            row["widths"] = [k for _, _, k in fxslice.report(compressed)["inner"]["mlps"]]
         row["ratio"] = fxslice.report(compressed)["parameters"]["ratio"]
         row["held_out_perplexity"] = perplexity(compressed, tokenizer, held, 512, max_windows=24)
         print(json.dumps(row), flush=True)

@@ -40,9 +40,10 @@ ROWS = [
 ]
 """``ratio schedule [head] [shared] [norescale] [seed=N]``: ``head`` slices the states the head reads too;
 ``shared`` uses one rotation for the whole stream (no skip matrices); ``norescale`` is SliceGPT's
-algorithm (``slice(..., rescale=False)``); ``seed`` draws other calibration windows. ``budget B [fused] [seed=N]``:
-``[slice(budget=B)]`` (at most B× the dense parameters, MLP inner widths); ``fused`` runs ``fuse_norm``
-before it, which folds every norm's scale into copies of the weights that read it."""
+algorithm (``slice(..., rescale=False)``); ``seed`` draws other calibration windows.
+``budget B [fused] [sensitivity] [seed=N]``: ``[slice(budget=B)]`` (at most B× the dense parameters, MLP
+inner widths); ``fused`` runs ``fuse_norm`` before it, which folds every norm's scale into copies of the
+weights that read it; ``sensitivity`` spreads the budget with ``schedule="sensitivity"``."""
 
 BUDGET_ROWS = ["dense", "budget 0.90", "budget 0.89", "budget 0.89 seed=43", "budget 0.89 seed=44", "budget 0.85",
                "budget 0.80", "budget 0.75", "budget 0.70"]
@@ -118,7 +119,8 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
         row["perplexity"] = perplexity(model, tokenizer, test, seq_len, max_windows=windows)
         return row
     if words[0] == "budget":
-        passes = [fuse_norm] * ("fused" in words) + [slice(budget=float(words[1]))]
+        schedule = "sensitivity" if "sensitivity" in words else "constant"
+        passes = [fuse_norm] * ("fused" in words) + [slice(budget=float(words[1]), schedule=schedule)]
     else:
         ratio, schedule = float(words[0]), words[1]
         rotation = Rotate(shared="shared" in words, progress=False)

@@ -33,8 +33,9 @@ from .capture import refusal
 from .graph import flat_inputs, get_tensor, graph_device, mutates
 from .rewrite import scale_normed_sinks
 
-__all__ = ["RESCALE_EXPONENT", "SPECTRUM_TOKENS", "Batch", "Batches", "InnerStatistics", "PCARotation",
-           "batch_tokens", "check_calibration", "first_tokens", "gram", "lost_fraction", "pca", "sweep_inner"]
+__all__ = ["RESCALE_EXPONENT", "SENSITIVITY_TOKENS", "SPECTRUM_TOKENS", "Batch", "Batches", "InnerStatistics",
+           "PCARotation", "batch_tokens", "check_calibration", "first_tokens", "gram", "lost_fraction",
+           "output_sensitivity", "pca", "sweep_inner"]
 
 RESCALE_EXPONENT = 8.0
 """After a state is sliced, the sinks of the norms reading it are multiplied by ``mean(r)^-8``, where
@@ -519,6 +520,87 @@ def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.
         apply(index, statistics)
         # Nothing runs on to ``node``: the next MLP's ``run_until`` computes these ups again from the
         # shrunk weights, a batch at a time, so no inner value is cached for every batch at any width.
+
+
+SENSITIVITY_TOKENS = 4096
+"""Calibration tokens ``output_sensitivity`` back-propagates through (a sequence at a time)."""
+
+
+def output_sensitivity(gm: fx.GraphModule, batches: list[Batch], nodes: list[fx.Node],
+                       tokens: int = SENSITIVITY_TOKENS, progress: bool = True) -> list[float]:
+    """For each of ``nodes``: the mean over the elements of its value of ``(∂L/∂y)²``, ``L`` the
+    next-token cross-entropy summed over a sequence's real tokens. That is the diagonal of the empirical
+    Fisher: an error ``e`` added to ``y`` raises the loss by about ``F ‖e‖²``, so errors made at
+    different places of the model are counted at what they cost downstream.
+
+    One backward pass per sequence over the first ``tokens`` calibration tokens, the weights frozen: every
+    activation of one sequence is held for it (unlike the sweeps, which hold one segment's)."""
+    watched = {node: i for i, node in enumerate(nodes)}
+    squares, counts = [0.0] * len(nodes), [0] * len(nodes)
+
+    def record(i: int):
+        def hook(grad: torch.Tensor) -> None:
+            squares[i] += float(grad.detach().to(torch.float64).square().sum())
+            counts[i] += grad.numel()
+        return hook
+
+    class Watched(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            value = super().run_node(n)
+            if n in watched and isinstance(value, torch.Tensor) and value.is_floating_point():
+                if not value.requires_grad:  # the first watched value: the gradient starts flowing here
+                    value.requires_grad_()
+                value.register_hook(record(watched[n]))
+            return value
+
+    frozen = [p for p in gm.parameters() if p.requires_grad]
+    share = first_tokens(batches, -(-tokens // world_size()))
+    sequences = [row for batch in share for row in _sequences(batch)]
+    device = graph_device(gm)
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for args, kwargs in tqdm(sequences, desc="fxslice: output sensitivity", unit="seq",
+                                 disable=not progress or rank() != 0):
+            args, kwargs = optree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x,
+                                           (args, kwargs), none_is_leaf=True)
+            ids = kwargs.get("input_ids", next((x for x in optree.tree_leaves(args) if isinstance(x, torch.Tensor)
+                                                and x.dim() == 2 and not x.is_floating_point()), None))
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+                raise CalibrationError("the sensitivity schedule needs the calibration batches' input_ids (a "
+                                       "[batch, tokens] tensor) to compute the next-token loss")
+            with torch.enable_grad():
+                out = Watched(gm).run(*flat_inputs(gm, args, kwargs))
+                leaves = [out.logits] if hasattr(out, "logits") else optree.tree_leaves(out)
+                logits = next((x for x in leaves if isinstance(x, torch.Tensor) and x.dim() == 3
+                               and x.shape[:2] == ids.shape), None)
+                if logits is None:
+                    raise CalibrationError("the sensitivity schedule needs logits of shape [batch, tokens, vocab] "
+                                           "among the graph's outputs")
+                mask = kwargs.get("attention_mask")
+                real = (torch.ones_like(ids, dtype=torch.bool) if not isinstance(mask, torch.Tensor)
+                        else mask.to(torch.bool))
+                scored = real[:, 1:] & real[:, :-1]
+                predicted = logits[:, :-1][scored]
+                predicted = predicted.to(torch.promote_types(predicted.dtype, torch.float32))
+                loss = torch.nn.functional.cross_entropy(predicted, ids[:, 1:][scored], reduction="sum")
+                if loss.requires_grad:
+                    loss.backward()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    squares, counts = total((squares, counts))
+    return [s / c if c else 0.0 for s, c in zip(squares, counts)]
+
+
+def _sequences(batch: Batch) -> list[Batch]:
+    """A batch as one batch per sequence (every tensor input whose leading size is the batch's is cut)."""
+    leaves = [x for x in optree.tree_leaves(batch) if isinstance(x, torch.Tensor) and x.dim() > 1]
+    if not leaves:
+        return [batch]
+    rows = leaves[0].shape[0]
+    return [optree.tree_map(lambda x: x[r:r + 1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows
+                            else x, batch, none_is_leaf=True) for r in range(rows)]
 
 
 READS_BLOCK = 16384

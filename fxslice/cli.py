@@ -88,8 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
     s.add_argument("--batch-size", type=_positive, default=8)
     s.add_argument("--seed", type=int, default=42)
-    s.add_argument("--schedule", choices=["constant", "spectrum", "readers"], default="constant",
-                   help="how widths are spread over the states (slice's schedule=; choose on validation text)")
+    s.add_argument("--schedule", choices=["constant", "spectrum", "readers", "sensitivity"], default="constant",
+                   help="how widths are spread over the states (slice's schedule=; choose on validation text); "
+                        "with --budget: constant or sensitivity (MLP widths by their losses counted downstream)")
     s.add_argument("--shared", action="store_true", help="one rotation per stream: no skip matrices")
     head = s.add_mutually_exclusive_group()
     head.add_argument("--slice-head", dest="head", action="store_const", const=True,
@@ -201,6 +202,12 @@ def _slice_on_this_process(args) -> None:
     from fxslice.loading import load_causal_lm, load_tokenizer
     from fxslice.streaming import is_checkpoint
 
+    # Built first: options that do not go together are refused before the model is loaded.
+    if args.budget is not None:
+        passes = [slice(budget=args.budget, schedule=args.schedule)]
+    else:
+        passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.head,
+                                                                 rescale=not args.no_rescale)]
     out = _out_directory(args.out, args.overwrite)
     if args.max_memory is not None:
         from fxslice.memory import MAX_MEMORY_ENV
@@ -220,11 +227,6 @@ def _slice_on_this_process(args) -> None:
     batches = calibration_batches(tokenizer, args.calibration, args.samples, args.seq_len, args.batch_size, args.seed)
     batches = distributed.share(batches)  # under torchrun, this process's share of the batches
     start = time.perf_counter()
-    if args.budget is not None:
-        passes = [slice(budget=args.budget)]
-    else:
-        passes = [fuse_norm, Rotate(shared=args.shared), slice(args.ratio, schedule=args.schedule, head=args.head,
-                                                                 rescale=not args.no_rescale)]
     sliced = fxslice.compile(model, passes, calibration=batches, **options)
     report = fxslice.report(sliced)
     fxslice.save(sliced, out, tokenizer=tokenizer, overwrite=args.overwrite)

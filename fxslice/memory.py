@@ -12,6 +12,9 @@ batch's shapes, which gives the bytes of every value it computes. From them:
   copies (a few ``d × d`` float64 matrices).
 - ``weights``: the rewritten copy of the weights the passes build next to the model's own (for a
   streamed model, the store's budget: ``fxslice.streaming``).
+- ``backward`` (only for passes that back-propagate, before the sweep): every value one sequence
+  computes (views left out) is kept for the backward pass; counted beyond what the sweep itself needs,
+  since the two never run at once.
 """
 
 from __future__ import annotations
@@ -83,8 +86,9 @@ def _alive(gm: fx.GraphModule, sizes: dict[fx.Node, int]) -> tuple[dict[fx.Node,
     return crossing, peak
 
 
-def calibration_estimate(gm: fx.GraphModule, batches: list) -> dict[str, int]:
-    """Bytes a calibration sweep of ``gm`` over ``batches`` needs, by kind (see the module docstring)."""
+def calibration_estimate(gm: fx.GraphModule, batches: list, backward: bool = False) -> dict[str, int]:
+    """Bytes a calibration sweep of ``gm`` over ``batches`` needs, by kind (see the module docstring);
+    ``backward``: a pass back-propagates a sequence at a time."""
     from .analysis.regions import find_regions
     from .calibrate import batch_tokens
     from .graph import STREAMED, tensor_meta, tensor_targets
@@ -110,7 +114,19 @@ def calibration_estimate(gm: fx.GraphModule, batches: list) -> dict[str, int]:
     store = gm.meta.get(STREAMED)
     if store is not None:  # streamed: at most the store's budget of weights is in memory
         weights = min(weights, store.budget)
-    return {"weights": weights, "cached": cached, "batch": peak, "statistics": 6 * widest * widest * 8}
+    estimate = {"weights": weights, "cached": cached, "batch": peak, "statistics": 6 * widest * widest * 8}
+    if backward:
+        leaves = [x for x in optree.tree_leaves(largest) if isinstance(x, torch.Tensor) and x.dim() > 1]
+        rows = leaves[0].shape[0] if leaves else 1
+        sequence = sum(v for n, v in sizes.items() if n.op == "call_function" and not _is_view(n)) // rows
+        estimate["backward"] = max(0, sequence - cached - peak - estimate["statistics"])
+    return estimate
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether the op returns a view of its input (no bytes of its own)."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
 
 
 def available_bytes(device: torch.device | str = "cpu") -> int | None:

@@ -105,6 +105,8 @@ def test_inspect_lists_states_and_skips(tiny_hf_dir):
     (["slice", "{model}", "--budget", "0", "--calibration", VALID, "--out", "{out}"], "must be in (0, 1]"),
     (["slice", "{model}", "--budget", "0.9", "--ratio", "0.25", "--calibration", VALID, "--out", "{out}"],
      "not allowed with argument"),
+    (["slice", "{model}", "--ratio", "0.25", "--schedule", "sensitivity", "--calibration", VALID, "--out", "{out}"],
+     "spreads a parameter budget"),
     (["eval", "{tmp}", "--text", VALID], "not an fxslice model"),
     (["generate", "{model}", "hello"], "not an fxslice model"),
     (["inspect", "{tmp}/nowhere"], "not found"),

@@ -41,6 +41,18 @@ def test_cached_activations_grow_with_the_batches_and_hold_at_least_the_stream(l
     assert one["statistics"] >= 8 * model.config.intermediate_size ** 2
 
 
+def test_a_backward_pass_adds_one_sequences_values_beyond_the_sweeps(llama):
+    model, gm = llama
+    (args, kwargs), = batches(1, length=128, rows=2)
+    alone, backward = (calibration_estimate(gm, [(args, kwargs)], backward=b) for b in (False, True))
+    assert "backward" not in alone and {k: v for k, v in backward.items() if k != "backward"} == alone
+    sizes = value_bytes(gm, args, kwargs)
+    # At least the logits and every linear's output of one sequence, less what the sweep holds anyway.
+    linears = sum(v for n, v in sizes.items() if n.op == "call_function" and "linear" in str(n.target)) // 2
+    assert backward["backward"] >= linears - alone["cached"] - alone["batch"] - alone["statistics"] > 0
+    assert backward["backward"] < sum(sizes.values()) // 2
+
+
 def test_a_job_that_cannot_fit_is_refused_before_the_model_changes(monkeypatch):
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -12,7 +12,9 @@ from torch import nn
 import fxslice
 from conftest import relative_error
 from fxslice import UnsupportedGraphError, fuse_norm, rotate, shrink_mlp, slice
-from fxslice.passes.shrink_mlp import prune_channels
+from fxslice.analysis.mlps import find_mlps
+from fxslice.calibrate import check_calibration, output_sensitivity
+from fxslice.passes.shrink_mlp import curve_at, error_curve, prune_channels, sensitive_widths
 from fxslice.plan import plan_of
 from hf_zoo import LISTED, tiny_model
 from strategies import Arch, GroupedExperts, TinyLM, example_ids, architectures
@@ -265,14 +267,14 @@ def test_each_expert_keeps_its_own_channels():
     assert relative_error(further(x), model(x)) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["phi3", "mixtral"])
-def test_fused_projections_and_experts_meet_a_budget(name, tmp_path):
+@pytest.mark.parametrize("name, schedule", [("phi3", "constant"), ("mixtral", "constant"), ("mixtral", "sensitivity")])
+def test_fused_projections_and_experts_meet_a_budget(name, schedule, tmp_path):
     # phi3: gate and up in one linear, chunked in the graph; mixtral: experts as 3-D weights.
     model = tiny_model(name, torch.float32 if name == "mixtral" else torch.float64)
     model.generation_config.eos_token_id = None
     calibration = [{"input_ids": torch.randint(0, 100, (4, 24), generator=torch.Generator().manual_seed(s))}
                    for s in range(2)]
-    shrunk = _compile(model, [fuse_norm, slice(budget=0.75)], calibration)
+    shrunk = _compile(model, [fuse_norm, slice(budget=0.75, schedule=schedule)], calibration)
     report = fxslice.report(shrunk)
     dense = sum(p.numel() for p in model.parameters())
     assert report["parameters"]["after"] == sum(p.numel() for p in shrunk.parameters()) <= 0.75 * dense
@@ -286,3 +288,95 @@ def test_fused_projections_and_experts_meet_a_budget(name, tmp_path):
     for _ in range(4):
         chain = torch.cat([chain, loaded(input_ids=chain).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, chain)
+
+
+# --------------------------------------------------------------------------- the sensitivity schedule
+def test_output_sensitivity_is_the_mean_squared_gradient_of_the_loss_at_each_node():
+    arch = Arch(width=16, heads=2, kv_heads=1, mlp=32, depth=3, vocab=20, bias=True)
+    model = TinyLM(arch).double().eval()
+    batches = check_calibration(_arch_calibration(arch))
+    gm = fxslice.capture(model, (example_ids(arch),))
+    downs = [m.down.node for m in find_mlps(gm)[0]]
+    assert len(downs) == arch.depth
+    measured = output_sensitivity(gm, list(batches), downs, progress=False)
+    # The same with autograd on the eager model: every sequence's summed next-token loss, on its own.
+    squares, outputs = [0.0] * arch.depth, {}
+    hooks = [block.mlp.down.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+             for i, block in enumerate(model.blocks)]
+    count = 0
+    for (ids,), _ in batches:
+        for row in ids:
+            logits = model(row[None])
+            for out in outputs.values():
+                out.retain_grad()
+            F.cross_entropy(logits[0, :-1], row[1:], reduction="sum").backward()
+            for i, out in outputs.items():
+                squares[i] += float(out.grad.square().sum())
+            count += row.numel() * arch.width
+            model.zero_grad()
+    for hook in hooks:
+        hook.remove()
+    expected = [v / count for v in squares]
+    assert measured == pytest.approx(expected, rel=1e-10)
+    assert len(set(round(v, 12) for v in expected)) == arch.depth  # the layers differ: a real check
+
+
+def test_the_error_curve_is_the_damped_refit_error_along_the_removal_path():
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(200, 24, dtype=torch.float64, generator=generator) * torch.linspace(0.1, 2.0, 24, dtype=torch.float64)
+    w = torch.randn(24, 5, dtype=torch.float64, generator=generator)
+    c = h.T @ h
+    ridge = 1e-2
+    curve = error_curve(c, w, ridge, points=6)
+    assert sorted(curve, reverse=True) == [24, 20, 16, 12, 8] and curve[24] == 0.0
+    damped = c + ridge * float(c.diagonal().mean()) * torch.eye(24, dtype=torch.float64)
+    for k in (20, 12, 8):
+        kept, beta = prune_channels(c, w, k, ridge, block=4)
+        full = torch.zeros_like(w)
+        full[kept] = beta
+        d = w - full
+        assert curve[k] == pytest.approx(float((d * (damped @ d)).sum()), rel=1e-9)
+    assert curve_at(curve, 14) == pytest.approx((curve[12] + curve[16]) / 2)
+    assert curve[8] > curve[12] > curve[16] > curve[20] > 0
+
+
+def test_sensitive_widths_meet_the_goal_and_keep_more_where_loss_costs_more():
+    base = {k: float((64 - k) ** 2) for k in range(0, 65, 8)}
+    curves = [base, {k: 100 * v for k, v in base.items()}, base]
+    per_channel, now = [10, 10, 10], 10_000
+    goal = now - 96 * 10  # 96 channels must go
+    widths = sensitive_widths(curves, [64, 64, 64], [32, 32, 32], per_channel, now, goal)
+    assert now - sum((64 - k) * 10 for k in widths) <= goal
+    # The sensitive MLP keeps more, the two alike keep the same; halfway to the uniform 32 each.
+    assert widths[1] > widths[0] == widths[2] and all(k % 8 == 0 for k in widths)
+    assert widths == [24, 48, 24]
+    with pytest.raises(UnsupportedGraphError, match="cannot meet the budget"):
+        sensitive_widths(curves, [64, 64, 64], [8, 8, 8], per_channel, now, 100)
+
+
+def test_the_sensitivity_schedule_spends_the_budget_unevenly_and_replays(tmp_path):
+    arch = Arch(width=32, heads=4, kv_heads=2, mlp=256, depth=3, vocab=20)
+    model = TinyLM(arch).double().eval()
+    dense = sum(p.numel() for p in model.parameters())
+    shrunk = _compile(model, [slice(budget=0.75, schedule="sensitivity")], _arch_calibration(arch),
+                      (example_ids(arch),))
+    report = fxslice.report(shrunk)
+    widths = [k for _, _, k in report["inner"]["mlps"]]
+    assert report["parameters"]["after"] == sum(p.numel() for p in shrunk.parameters()) <= 0.75 * dense
+    assert len(set(widths)) > 1 and all(k % 8 == 0 for k in widths), widths
+    fxslice.save(shrunk, tmp_path / "m")
+    ids = example_ids(arch, 2, 6, seed=4)
+    loaded = fxslice.load(tmp_path / "m", model=TinyLM(arch, seed=7).double().eval(), example_inputs=(example_ids(arch),))
+    assert torch.equal(loaded(ids), shrunk(ids))
+    assert fxslice.report(loaded)["inner"] == report["inner"]
+
+
+def test_the_sensitivity_schedule_spreads_a_budget_only():
+    with pytest.raises(ValueError, match="slice\\(budget=…, schedule='sensitivity'\\)"):
+        slice(0.25, schedule="sensitivity")
+    with pytest.raises(ValueError, match="spends the budget of a ratio"):
+        slice(budget=0.75, schedule="spectrum")
+    with pytest.raises(ValueError, match="spreads a budget"):
+        shrink_mlp(0.25, schedule="sensitivity")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        shrink_mlp(budget=0.75, schedule="spectrum")

@@ -102,7 +102,8 @@ def calibrated(gm: fx.GraphModule, calibration: Any, passes: Sequence[Any]):
     from ..memory import calibration_estimate, check_fits, describe, fits
 
     batches = check_calibration(calibration, gm, hf=plan_of(gm).kind == "causal_lm")
-    estimate = calibration_estimate(gm, list(batches))
+    estimate = calibration_estimate(gm, list(batches), backward=any(p.back_propagates() for p in passes
+                                                                   if isinstance(p, FxslicePass)))
     # When the sweep's cached values would not fit, they wait on disk, one batch's in memory at a time.
     device = graph_device(gm)  # its memory is what the sweep fills
     spill = not fits(estimate, device)
@@ -139,6 +140,11 @@ class FxslicePass:
     def needs_calibration(self) -> str | None:
         """Why this pass cannot run without calibration data, or None when it can."""
         return None
+
+    def back_propagates(self) -> bool:
+        """Whether the pass runs a backward pass through the graph on calibration sequences (which holds
+        every activation of a sequence at once)."""
+        return False
 
     def spec(self, **resolved: Any) -> PassSpec:
         """This pass and its JSON-expressible options (``resolved`` replaces options only known after running)."""

@@ -34,41 +34,79 @@ import torch.fx as fx
 from ..analysis.mlps import MLP, SkippedMLP, find_mlps, mlp_module
 from ..distributed import from_rank0
 from ..errors import UnsupportedGraphError, module_path
-from ..graph import get_tensor, set_tensor, tensor_meta, unique_parameters
+from ..graph import STREAMED, get_tensor, set_tensor, tensor_meta, unique_parameters
 from ..plan import Plan
 from ..rewrite import narrow_axis, select_axis, write_width
 from .base import Context, FxslicePass, kept_width, recorded
 
-__all__ = ["ShrinkMLP", "budget_widths", "check_budget", "prune_channels", "shrink_mlp"]
+__all__ = ["BUDGET_SCHEDULES", "ShrinkMLP", "budget_widths", "check_budget", "curve_at", "error_curve",
+           "prune_channels", "removal_path", "sensitive_widths", "shrink_mlp"]
+
+BUDGET_SCHEDULES = ("constant", "sensitivity")
+"""How a budget is spread over the MLPs: every MLP the same fraction, or by their losses counted downstream."""
 
 Widths = Mapping[str, int] | Sequence[int] | Callable[[int, int], int]
 
 
-def prune_channels(c: torch.Tensor, w: torch.Tensor, keep: int, ridge: float, fixed: int = 0,
-                   block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep ``keep`` of the first ``m - fixed`` channels (the last ``fixed`` are always kept): returns the
-    kept channel indices (ascending) and the refit ``β`` on them (``keep + fixed`` rows). ``c``: ``Σ hᵀh``
-    (float64, ``m × m``); ``w``: ``m × n``. See the module docstring; the ``block`` cheapest channels
-    are removed together, with the exact joint update ``β ← β − A_{:J} A_JJ⁻¹ β_J``,
-    ``A ← A − A_{:J} A_JJ⁻¹ A_{J:}``."""
+def removal_path(c: torch.Tensor, w: torch.Tensor, remove: int, ridge: float, fixed: int = 0, block: int = 8):
+    """The greedy removal of ``remove`` of the first ``m - fixed`` channels (the module docstring): yields,
+    after each block, the mask of channels still removable, the refit ``β`` and the error the block added,
+    ``tr(β_Jᵀ A_JJ⁻¹ β_J)`` (the rise of the damped ``‖h (W − β)‖²`` when ``β_J`` is forced to zero).
+    ``c``: ``Σ hᵀh`` (float64, ``m × m``); ``w``: ``m × n``; the cheapest ``block`` channels go together,
+    with the exact joint update ``β ← β − A_{:J} A_JJ⁻¹ β_J``, ``A ← A − A_{:J} A_JJ⁻¹ A_{J:}``."""
     m = c.shape[0]
     damp = ridge * float(c.diagonal().mean()) or ridge
     a = torch.cholesky_inverse(torch.linalg.cholesky(c + damp * torch.eye(m, dtype=c.dtype)))
     beta = w.to(torch.float64).clone()
     candidate = torch.ones(m, dtype=torch.bool)
     candidate[m - fixed:] = False
-    remove = m - fixed - keep
     while remove > 0:
         cost = (beta * beta).sum(1) / a.diagonal()
         cost[~candidate] = math.inf
         j = torch.topk(cost, builtins.min(block, remove), largest=False).indices
         solve = torch.linalg.solve(a[j][:, j], torch.cat([beta[j], a[j]], 1))  # A_JJ⁻¹ [β_J, A_J:]
+        added = float((beta[j] * solve[:, : beta.shape[1]]).sum())
         beta -= a[:, j] @ solve[:, : beta.shape[1]]
         a -= a[:, j] @ solve[:, beta.shape[1]:]
         candidate[j] = False
         remove -= j.numel()
+        yield candidate, beta, added
+
+
+def prune_channels(c: torch.Tensor, w: torch.Tensor, keep: int, ridge: float, fixed: int = 0,
+                   block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep ``keep`` of the first ``m - fixed`` channels (the last ``fixed`` are always kept): returns the
+    kept channel indices (ascending) and the refit ``β`` on them (``keep + fixed`` rows), by
+    ``removal_path``."""
+    m = c.shape[0]
+    candidate, beta = torch.ones(m, dtype=torch.bool), w.to(torch.float64)
+    candidate[m - fixed:] = False
+    for candidate, beta, _ in removal_path(c, w, m - fixed - keep, ridge, fixed, block):
+        pass
     kept = torch.cat([candidate[: m - fixed].nonzero().squeeze(1), torch.arange(m - fixed, m)])
     return kept[:keep], beta[kept]
+
+
+def error_curve(c: torch.Tensor, w: torch.Tensor, ridge: float, fixed: int = 0, floor: int = 8,
+                points: int = 64) -> dict[int, float]:
+    """The damped in-sample error ``‖h (W − β_k)‖²`` of the refit at about ``points`` widths ``k`` from
+    ``m`` down to ``floor``, along the greedy removal path (``removal_path``, in blocks of ``m / points``)."""
+    m = c.shape[0] - fixed
+    floor = builtins.min(floor, m)
+    curve, error = {m: 0.0}, 0.0
+    for candidate, _, added in removal_path(c, w, m - floor, ridge, fixed, builtins.max(1, m // points)):
+        error += added
+        curve[int(candidate.sum())] = error
+    return curve
+
+
+def curve_at(curve: Mapping[int, float], k: int) -> float:
+    """``curve`` (``error_curve``) at width ``k``, linear between the widths it holds."""
+    lower = builtins.max((x for x in curve if x <= k), default=builtins.min(curve))
+    upper = builtins.min((x for x in curve if x >= k), default=builtins.max(curve))
+    if lower == upper:
+        return curve[lower]
+    return curve[lower] + (curve[upper] - curve[lower]) * (k - lower) / (upper - lower)
 
 
 @dataclass(frozen=True)
@@ -80,6 +118,7 @@ class ShrinkMLP(FxslicePass):
     budget: float | None = None
     multiple_of: int = 8
     ridge: float = 1e-2
+    schedule: str = "constant"
     strict: bool = False
     progress: bool = True
     name = "shrink_mlp"
@@ -88,6 +127,12 @@ class ShrinkMLP(FxslicePass):
         if sum(x is not None for x in (self.ratio, self.widths, self.budget)) != 1:
             raise ValueError("shrink_mlp needs exactly one of ratio=… (e.g. shrink_mlp(0.25)), widths=… or budget=…")
         check_budget(self.budget)
+        if self.schedule not in BUDGET_SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r} for a budget; choose one of "
+                             f"{', '.join(BUDGET_SCHEDULES)}")
+        if self.schedule != "constant" and self.budget is None:
+            raise ValueError(f"schedule={self.schedule!r} spreads a budget: give shrink_mlp(budget=…, "
+                             f"schedule={self.schedule!r})")
         if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
                                        or not 0.0 <= self.ratio < 1.0):
             raise ValueError(f"shrink_mlp ratio must be a number in [0, 1): the fraction of each MLP's inner "
@@ -118,6 +163,9 @@ class ShrinkMLP(FxslicePass):
     def needs_calibration(self) -> str | None:
         return "shrink_mlp chooses channels and refits the down projections from activations"
 
+    def back_propagates(self) -> bool:
+        return self.schedule == "sensitivity"
+
     def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
         details, seconds = self.shrink(gm, plan, context)
         return plan.with_pass(self.spec(), details={self.name: details}, timings={f"{self.name}_s": seconds})
@@ -138,8 +186,10 @@ class ShrinkMLP(FxslicePass):
                 write_width(mlp.literals, k)
         else:
             if self.budget is not None:
-                widths = budget_widths(gm, mlps, self.budget, plan.parameters_before or unique_parameters(gm),
-                                       self.multiple_of, skipped)
+                dense = plan.parameters_before or unique_parameters(gm)
+                widths = budget_widths(gm, mlps, self.budget, dense, self.multiple_of, skipped)
+                if self.schedule == "sensitivity":
+                    widths = self._sensitive_widths(gm, mlps, widths, self.budget * dense, context)
             else:
                 widths = [self.width(i, m) for i, m in enumerate(mlps)]
             self._calibrate(gm, mlps, widths, context)
@@ -148,6 +198,39 @@ class ShrinkMLP(FxslicePass):
                    "modules": [mlp_module(m, prefix) for m in mlps],
                    "skipped": [f"{module_path(s.node, prefix)}: {s.reason}" for s in skipped]}
         return details, time.perf_counter() - start
+
+    def _sensitive_widths(self, gm: fx.GraphModule, mlps: list[MLP], uniform: list[int], goal: float,
+                          context: Context) -> list[int]:
+        """``schedule="sensitivity"``: widths from each MLP's error curve on the dense model, counted at
+        what it costs downstream (``output_sensitivity``), halfway to the ``uniform`` widths."""
+        from ..calibrate import SENSITIVITY_TOKENS, first_tokens, output_sensitivity, sweep_inner
+
+        if gm.meta.get(STREAMED) is not None:
+            raise UnsupportedGraphError("schedule='sensitivity' back-propagates through the whole model at once, "
+                                        "which a checkpoint streamed from disk never holds: use the default "
+                                        "schedule, or load the model into memory first")
+        batches = list(context.calibration)
+        fisher = output_sensitivity(gm, batches, [m.down.node for m in mlps], progress=self.progress)
+        curves: list[dict[int, float]] = []
+
+        def measure(index: int, statistics) -> None:
+            mlp = mlps[index]
+            moved, c, w, fixed = _down_system(gm, mlp, statistics)
+            if mlp.groups is None:
+                curve = error_curve(c, w, self.ridge, fixed, self.multiple_of)
+            else:  # every expert keeps the same width: their errors add
+                curve = {}
+                for c_e, w_e in zip(statistics.h, moved):
+                    part = error_curve(c_e, w_e.reshape(-1, w_e.shape[-1]).T, self.ridge, 0, self.multiple_of)
+                    curve = {k: curve.get(k, 0.0) + v for k, v in part.items()}
+            curves.append({k: fisher[index] * v for k, v in curve.items()})
+
+        sweep_inner(gm, first_tokens(batches, SENSITIVITY_TOKENS), _sweep_inputs(mlps), measure,
+                    progress=self.progress, desc="fxslice: measuring inner widths")
+        widths = sensitive_widths(curves, [m.width for m in mlps], uniform, _per_channel(gm, mlps),
+                                  unique_parameters(gm), goal, self.multiple_of)
+        # Rank 0's choice for every process (their curves agree up to rounding, which could tip a choice).
+        return from_rank0(lambda: torch.tensor(widths)).tolist()
 
     def _calibrate(self, gm: fx.GraphModule, mlps: list[MLP], widths: list[int], context: Context) -> None:
         from ..calibrate import sweep_inner
@@ -159,20 +242,11 @@ class ShrinkMLP(FxslicePass):
             down = mlp.down
             side = down.input_side()
             weight = get_tensor(gm, down.weight)
-            moved = torch.movedim(weight.detach(), side.axis, -1).to(torch.float64)  # [..., m]
-            fixed = 0
+            moved, c, w, fixed = _down_system(gm, mlp, statistics)
             if mlp.groups is not None:  # experts: [E, ..., m]; each keeps its own channels
                 # Computed once (rank 0 under torch.distributed): every process removes the same channels.
                 kept, new = from_rank0(lambda: _prune_experts(statistics.h, moved, keep, self.ridge))
             else:
-                w = moved.reshape(-1, mlp.width).T  # y = h W: m × n
-                c = statistics.h
-                if down.bias is not None:  # a constant channel: the refit may move the bias
-                    total = torch.as_tensor(float(statistics.tokens), dtype=torch.float64)
-                    c = torch.cat([torch.cat([c, statistics.sum[:, None]], 1),
-                                   torch.cat([statistics.sum, total[None]])[None, :]], 0)
-                    w = torch.cat([w, w.new_zeros(1, w.shape[1])], 0)
-                    fixed = 1
                 kept, beta = from_rank0(lambda: prune_channels(c, w, keep, self.ridge, fixed))
                 new = beta[:keep].T.reshape(*moved.shape[:-1], keep)
             for channel_side in mlp.channel_sides:
@@ -184,8 +258,64 @@ class ShrinkMLP(FxslicePass):
                 shift = beta[keep].reshape(bias.shape)
                 set_tensor(gm, down.bias, (bias.detach().to(torch.float64) + shift).to(bias.dtype))
 
-        sweep_inner(gm, list(context.calibration), [(m.inner, m.groups, tuple(u.node for u in m.ups)) for m in mlps],
-                    apply, progress=self.progress)
+        sweep_inner(gm, list(context.calibration), _sweep_inputs(mlps), apply, progress=self.progress)
+
+
+def _sweep_inputs(mlps: list[MLP]) -> list[tuple]:
+    return [(m.inner, m.groups, tuple(u.node for u in m.ups)) for m in mlps]
+
+
+def _down_system(gm: fx.GraphModule, mlp: MLP, statistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The down weight with the inner axis last (float64), and the refit's ``C``, ``W`` (``m × n``) and
+    fixed channel count: with a bias, a constant channel that is never removed lets the refit move it."""
+    side = mlp.down.input_side()
+    moved = torch.movedim(get_tensor(gm, mlp.down.weight).detach(), side.axis, -1).to(torch.float64)  # [..., m]
+    if mlp.groups is not None:
+        return moved, statistics.h, moved, 0
+    w = moved.reshape(-1, mlp.width).T  # y = h W: m × n
+    c = statistics.h
+    if mlp.down.bias is None:
+        return moved, c, w, 0
+    total = torch.as_tensor(float(statistics.tokens), dtype=torch.float64)
+    c = torch.cat([torch.cat([c, statistics.sum[:, None]], 1), torch.cat([statistics.sum, total[None]])[None, :]], 0)
+    return moved, c, torch.cat([w, w.new_zeros(1, w.shape[1])], 0), 1
+
+
+def sensitive_widths(curves: Sequence[Mapping[int, float]], full: Sequence[int], uniform: Sequence[int],
+                     per_channel: Sequence[int], now: int, goal: float, multiple_of: int = 8) -> list[int]:
+    """Widths that leave at most ``goal`` parameters (``now`` at ``full`` widths, ``per_channel`` per inner
+    channel of each MLP): ``multiple_of`` channels at a time go from the MLP whose loss (``curves``,
+    counted downstream) is least after the cut, which evens out the losses; then each MLP moves halfway
+    to its ``uniform`` width (the first-order losses overrate what very uneven widths gain: the
+    sequential refit recovers part of a narrow MLP's error in the layers after it), and cuts by the same
+    rule bring the count back within ``goal``."""
+    def count(widths: list[int]) -> int:
+        return now - sum((m - k) * n for m, k, n in zip(full, widths, per_channel))
+
+    def cut(widths: list[int]) -> list[int]:
+        widths = list(widths)
+        while count(widths) > goal:
+            options = [(curve_at(curves[i], k - multiple_of), i) for i, k in enumerate(widths) if k - multiple_of >= multiple_of]
+            if not options:
+                raise UnsupportedGraphError("schedule='sensitivity' cannot meet the budget with the MLPs found")
+            _, i = builtins.min(options)
+            widths[i] -= multiple_of
+        return widths
+
+    allocated = cut(list(full))
+    halfway = [builtins.min(m, builtins.max(multiple_of, round((a + u) / (2 * multiple_of)) * multiple_of))
+               for m, a, u in zip(full, allocated, uniform)]
+    return cut(halfway)
+
+
+def _per_channel(gm: fx.GraphModule, mlps: list[MLP]) -> list[int]:
+    """Parameters per inner channel of each MLP (per channel of every expert: a 3-D weight's E rows)."""
+    per_channel = []
+    for mlp in mlps:
+        sides = (*mlp.channel_sides, mlp.down.input_side())
+        per_channel.append(sum(tensor_meta(gm, side.target).numel() * side.blocks
+                               // tensor_meta(gm, side.target).shape[side.axis] for side in dict.fromkeys(sides)))
+    return per_channel
 
 
 def _prune_experts(grams: torch.Tensor, moved: torch.Tensor, keep: int, ridge: float
@@ -212,11 +342,7 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
     """The widest MLPs, every one keeping the same fraction of its channels (rounded down to
     ``multiple_of``), that leave ``gm`` with at most ``budget · dense`` parameters (counted exactly).
     ``skipped``: the candidates the analysis left alone, named in the refusal."""
-    per_channel = []
-    for mlp in mlps:  # parameters per inner channel (per channel of every expert: a 3-D weight's E rows)
-        sides = (*mlp.channel_sides, mlp.down.input_side())
-        per_channel.append(sum(tensor_meta(gm, side.target).numel() * side.blocks
-                               // tensor_meta(gm, side.target).shape[side.axis] for side in dict.fromkeys(sides)))
+    per_channel = _per_channel(gm, mlps)
     now, goal = unique_parameters(gm), budget * dense
     for step in range(1024, -1, -1):
         widths = [kept_width(step / 1024, m.width, multiple_of) for m in mlps]
@@ -236,6 +362,7 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
 
 
 def shrink_mlp(ratio: float | None = None, *, widths: Widths | None = None, budget: float | None = None,
-               multiple_of: int = 8, ridge: float = 1e-2) -> ShrinkMLP:
+               multiple_of: int = 8, ridge: float = 1e-2, schedule: str = "constant") -> ShrinkMLP:
     """``shrink_mlp(0.25)``: the ``ShrinkMLP`` pass."""
-    return ShrinkMLP(ratio=ratio, widths=widths, budget=budget, multiple_of=multiple_of, ridge=ridge)
+    return ShrinkMLP(ratio=ratio, widths=widths, budget=budget, multiple_of=multiple_of, ridge=ridge,
+                     schedule=schedule)

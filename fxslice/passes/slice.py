@@ -18,7 +18,11 @@ choose between them on validation text (docs/results.md).
 parameter count (every parameter counted once). It keeps the residual stream whole (a preceding ``rotate``
 then rotates nothing, since skip matrices would only add parameters) and shrinks the MLPs' inner widths
 (``fxslice.passes.shrink_mlp``), every MLP keeping the same fraction of its channels; a budget the MLPs
-alone cannot meet is refused. Needs calibration data.
+alone cannot meet is refused. Needs calibration data. ``slice(budget=0.75, schedule="sensitivity")``
+spreads the same budget unevenly: each MLP's refit error, measured along its removal path on the dense
+model, is weighted by the loss's mean squared gradient at the MLP's output (one backward pass a sequence
+at a time: it holds every activation of one calibration sequence), the widths even out those losses and
+then move halfway to the uniform fraction.
 
 ``rescale`` (on by default; calibrated slicing with one rotation per state): a sliced state's tokens keep
 a fraction ``r = ‖xQ_k‖ / ‖x‖`` of their length and the norms reading it renormalise what is left, so
@@ -52,7 +56,7 @@ from .shrink_mlp import ShrinkMLP, check_budget
 __all__ = ["Slice", "slice"]
 
 Widths = Mapping[int, int] | Sequence[int] | Callable[[int, int], int]
-SCHEDULES = ("constant", "spectrum", "readers")
+SCHEDULES = ("constant", "spectrum", "readers", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,12 @@ class Slice(FxslicePass):
             raise ValueError(f"multiple_of must be a positive integer; got {self.multiple_of!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.schedule != "constant" and self.ratio is None:
+        if self.schedule in ("spectrum", "readers") and self.ratio is None:
             raise ValueError(f"schedule={self.schedule!r} spends the budget of a ratio: give "
                              f"slice(ratio, schedule={self.schedule!r})")
+        if self.schedule == "sensitivity" and self.budget is None:
+            raise ValueError("schedule='sensitivity' spreads a parameter budget over the MLPs: give "
+                             "slice(budget=…, schedule='sensitivity')")
 
     def width(self, index: int, d: int) -> int:
         """The width state ``index`` (of unsliced width ``d``) keeps."""
@@ -171,9 +178,13 @@ class Slice(FxslicePass):
             return f"slice(schedule={self.schedule!r}) reads the spectrum of the activations"
         return None
 
+    def back_propagates(self) -> bool:
+        return self.schedule == "sensitivity"
+
     def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
         if self.budget is not None:
-            inner = ShrinkMLP(budget=self.budget, multiple_of=self.multiple_of)
+            inner = ShrinkMLP(budget=self.budget, multiple_of=self.multiple_of,
+                              schedule=self.schedule)
             details, seconds = inner.shrink(gm, plan, context)
             return plan.with_pass(self.spec(), details={inner.name: details}, timings={"slice_s": seconds})
         if plan.states and all(s.kept is not None for s in plan.states):
