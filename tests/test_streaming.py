@@ -116,6 +116,13 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(checkpoint, tmp_path):
         fxslice.compile(str(tmp_path / "nothing-here"), [fuse_norm, rotate, slice(0.25)], calibration=_batches(128))
 
 
+
+def test_the_sensitivity_schedule_refuses_a_streamed_checkpoint(checkpoint):
+    # Its backward pass would need every weight of the model at once.
+    with pytest.raises(UnsupportedGraphError, match="streamed from disk never holds"):
+        fxslice.compile(str(checkpoint), [slice(budget=0.85, schedule="sensitivity")], calibration=_batches(128))
+
+
 MEASURE = """
 import json, sys, warnings, torch
 warnings.simplefilter("ignore")
