@@ -194,9 +194,10 @@ def main() -> None:
         start = time.perf_counter()
         compressed = fxslice.compile(model, passes, calibration=calibration)
         row["compress_s"] = round(time.perf_counter() - start, 1)
-        if "inner" in fxslice.report(compressed) and variant == "sensitivity":
-            row["widths"] = [k for _, _, k in fxslice.report(compressed)["inner"]["mlps"]]
-        row["ratio"] = fxslice.report(compressed)["parameters"]["ratio"]
+        report = fxslice.report(compressed)
+        if variant == "sensitivity":
+            row["widths"] = [k for _, _, k in report["inner"]["mlps"]]
+        row["ratio"] = report["parameters"]["ratio"]
         row["held_out_perplexity"] = perplexity(compressed, tokenizer, held, 512, max_windows=24)
         print(json.dumps(row), flush=True)
 

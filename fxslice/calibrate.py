@@ -30,7 +30,7 @@ from .analysis.regions import SKIP_EDGE, State, output_heads
 from .distributed import agreed, check_shares, from_rank0, rank, total, world_size
 from .errors import CalibrationError
 from .capture import refusal
-from .graph import flat_inputs, get_tensor, graph_device, mutates
+from .graph import flat_inputs, get_tensor, graph_device, logits_of, mutates
 from .rewrite import scale_normed_sinks
 
 __all__ = ["RESCALE_EXPONENT", "SENSITIVITY_TOKENS", "SPECTRUM_TOKENS", "Batch", "Batches", "InnerStatistics",
@@ -183,8 +183,7 @@ def first_tokens(batches: list[Batch], tokens: int) -> list[Batch]:
         per_row = leaves[0].shape[1] if leaves[0].dim() > 1 else 1
         needed = -(-(tokens - count) // per_row)  # ceil
         if needed < rows:
-            batch = optree.tree_map(lambda x: x[:needed] if isinstance(x, torch.Tensor) and x.dim() > 0
-                                    and x.shape[0] == rows else x, batch, none_is_leaf=True)
+            batch = _rows(batch, rows, slice(0, needed))
         taken.append(batch)
         count += min(needed, rows) * per_row
         if count >= tokens:
@@ -571,10 +570,8 @@ def output_sensitivity(gm: fx.GraphModule, batches: list[Batch], nodes: list[fx.
                                        "[batch, tokens] tensor) to compute the next-token loss")
             with torch.enable_grad():
                 out = Watched(gm).run(*flat_inputs(gm, args, kwargs))
-                leaves = [out.logits] if hasattr(out, "logits") else optree.tree_leaves(out)
-                logits = next((x for x in leaves if isinstance(x, torch.Tensor) and x.dim() == 3
-                               and x.shape[:2] == ids.shape), None)
-                if logits is None:
+                logits = logits_of(out)
+                if logits is None or logits.dim() != 3 or logits.shape[:2] != ids.shape:
                     raise CalibrationError("the sensitivity schedule needs logits of shape [batch, tokens, vocab] "
                                            "among the graph's outputs")
                 mask = kwargs.get("attention_mask")
@@ -594,13 +591,18 @@ def output_sensitivity(gm: fx.GraphModule, batches: list[Batch], nodes: list[fx.
 
 
 def _sequences(batch: Batch) -> list[Batch]:
-    """A batch as one batch per sequence (every tensor input whose leading size is the batch's is cut)."""
+    """A batch as one batch per sequence."""
     leaves = [x for x in optree.tree_leaves(batch) if isinstance(x, torch.Tensor) and x.dim() > 1]
     if not leaves:
         return [batch]
     rows = leaves[0].shape[0]
-    return [optree.tree_map(lambda x: x[r:r + 1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows
-                            else x, batch, none_is_leaf=True) for r in range(rows)]
+    return [_rows(batch, rows, slice(r, r + 1)) for r in range(rows)]
+
+
+def _rows(batch: Batch, rows: int, which: slice) -> Batch:
+    """``batch`` with the rows ``which`` of every tensor input whose leading size is the batch's ``rows``."""
+    return optree.tree_map(lambda x: x[which] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows
+                           else x, batch, none_is_leaf=True)
 
 
 READS_BLOCK = 16384

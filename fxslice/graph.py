@@ -6,6 +6,7 @@ import contextlib
 import inspect
 from typing import Any
 
+import optree
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
@@ -26,6 +27,7 @@ __all__ = [
     "graph_device",
     "is_diagonal",
     "is_op",
+    "logits_of",
     "mutates",
     "owner_of",
     "refresh_shapes",
@@ -298,3 +300,11 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     positional = [bound[name] for name in names[: spec.child(0).num_children]]
     keywords = {key: bound[key] for key in spec.child(1).context}
     return fx_pytree.tree_flatten_spec((positional, keywords), spec)
+
+
+def logits_of(output: Any) -> torch.Tensor | None:
+    """The logits of a model output: ``.logits``, or the first floating tensor it holds (None without one)."""
+    if hasattr(output, "logits"):
+        return output.logits
+    return next((leaf for leaf in optree.tree_leaves(output, none_is_leaf=False)
+                 if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), None)

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from .analysis.ops import weight_use
 from .calibrate import Batch, batch_tokens, check_calibration
 from .errors import CalibrationError, UnsupportedGraphError
-from .graph import is_diagonal, set_tensor
+from .graph import is_diagonal, logits_of, set_tensor
 from .memory import GiB, value_bytes
 from .model import SlicedCausalLM, graph_module
 from .plan import plan_of, set_plan
@@ -192,12 +192,9 @@ class _Trainable:
 
 
 def _logits(output: Any) -> torch.Tensor:
-    """The logits of a model output: ``.logits``, or the first floating tensor it holds."""
-    if hasattr(output, "logits"):
-        return output.logits
-    for leaf in optree.tree_leaves(output, none_is_leaf=False):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            return leaf
+    logits = logits_of(output)
+    if logits is not None:
+        return logits
     raise UnsupportedGraphError(f"heal needs logits from the model; its output is a {type(output).__name__} "
                                 "holding no floating tensor")
 
