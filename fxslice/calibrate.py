@@ -30,12 +30,12 @@ from .analysis.regions import SKIP_EDGE, State, output_heads
 from .distributed import agreed, check_shares, from_rank0, rank, total, world_size
 from .errors import CalibrationError
 from .capture import refusal
-from .graph import flat_inputs, get_tensor, graph_device, logits_of, mutates
+from .graph import flat_inputs, get_tensor, graph_device, logits_of, mutates, val
 from .rewrite import scale_normed_sinks
 
 __all__ = ["RESCALE_EXPONENT", "SENSITIVITY_TOKENS", "SPECTRUM_TOKENS", "Batch", "Batches", "InnerStatistics",
            "PCARotation", "batch_tokens", "check_calibration", "first_tokens", "gram", "lost_fraction",
-           "output_sensitivity", "pca", "sweep_inner"]
+           "first_sequences", "output_sensitivity", "pca", "sweep_inner"]
 
 RESCALE_EXPONENT = 8.0
 """After a state is sliced, the sinks of the norms reading it are multiplied by ``mean(r)^-8``, where
@@ -473,13 +473,16 @@ class InnerStatistics:
     """``Σ hᵀh``, ``Σ h`` and the token count over the real tokens of every batch (float64 totals); with
     expert offsets, one of each per expert (``h``: ``[E, m, m]``, ``sum``: ``[E, m]``)."""
 
-    def __init__(self, masks: list):
+    def __init__(self, masks: list, counted: range | None = None):
         self.masks = masks
+        self.counted = counted  # the batches these sums take in (every batch when None)
         self.h: torch.Tensor | float = 0.0
         self.sum: torch.Tensor | float = 0.0
         self.tokens = 0
 
     def __call__(self, batch: int, x: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
+        if self.counted is not None and batch not in self.counted:
+            return
         # Routed rows (one per token and chosen expert) do not line up with the attention mask: all count.
         rows, _ = _real_rows(x, self.masks[batch] if offsets is None else None)
         # One batch's sums in the activations' precision (at least float32), accumulated in float64:
@@ -497,12 +500,14 @@ class InnerStatistics:
 
 
 def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.Node, fx.Node | None, tuple]],
-                apply, progress: bool = True, desc: str = "fxslice: shrinking inner widths", unit: str = "mlp") -> None:
+                apply, progress: bool = True, desc: str = "fxslice: shrinking inner widths", unit: str = "mlp",
+                folds: int = 1) -> None:
     """Run the graph over ``batches``; at each ``(node, groups, ups)`` of ``inputs`` (in graph order)
     hand the node's ``InnerStatistics`` (per group of rows when ``groups`` holds expert offsets) to
     ``apply(index, statistics)``, which rewrites the weights: the ``ups`` nodes (the linears that make
     ``node``) keep the chosen channels. Later statistics see the model as already shrunk (the same
-    sequential scheme as the residual sweep).
+    sequential scheme as the residual sweep). With ``folds = f > 1``, ``apply(index, *statistics)`` gets
+    ``f`` of them, fold ``i`` summing the batches ``i, i + f, i + 2f, …`` (for fits scored on held-out data).
 
     Only values before the ``ups`` are cached while the statistics are gathered: the ``ups`` to ``node``
     run once into scratch for the statistics and once more, from the shrunk weights, within the next
@@ -513,10 +518,12 @@ def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.
         first = sweep.start_of(ups, node)
         if first > sweep.cursor:
             sweep.run_until(sweep.order[first - 1])
-        statistics = InnerStatistics(sweep.masks)
-        sweep.peek(node, statistics, groups)
-        statistics.h, statistics.sum, statistics.tokens = total((statistics.h, statistics.sum, statistics.tokens))
-        apply(index, statistics)
+        parts = [InnerStatistics(sweep.masks, None if folds == 1 else range(i, len(batches), folds))
+                 for i in range(folds)]
+        sweep.peek(node, lambda *seen: [part(*seen) for part in parts], groups)
+        for part in parts:
+            part.h, part.sum, part.tokens = total((part.h, part.sum, part.tokens))
+        apply(index, *parts)
         # Nothing runs on to ``node``: the next MLP's ``run_until`` computes these ups again from the
         # shrunk weights, a batch at a time, so no inner value is cached for every batch at any width.
 
@@ -526,21 +533,27 @@ SENSITIVITY_TOKENS = 4096
 
 
 def output_sensitivity(gm: fx.GraphModule, batches: list[Batch], nodes: list[fx.Node],
-                       tokens: int = SENSITIVITY_TOKENS, progress: bool = True) -> list[float]:
-    """For each of ``nodes``: the mean over the elements of its value of ``(∂L/∂y)²``, ``L`` the
-    next-token cross-entropy summed over a sequence's real tokens. That is the diagonal of the empirical
-    Fisher: an error ``e`` added to ``y`` raises the loss by about ``F ‖e‖²``, so errors made at
-    different places of the model are counted at what they cost downstream.
+                       tokens: int = SENSITIVITY_TOKENS, progress: bool = True) -> list[torch.Tensor]:
+    """For each of ``nodes``: per feature ``j`` (the value's last axis), the mean over every other axis of
+    ``(∂L/∂y_j)²``, ``L`` the next-token cross-entropy summed over a sequence's real tokens (float64, on
+    the CPU). That is the diagonal of the empirical Fisher, averaged over tokens: an error ``e`` added to
+    ``y`` raises the loss by about ``Σ_j F_j e_j²``, so errors made at different places of the model, and
+    in different features, are counted at what they cost downstream.
 
     One backward pass per sequence over the first ``tokens`` calibration tokens, the weights frozen: every
     activation of one sequence is held for it (unlike the sweeps, which hold one segment's)."""
     watched = {node: i for i, node in enumerate(nodes)}
-    squares, counts = [0.0] * len(nodes), [0] * len(nodes)
+    # Zeros of each value's width where the graph records it: every process then sums tensors of one shape.
+    squares: list[torch.Tensor | float] = [
+        torch.zeros(val(n).shape[-1], dtype=torch.float64) if isinstance(val(n), torch.Tensor) and val(n).dim()
+        and isinstance(val(n).shape[-1], int) else 0.0 for n in nodes]
+    counts = [0] * len(nodes)
 
     def record(i: int):
         def hook(grad: torch.Tensor) -> None:
-            squares[i] += float(grad.detach().to(torch.float64).square().sum())
-            counts[i] += grad.numel()
+            per_feature = grad.detach().to(torch.float64).reshape(-1, grad.shape[-1]).square().sum(0)
+            squares[i] = squares[i] + per_feature.cpu()
+            counts[i] += grad.numel() // grad.shape[-1]
         return hook
 
     class Watched(fx.Interpreter):
@@ -553,8 +566,7 @@ def output_sensitivity(gm: fx.GraphModule, batches: list[Batch], nodes: list[fx.
             return value
 
     frozen = [p for p in gm.parameters() if p.requires_grad]
-    share = first_tokens(batches, -(-tokens // world_size()))
-    sequences = [row for batch in share for row in _sequences(batch)]
+    sequences = first_sequences(batches, tokens)
     device = graph_device(gm)
     try:
         for p in frozen:
@@ -587,7 +599,12 @@ def output_sensitivity(gm: fx.GraphModule, batches: list[Batch], nodes: list[fx.
         for p in frozen:
             p.requires_grad_(True)
     squares, counts = total((squares, counts))
-    return [s / c if c else 0.0 for s, c in zip(squares, counts)]
+    return [torch.as_tensor(s, dtype=torch.float64) / c if c else torch.zeros(()) for s, c in zip(squares, counts)]
+
+
+def first_sequences(batches: list[Batch], tokens: int) -> list[Batch]:
+    """One batch per sequence, over this process's share of the first ``tokens`` calibration tokens."""
+    return [row for batch in first_tokens(batches, -(-tokens // world_size())) for row in _sequences(batch)]
 
 
 def _sequences(batch: Batch) -> list[Batch]:

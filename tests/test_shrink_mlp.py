@@ -13,7 +13,7 @@ import fxslice
 from conftest import relative_error
 from fxslice import UnsupportedGraphError, fuse_norm, rotate, shrink_mlp, slice
 from fxslice.analysis.mlps import find_mlps
-from fxslice.calibrate import check_calibration, output_sensitivity
+from fxslice.calibrate import check_calibration, output_sensitivity, sweep_inner
 from fxslice.passes.shrink_mlp import curve_at, error_curve, prune_channels, sensitive_widths
 from fxslice.plan import plan_of
 from hf_zoo import LISTED, tiny_model
@@ -300,7 +300,7 @@ def test_output_sensitivity_is_the_mean_squared_gradient_of_the_loss_at_each_nod
     assert len(downs) == arch.depth
     measured = output_sensitivity(gm, list(batches), downs, progress=False)
     # The same with autograd on the eager model: every sequence's summed next-token loss, on its own.
-    squares, outputs = [0.0] * arch.depth, {}
+    squares, outputs = [torch.zeros(arch.width, dtype=torch.float64) for _ in range(arch.depth)], {}
     hooks = [block.mlp.down.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
              for i, block in enumerate(model.blocks)]
     count = 0
@@ -311,33 +311,58 @@ def test_output_sensitivity_is_the_mean_squared_gradient_of_the_loss_at_each_nod
                 out.retain_grad()
             F.cross_entropy(logits[0, :-1], row[1:], reduction="sum").backward()
             for i, out in outputs.items():
-                squares[i] += float(out.grad.square().sum())
-            count += row.numel() * arch.width
+                squares[i] += out.grad.square().sum((0, 1))
+            count += row.numel()
             model.zero_grad()
     for hook in hooks:
         hook.remove()
     expected = [v / count for v in squares]
-    assert measured == pytest.approx(expected, rel=1e-10)
-    assert len(set(round(v, 12) for v in expected)) == arch.depth  # the layers differ: a real check
+    for got, want in zip(measured, expected):
+        assert got.shape == (arch.width,)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    # a real check: the layers differ, and so do the features within one
+    assert len({round(float(v.sum()), 12) for v in expected}) == arch.depth
+    assert all(float(v.max()) > 1.5 * float(v.min()) for v in expected)
 
 
-def test_the_error_curve_is_the_damped_refit_error_along_the_removal_path():
+def test_sweep_folds_split_the_batches_statistics_between_them():
+    arch = Arch(width=16, heads=2, kv_heads=1, mlp=32, depth=2, vocab=20)
+    model = TinyLM(arch).double().eval()
+    gm = fxslice.capture(model, (example_ids(arch),))
+    mlps = find_mlps(gm)[0]
+    batches = [((example_ids(arch, 1, 5 + b, seed=b),), {}) for b in range(5)]
+    seen: dict[int, list] = {}
+    inputs = [(m.inner, m.groups, tuple(u.node for u in m.ups)) for m in mlps]
+    sweep_inner(gm, batches, inputs, lambda i, s: seen.setdefault(i, [s]), progress=False)
+    sweep_inner(gm, batches, inputs, lambda i, *s: seen[i].extend(s), progress=False, folds=2)
+    for whole, even, odd in seen.values():
+        assert (even.tokens, odd.tokens) == (5 + 7 + 9, 6 + 8) and whole.tokens == even.tokens + odd.tokens
+        torch.testing.assert_close(even.h + odd.h, whole.h, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(even.sum + odd.sum, whole.sum, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(even.h / even.tokens, odd.h / odd.tokens)
+
+
+def test_the_error_curve_is_the_refit_error_along_the_removal_path_scored_on_held_out_tokens():
     generator = torch.Generator().manual_seed(0)
-    h = torch.randn(200, 24, dtype=torch.float64, generator=generator) * torch.linspace(0.1, 2.0, 24, dtype=torch.float64)
+    scale = torch.linspace(0.1, 2.0, 24, dtype=torch.float64)
+    fit = torch.randn(200, 24, dtype=torch.float64, generator=generator) * scale
+    held = torch.randn(150, 24, dtype=torch.float64, generator=generator) * scale.flip(0)
     w = torch.randn(24, 5, dtype=torch.float64, generator=generator)
-    c = h.T @ h
+    weights = torch.tensor([1.0, 3.0, 0.5, 2.0, 0.0], dtype=torch.float64)
+    c, t = fit.T @ fit, held.T @ held
     ridge = 1e-2
-    curve = error_curve(c, w, ridge, points=6)
-    assert sorted(curve, reverse=True) == [24, 20, 16, 12, 8] and curve[24] == 0.0
-    damped = c + ridge * float(c.diagonal().mean()) * torch.eye(24, dtype=torch.float64)
+    in_sample = error_curve(c, w, ridge, points=6)
+    held_out = error_curve(c, w, ridge, points=6, test=t, weights=weights)
+    assert sorted(held_out, reverse=True) == [24, 20, 16, 12, 8] and held_out[24] == 0.0
     for k in (20, 12, 8):
         kept, beta = prune_channels(c, w, k, ridge, block=4)
         full = torch.zeros_like(w)
         full[kept] = beta
         d = w - full
-        assert curve[k] == pytest.approx(float((d * (damped @ d)).sum()), rel=1e-9)
-    assert curve_at(curve, 14) == pytest.approx((curve[12] + curve[16]) / 2)
-    assert curve[8] > curve[12] > curve[16] > curve[20] > 0
+        assert in_sample[k] == pytest.approx(float((d * (c @ d)).sum()), rel=1e-9)
+        assert held_out[k] == pytest.approx(float(((d * (t @ d)).sum(0) * weights).sum()), rel=1e-9)
+    assert curve_at(held_out, 14) == pytest.approx((held_out[12] + held_out[16]) / 2)
+    assert held_out[8] > held_out[12] > held_out[16] > held_out[20] > 0
 
 
 def test_sensitive_widths_meet_the_goal_and_keep_more_where_loss_costs_more():

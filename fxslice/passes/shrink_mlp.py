@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis.mlps import MLP, SkippedMLP, find_mlps, mlp_module
-from ..distributed import from_rank0
+from ..distributed import from_rank0, total
 from ..errors import UnsupportedGraphError, module_path
 from ..graph import STREAMED, get_tensor, set_tensor, tensor_meta, unique_parameters
 from ..plan import Plan
@@ -50,10 +50,10 @@ Widths = Mapping[str, int] | Sequence[int] | Callable[[int, int], int]
 
 def removal_path(c: torch.Tensor, w: torch.Tensor, remove: int, ridge: float, fixed: int = 0, block: int = 8):
     """The greedy removal of ``remove`` of the first ``m - fixed`` channels (the module docstring): yields,
-    after each block, the mask of channels still removable, the refit ``β`` and the error the block added,
-    ``tr(β_Jᵀ A_JJ⁻¹ β_J)`` (the rise of the damped ``‖h (W − β)‖²`` when ``β_J`` is forced to zero).
-    ``c``: ``Σ hᵀh`` (float64, ``m × m``); ``w``: ``m × n``; the cheapest ``block`` channels go together,
-    with the exact joint update ``β ← β − A_{:J} A_JJ⁻¹ β_J``, ``A ← A − A_{:J} A_JJ⁻¹ A_{J:}``."""
+    after each block, the mask of channels still removable, the refit ``β`` and the block's step ``(U, S)``,
+    ``β ← β − U S``. ``c``: ``Σ hᵀh`` (float64, ``m × m``); ``w``: ``m × n``; the cheapest ``block``
+    channels ``J`` go together, with the exact joint update ``U = A_{:J}``, ``S = A_JJ⁻¹ β_J``,
+    ``A ← A − A_{:J} A_JJ⁻¹ A_{J:}``."""
     m = c.shape[0]
     damp = ridge * float(c.diagonal().mean()) or ridge
     a = torch.cholesky_inverse(torch.linalg.cholesky(c + damp * torch.eye(m, dtype=c.dtype)))
@@ -65,12 +65,12 @@ def removal_path(c: torch.Tensor, w: torch.Tensor, remove: int, ridge: float, fi
         cost[~candidate] = math.inf
         j = torch.topk(cost, builtins.min(block, remove), largest=False).indices
         solve = torch.linalg.solve(a[j][:, j], torch.cat([beta[j], a[j]], 1))  # A_JJ⁻¹ [β_J, A_J:]
-        added = float((beta[j] * solve[:, : beta.shape[1]]).sum())
-        beta -= a[:, j] @ solve[:, : beta.shape[1]]
-        a -= a[:, j] @ solve[:, beta.shape[1]:]
+        u, step = a[:, j], solve[:, : beta.shape[1]]
+        beta -= u @ step
+        a -= u @ solve[:, beta.shape[1]:]
         candidate[j] = False
         remove -= j.numel()
-        yield candidate, beta, added
+        yield candidate, beta, (u, step)
 
 
 def prune_channels(c: torch.Tensor, w: torch.Tensor, keep: int, ridge: float, fixed: int = 0,
@@ -88,15 +88,27 @@ def prune_channels(c: torch.Tensor, w: torch.Tensor, keep: int, ridge: float, fi
 
 
 def error_curve(c: torch.Tensor, w: torch.Tensor, ridge: float, fixed: int = 0, floor: int = 8,
-                points: int = 64) -> dict[int, float]:
-    """The damped in-sample error ``‖h (W − β_k)‖²`` of the refit at about ``points`` widths ``k`` from
-    ``m`` down to ``floor``, along the greedy removal path (``removal_path``, in blocks of ``m / points``)."""
+                points: int = 64, test: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> dict[int, float]:
+    """The refit's error ``Σ_j weights_j (Dᵀ T D)_jj``, ``D = W − β_k``, at about ``points`` widths ``k``
+    from ``m`` down to ``floor``, along the greedy removal path fitted on ``c`` (``removal_path``, in blocks
+    of ``m / points``). ``T``: ``test``, the Gram ``Σ hᵀh`` of tokens the fit never saw (default ``c``,
+    the in-sample error); ``weights``: one per output column (default ones).
+
+    Each step ``D ← D + U S`` adds ``2 diag(Sᵀ Uᵀ T D) + diag(Sᵀ Uᵀ T U S)`` to ``diag(Dᵀ T D)``: the curve
+    costs two ``m × m × block`` products a step beside the path's own."""
     m = c.shape[0] - fixed
     floor = builtins.min(floor, m)
-    curve, error = {m: 0.0}, 0.0
-    for candidate, _, added in removal_path(c, w, m - floor, ridge, fixed, builtins.max(1, m // points)):
-        error += added
-        curve[int(candidate.sum())] = error
+    test = c if test is None else test
+    weights = torch.ones(w.shape[1], dtype=torch.float64) if weights is None else weights.to(torch.float64)
+    d = torch.zeros(w.shape, dtype=torch.float64)
+    per_column = torch.zeros(w.shape[1], dtype=torch.float64)
+    curve = {m: 0.0}
+    for candidate, _, (u, step) in removal_path(c, w, m - floor, ridge, fixed, builtins.max(1, m // points)):
+        tu = test @ u
+        per_column += 2 * (step * (tu.T @ d)).sum(0) + (step * ((u.T @ tu) @ step)).sum(0)
+        d += u @ step
+        curve[int(candidate.sum())] = float(per_column @ weights)
     return curve
 
 
@@ -201,9 +213,11 @@ class ShrinkMLP(FxslicePass):
 
     def _sensitive_widths(self, gm: fx.GraphModule, mlps: list[MLP], uniform: list[int], goal: float,
                           context: Context) -> list[int]:
-        """``schedule="sensitivity"``: widths from each MLP's error curve on the dense model, counted at
-        what it costs downstream (``output_sensitivity``), halfway to the ``uniform`` widths."""
-        from ..calibrate import SENSITIVITY_TOKENS, first_tokens, output_sensitivity, sweep_inner
+        """``schedule="sensitivity"``: widths from each MLP's held-out error curve on the dense model, each
+        output feature's error counted at what it costs downstream (``output_sensitivity``), halfway to
+        the ``uniform`` widths. The curves are fitted on every other calibration sequence and scored on
+        the rest, and the other way round: an in-sample curve overrates what a narrow refit keeps."""
+        from ..calibrate import SENSITIVITY_TOKENS, first_sequences, output_sensitivity, sweep_inner
 
         if gm.meta.get(STREAMED) is not None:
             raise UnsupportedGraphError("schedule='sensitivity' back-propagates through the whole model at once, "
@@ -211,22 +225,29 @@ class ShrinkMLP(FxslicePass):
                                         "schedule, or load the model into memory first")
         batches = list(context.calibration)
         fisher = output_sensitivity(gm, batches, [m.down.node for m in mlps], progress=self.progress)
+        sequences = first_sequences(batches, SENSITIVITY_TOKENS)
+        # Two folds where every process holds two sequences or more; else the curves are in-sample.
+        folds = 1 if total(int(len(sequences) < 2)) else 2
         curves: list[dict[int, float]] = []
 
-        def measure(index: int, statistics) -> None:
-            mlp = mlps[index]
-            moved, c, w, fixed = _down_system(gm, mlp, statistics)
-            if mlp.groups is None:
-                curve = error_curve(c, w, self.ridge, fixed, self.multiple_of)
-            else:  # every expert keeps the same width: their errors add
-                curve = {}
-                for c_e, w_e in zip(statistics.h, moved):
-                    part = error_curve(c_e, w_e.reshape(-1, w_e.shape[-1]).T, self.ridge, 0, self.multiple_of)
-                    curve = {k: curve.get(k, 0.0) + v for k, v in part.items()}
-            curves.append({k: fisher[index] * v for k, v in curve.items()})
+        def measure(index: int, *parts) -> None:
+            mlp, curve = mlps[index], {}
+            for fit, test in zip(parts, parts[::-1]):
+                _, c, w, fixed = _down_system(gm, mlp, fit)
+                _, held, _, _ = _down_system(gm, mlp, test)
+                if mlp.groups is None:
+                    pairs = [(c, held, w, fixed)]
+                else:  # every expert keeps the same width: their errors add
+                    pairs = [(c_e, t_e, w_e.reshape(-1, w_e.shape[-1]).T, 0) for c_e, t_e, w_e in zip(c, held, w)]
+                for c_e, t_e, w_e, f in pairs:
+                    weights = fisher[index] if fisher[index].numel() == w_e.shape[1] else None
+                    part = error_curve(c_e, w_e, self.ridge, f, self.multiple_of, test=t_e, weights=weights)
+                    scale = 1.0 if weights is not None else float(fisher[index].mean())
+                    curve = {k: curve.get(k, 0.0) + scale * v for k, v in part.items()}
+            curves.append(curve)
 
-        sweep_inner(gm, first_tokens(batches, SENSITIVITY_TOKENS), _sweep_inputs(mlps), measure,
-                    progress=self.progress, desc="fxslice: measuring inner widths")
+        sweep_inner(gm, sequences, _sweep_inputs(mlps), measure, progress=self.progress,
+                    desc="fxslice: measuring inner widths", folds=folds)
         widths = sensitive_widths(curves, [m.width for m in mlps], uniform, _per_channel(gm, mlps),
                                   unique_parameters(gm), goal, self.multiple_of)
         # Rank 0's choice for every process (their curves agree up to rounding, which could tip a choice).

@@ -20,9 +20,10 @@ then rotates nothing, since skip matrices would only add parameters) and shrinks
 (``fxslice.passes.shrink_mlp``), every MLP keeping the same fraction of its channels; a budget the MLPs
 alone cannot meet is refused. Needs calibration data. ``slice(budget=0.75, schedule="sensitivity")``
 spreads the same budget unevenly: each MLP's refit error, measured along its removal path on the dense
-model, is weighted by the loss's mean squared gradient at the MLP's output (one backward pass a sequence
-at a time: it holds every activation of one calibration sequence), the widths even out those losses and
-then move halfway to the uniform fraction.
+model (fitted on every other calibration sequence, scored on the rest), is weighted feature by feature by
+the loss's mean squared gradient at the MLP's output (one backward pass a sequence at a time: it holds
+every activation of one calibration sequence), the widths even out those losses and then move halfway to
+the uniform fraction.
 
 ``rescale`` (on by default; calibrated slicing with one rotation per state): a sliced state's tokens keep
 a fraction ``r = ‖xQ_k‖ / ‖x‖`` of their length and the norms reading it renormalise what is left, so
