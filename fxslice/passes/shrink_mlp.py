@@ -100,9 +100,10 @@ def error_curve(c: torch.Tensor, w: torch.Tensor, ridge: float, fixed: int = 0, 
     m = c.shape[0] - fixed
     floor = builtins.min(floor, m)
     test = c if test is None else test
-    weights = torch.ones(w.shape[1], dtype=torch.float64) if weights is None else weights.to(torch.float64)
-    d = torch.zeros(w.shape, dtype=torch.float64)
-    per_column = torch.zeros(w.shape[1], dtype=torch.float64)
+    weights = torch.ones(w.shape[1]) if weights is None else weights
+    weights = weights.to(device=c.device, dtype=torch.float64)
+    d = torch.zeros(w.shape, dtype=torch.float64, device=c.device)
+    per_column = torch.zeros(w.shape[1], dtype=torch.float64, device=c.device)
     curve = {m: 0.0}
     for candidate, _, (u, step) in removal_path(c, w, m - floor, ridge, fixed, builtins.max(1, m // points)):
         tu = test @ u
