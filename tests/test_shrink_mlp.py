@@ -122,11 +122,13 @@ def test_the_refit_is_the_least_squares_solution_on_the_kept_channels():
                                                                                      generator=generator)
     w = torch.randn(12, 5, dtype=torch.float64, generator=generator)
     c, ridge = h.T @ h, 1e-3
-    kept, beta = prune_channels(c, w, 8, ridge)
     damped = c + ridge * c.diagonal().mean() * torch.eye(12, dtype=torch.float64)
-    # min over β supported on S of (W − β)ᵀ(C + λI)(W − β): β_S = (C+λI)_SS⁻¹ (C+λI)_S: W
-    expected = torch.linalg.solve(damped[kept][:, kept], damped[kept] @ w)
-    assert torch.allclose(beta, expected, atol=1e-9, rtol=1e-9)
+    # In small blocks the path compacts its inverse several times on the way down to 3 channels.
+    for keep, block in ((3, 2), (8, 8)):
+        kept, beta = prune_channels(c, w, keep, ridge, block=block)
+        # min over β supported on S of (W − β)ᵀ(C + λI)(W − β): β_S = (C+λI)_SS⁻¹ (C+λI)_S: W
+        expected = torch.linalg.solve(damped[kept][:, kept], damped[kept] @ w)
+        assert kept.numel() == keep and torch.allclose(beta, expected, atol=1e-9, rtol=1e-9)
     # Greedy removal is never worse than a random choice of the same size.
     def error(index, b):
         return float(((h @ w - h[:, index] @ b) ** 2).sum())

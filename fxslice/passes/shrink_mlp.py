@@ -50,27 +50,38 @@ Widths = Mapping[str, int] | Sequence[int] | Callable[[int, int], int]
 
 def removal_path(c: torch.Tensor, w: torch.Tensor, remove: int, ridge: float, fixed: int = 0, block: int = 8):
     """The greedy removal of ``remove`` of the first ``m - fixed`` channels (the module docstring): yields,
-    after each block, the mask of channels still removable, the refit ``β`` and the block's step ``(U, S)``,
-    ``β ← β − U S``. ``c``: ``Σ hᵀh`` (float64, ``m × m``); ``w``: ``m × n``; the cheapest ``block``
-    channels ``J`` go together, with the exact joint update ``U = A_{:J}``, ``S = A_JJ⁻¹ β_J``,
-    ``A ← A − A_{:J} A_JJ⁻¹ A_{J:}``."""
+    after each block, the mask of channels still removable, the refit ``β`` and the block's step
+    ``(rows, U, S)``, ``β[rows] ← β[rows] − U S``. ``c``: ``Σ hᵀh`` (float64, ``m × m``); ``w``: ``m × n``;
+    the cheapest ``block`` channels ``J`` go together, with the exact joint update ``U = A_{:J}``,
+    ``S = A_JJ⁻¹ β_J``, ``A ← A − A_{:J} A_JJ⁻¹ A_{J:}``.
+
+    That update leaves the rows and columns ``J`` of ``A`` zero, so ``A`` is held only over ``rows``, the
+    channels not yet removed (plus a few removed since the last compaction): the rank-``block`` updates,
+    most of the path's work, shrink with it."""
     m = c.shape[0]
     damp = ridge * float(c.diagonal().mean()) or ridge
     a = torch.cholesky_inverse(torch.linalg.cholesky(c + damp * torch.eye(m, dtype=c.dtype)))
     beta = w.to(torch.float64).clone()
     candidate = torch.ones(m, dtype=torch.bool)
     candidate[m - fixed:] = False
+    rows = torch.arange(m, device=c.device)
+    removable = candidate.to(c.device)  # over ``rows``
+    kept = torch.ones(m, dtype=torch.bool, device=c.device)  # over ``rows``: not removed (fixed included)
     while remove > 0:
-        cost = (beta * beta).sum(1) / a.diagonal()
-        cost[~candidate] = math.inf
+        cost = (beta[rows] * beta[rows]).sum(1) / a.diagonal()
+        cost[~removable] = math.inf
         j = torch.topk(cost, builtins.min(block, remove), largest=False).indices
-        solve = torch.linalg.solve(a[j][:, j], torch.cat([beta[j], a[j]], 1))  # A_JJ⁻¹ [β_J, A_J:]
+        solve = torch.linalg.solve(a[j][:, j], torch.cat([beta[rows[j]], a[j]], 1))  # A_JJ⁻¹ [β_J, A_J:]
         u, step = a[:, j], solve[:, : beta.shape[1]]
-        beta -= u @ step
-        a -= u @ solve[:, beta.shape[1]:]
-        candidate[j] = False
+        beta.index_add_(0, rows, u @ step, alpha=-1.0)
+        a.addmm_(u, solve[:, beta.shape[1]:], alpha=-1.0)  # in one pass: A is most of the path's memory traffic
+        candidate[rows[j].cpu()] = False
+        removable[j], kept[j] = False, False
         remove -= j.numel()
-        yield candidate, beta, (u, step)
+        yield candidate, beta, (rows, u, step)
+        if int((~kept).sum()) * 4 > rows.numel():  # compact: the removed rows and columns are zero
+            rows, a, removable = rows[kept], a[kept][:, kept], removable[kept]
+            kept = torch.ones(rows.numel(), dtype=torch.bool, device=c.device)
 
 
 def prune_channels(c: torch.Tensor, w: torch.Tensor, keep: int, ridge: float, fixed: int = 0,
@@ -95,8 +106,9 @@ def error_curve(c: torch.Tensor, w: torch.Tensor, ridge: float, fixed: int = 0, 
     of ``m / points``). ``T``: ``test``, the Gram ``Σ hᵀh`` of tokens the fit never saw (default ``c``,
     the in-sample error); ``weights``: one per output column (default ones).
 
-    Each step ``D ← D + U S`` adds ``2 diag(Sᵀ Uᵀ T D) + diag(Sᵀ Uᵀ T U S)`` to ``diag(Dᵀ T D)``: the curve
-    costs two ``m × m × block`` products a step beside the path's own."""
+    Each step ``D[rows] ← D[rows] + U S`` adds ``2 diag(Sᵀ Uᵀ T D) + diag(Sᵀ Uᵀ T U S)`` to
+    ``diag(Dᵀ T D)`` (``U`` is zero outside ``rows``): two products of ``block`` columns a step beside the
+    path's own."""
     m = c.shape[0] - fixed
     floor = builtins.min(floor, m)
     test = c if test is None else test
@@ -105,10 +117,10 @@ def error_curve(c: torch.Tensor, w: torch.Tensor, ridge: float, fixed: int = 0, 
     d = torch.zeros(w.shape, dtype=torch.float64, device=c.device)
     per_column = torch.zeros(w.shape[1], dtype=torch.float64, device=c.device)
     curve = {m: 0.0}
-    for candidate, _, (u, step) in removal_path(c, w, m - floor, ridge, fixed, builtins.max(1, m // points)):
-        tu = test @ u
-        per_column += 2 * (step * (tu.T @ d)).sum(0) + (step * ((u.T @ tu) @ step)).sum(0)
-        d += u @ step
+    for candidate, _, (rows, u, step) in removal_path(c, w, m - floor, ridge, fixed, builtins.max(1, m // points)):
+        tu = test[:, rows] @ u  # U is zero outside ``rows``
+        per_column += 2 * (step * (tu.T @ d)).sum(0) + (step * ((u.T @ tu[rows]) @ step)).sum(0)
+        d.index_add_(0, rows, u @ step)
         curve[int(candidate.sum())] = float(per_column @ weights)
     return curve
 
