@@ -68,10 +68,11 @@ def removal_path(c: torch.Tensor, w: torch.Tensor, remove: int, ridge: float, fi
     removable = candidate.to(c.device)  # over ``rows``
     kept = torch.ones(m, dtype=torch.bool, device=c.device)  # over ``rows``: not removed (fixed included)
     while remove > 0:
-        cost = (beta[rows] * beta[rows]).sum(1) / a.diagonal()
+        held = beta[rows]
+        cost = held.square().sum(1) / a.diagonal()
         cost[~removable] = math.inf
         j = torch.topk(cost, builtins.min(block, remove), largest=False).indices
-        solve = torch.linalg.solve(a[j][:, j], torch.cat([beta[rows[j]], a[j]], 1))  # A_JJ⁻¹ [β_J, A_J:]
+        solve = torch.linalg.solve(a[j][:, j], torch.cat([held[j], a[j]], 1))  # A_JJ⁻¹ [β_J, A_J:]
         u, step = a[:, j], solve[:, : beta.shape[1]]
         beta.index_add_(0, rows, u @ step, alpha=-1.0)
         a.addmm_(u, solve[:, beta.shape[1]:], alpha=-1.0)  # in one pass: A is most of the path's memory traffic
@@ -245,18 +246,18 @@ class ShrinkMLP(FxslicePass):
 
         def measure(index: int, *parts) -> None:
             mlp, curve = mlps[index], {}
-            for fit, test in zip(parts, parts[::-1]):
-                _, c, w, fixed = _down_system(gm, mlp, fit)
-                _, held, _, _ = _down_system(gm, mlp, test)
-                if mlp.groups is None:
-                    pairs = [(c, held, w, fixed)]
-                else:  # every expert keeps the same width: their errors add
-                    pairs = [(c_e, t_e, w_e.reshape(-1, w_e.shape[-1]).T, 0) for c_e, t_e, w_e in zip(c, held, w)]
-                for c_e, t_e, w_e, f in pairs:
-                    weights = fisher[index] if fisher[index].numel() == w_e.shape[1] else None
+            _, w, fixed = _down_weights(gm, mlp)
+            grams = [_down_gram(mlp, part) for part in parts]
+            # every expert keeps the same width: their errors add
+            systems = [(w, fixed)] if mlp.groups is None else [(w_e.reshape(-1, w_e.shape[-1]).T, 0) for w_e in w]
+            features = systems[0][0].shape[1]
+            # one weight per output feature; the mean where the gradient's features are not the weight's columns
+            weights = fisher[index] if fisher[index].numel() == features else fisher[index].mean().expand(features)
+            for fit, test in zip(grams, grams[::-1]):
+                for e, (w_e, f) in enumerate(systems):
+                    c_e, t_e = (fit, test) if mlp.groups is None else (fit[e], test[e])
                     part = error_curve(c_e, w_e, self.ridge, f, self.multiple_of, test=t_e, weights=weights)
-                    scale = 1.0 if weights is not None else float(fisher[index].mean())
-                    curve = {k: curve.get(k, 0.0) + scale * v for k, v in part.items()}
+                    curve = {k: curve.get(k, 0.0) + v for k, v in part.items()}
             curves.append(curve)
 
         sweep_inner(gm, sequences, _sweep_inputs(mlps), measure, progress=self.progress,
@@ -276,7 +277,8 @@ class ShrinkMLP(FxslicePass):
             down = mlp.down
             side = down.input_side()
             weight = get_tensor(gm, down.weight)
-            moved, c, w, fixed = _down_system(gm, mlp, statistics)
+            moved, w, fixed = _down_weights(gm, mlp)
+            c = _down_gram(mlp, statistics)
             if mlp.groups is not None:  # experts: [E, ..., m]; each keeps its own channels
                 # Computed once (rank 0 under torch.distributed): every process removes the same channels.
                 kept, new = from_rank0(lambda: _prune_experts(statistics.h, moved, keep, self.ridge))
@@ -299,20 +301,28 @@ def _sweep_inputs(mlps: list[MLP]) -> list[tuple]:
     return [(m.inner, m.groups, tuple(u.node for u in m.ups)) for m in mlps]
 
 
-def _down_system(gm: fx.GraphModule, mlp: MLP, statistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """The down weight with the inner axis last (float64), and the refit's ``C``, ``W`` (``m × n``) and
-    fixed channel count: with a bias, a constant channel that is never removed lets the refit move it."""
+def _down_weights(gm: fx.GraphModule, mlp: MLP) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The down weight with the inner axis last (float64), the refit's ``W`` (``m × n``; for experts the
+    moved weight itself) and its fixed channel count: with a bias, a constant channel that is never
+    removed lets the refit move it."""
     side = mlp.down.input_side()
     moved = torch.movedim(get_tensor(gm, mlp.down.weight).detach(), side.axis, -1).to(torch.float64)  # [..., m]
     if mlp.groups is not None:
-        return moved, statistics.h, moved, 0
+        return moved, moved, 0
     w = moved.reshape(-1, mlp.width).T  # y = h W: m × n
-    c = statistics.h
     if mlp.down.bias is None:
-        return moved, c, w, 0
-    total = torch.as_tensor(float(statistics.tokens), dtype=torch.float64)
-    c = torch.cat([torch.cat([c, statistics.sum[:, None]], 1), torch.cat([statistics.sum, total[None]])[None, :]], 0)
-    return moved, c, torch.cat([w, w.new_zeros(1, w.shape[1])], 0), 1
+        return moved, w, 0
+    return moved, torch.cat([w, w.new_zeros(1, w.shape[1])], 0), 1
+
+
+def _down_gram(mlp: MLP, statistics) -> torch.Tensor:
+    """The refit's ``C``: ``Σ hᵀh``, bordered by ``Σ h`` and the token count for the constant channel of a
+    down projection with a bias (``_down_weights``)."""
+    c = statistics.h
+    if mlp.groups is not None or mlp.down.bias is None:
+        return c
+    count = torch.as_tensor(float(statistics.tokens), dtype=torch.float64)
+    return torch.cat([torch.cat([c, statistics.sum[:, None]], 1), torch.cat([statistics.sum, count[None]])[None, :]], 0)
 
 
 def sensitive_widths(curves: Sequence[Mapping[int, float]], full: Sequence[int], uniform: Sequence[int],
