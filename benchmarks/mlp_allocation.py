@@ -21,7 +21,8 @@ MLP whose loss after the removal is least (minimax), the loss divided by
 
 and ``uniform`` is ``slice(budget=…)``'s rule (every MLP the same fraction); ``sensitivity`` is
 ``slice(budget=…, schedule="sensitivity")``, the library's form of ``fisher_half`` (its error curves
-in-sample, on the dense model's first 4096 calibration tokens). Reads SmolLM2's Hugging Face
+held out, on the dense model's first 4096 calibration tokens); ``joint`` is the same schedule after a
+``rotate``, which lets it narrow the residual stream (one shared rotation) where that costs less. Reads SmolLM2's Hugging Face
 modules through hooks (``model.model.layers[i].mlp.down_proj``): a measurement, not library code.
 """
 
@@ -159,7 +160,8 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     import fxslice
-    from fxslice import fuse_norm, shrink_mlp, slice
+    from fxslice import fuse_norm, rotate, shrink_mlp, slice
+    from fxslice.plan import plan_of
     from fxslice.eval import perplexity
 
     model, tokenizer = load_smollm2()
@@ -177,8 +179,10 @@ def main() -> None:
             continue
         if variant == "uniform":
             passes = [fuse_norm, slice(budget=args.budget)]
-        elif variant == "sensitivity":  # the library's schedule: in-sample curves, Fisher weights, halfway
+        elif variant == "sensitivity":  # the library's schedule: held-out curves, Fisher weights, halfway
             passes = [fuse_norm, slice(budget=args.budget, schedule="sensitivity")]
+        elif variant == "joint":  # the same, the stream's width (one shared rotation) chosen with the MLPs'
+            passes = [fuse_norm, rotate, slice(budget=args.budget, schedule="sensitivity")]
         else:
             if curves is None:
                 start = time.perf_counter()
@@ -195,8 +199,9 @@ def main() -> None:
         compressed = fxslice.compile(model, passes, calibration=calibration)
         row["compress_s"] = round(time.perf_counter() - start, 1)
         report = fxslice.report(compressed)
-        if variant == "sensitivity":
+        if variant in ("sensitivity", "joint"):
             row["widths"] = [k for _, _, k in report["inner"]["mlps"]]
+            row["stream"] = list(plan_of(compressed).widths) or None
         row["ratio"] = report["parameters"]["ratio"]
         row["held_out_perplexity"] = perplexity(compressed, tokenizer, held, 512, max_windows=24)
         print(json.dumps(row), flush=True)

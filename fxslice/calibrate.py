@@ -35,7 +35,8 @@ from .rewrite import scale_normed_sinks
 
 __all__ = ["RESCALE_EXPONENT", "SENSITIVITY_TOKENS", "SPECTRUM_TOKENS", "Batch", "Batches", "InnerStatistics",
            "PCARotation", "batch_tokens", "check_calibration", "first_tokens", "gram", "lost_fraction",
-           "first_sequences", "output_sensitivity", "pca", "sweep_inner"]
+           "FeatureSquares", "RotatedSquares", "backward_statistics", "first_sequences", "fold_rotations",
+           "output_sensitivity", "pca", "sweep_inner"]
 
 RESCALE_EXPONENT = 8.0
 """After a state is sliced, the sinks of the norms reading it are multiplied by ``mean(r)^-8``, where
@@ -540,39 +541,104 @@ def output_sensitivity(gm: fx.GraphModule, batches: list[Batch], nodes: list[fx.
     ``y`` raises the loss by about ``Σ_j F_j e_j²``, so errors made at different places of the model, and
     in different features, are counted at what they cost downstream.
 
-    One backward pass per sequence over the first ``tokens`` calibration tokens, the weights frozen: every
-    activation of one sequence is held for it (unlike the sweeps, which hold one segment's)."""
-    watched = {node: i for i, node in enumerate(nodes)}
-    # Zeros of each value's width where the graph records it: every process then sums tensors of one shape.
-    squares: list[torch.Tensor | float] = [
-        torch.zeros(val(n).shape[-1], dtype=torch.float64) if isinstance(val(n), torch.Tensor) and val(n).dim()
-        and isinstance(val(n).shape[-1], int) else 0.0 for n in nodes]
-    counts = [0] * len(nodes)
+    One backward pass per sequence over the first ``tokens`` calibration tokens (``backward_statistics``)."""
+    squares = [FeatureSquares(n) for n in nodes]
+    backward_statistics(gm, first_sequences(batches, tokens), list(zip(nodes, squares)), progress)
+    return [s.mean() for s in squares]
 
-    def record(i: int):
+
+class FeatureSquares:
+    """``output_sensitivity``'s accumulator: per feature, ``Σ (∂L/∂y_j)²`` over the rows, and the rows."""
+
+    def __init__(self, node: fx.Node):
+        # Zeros of the value's width where the graph records it: every process then sums tensors of one shape.
+        value = val(node)
+        known = isinstance(value, torch.Tensor) and value.dim() and isinstance(value.shape[-1], int)
+        self.squares: torch.Tensor | float = torch.zeros(value.shape[-1], dtype=torch.float64) if known else 0.0
+        self.rows = 0
+
+    def forward(self, sequence: int, value: torch.Tensor, real: torch.Tensor) -> None:
+        pass
+
+    def backward(self, sequence: int, grad: torch.Tensor) -> None:
+        self.squares = self.squares + grad.detach().to(torch.float64).reshape(-1, grad.shape[-1]).square().sum(0).cpu()
+        self.rows += grad.numel() // grad.shape[-1]
+
+    def mean(self) -> torch.Tensor:
+        squares, rows = total((self.squares, self.rows))
+        return torch.as_tensor(squares, dtype=torch.float64) / rows if rows else torch.zeros(())
+
+
+class RotatedSquares:
+    """For a value ``y`` written into a residual stream: per principal direction ``q_j`` of the stream,
+    ``Σ (∂L/∂y · q_j)²`` and ``Σ (y · q_j)²`` over the real tokens of each fold of sequences, each fold
+    seen in its own basis ``bases[f]`` (fitted on the other folds: ``fold_rotations``).
+
+    ``losses()``: per direction, ``Σ_f mean_f((∂L/∂y · q_j)²) · Σ_f (y · q_j)²``, the rise of the summed
+    loss when the stream loses ``q_j``'s share of this write, in the same first-order terms as a refit
+    error weighted by ``output_sensitivity``; held out, since no fold is seen in a basis fitted on it."""
+
+    def __init__(self, bases: list[torch.Tensor]):
+        self.bases = bases
+        width = bases[0].shape[1]
+        self.grads = [torch.zeros(width, dtype=torch.float64) for _ in bases]
+        self.values = [torch.zeros(width, dtype=torch.float64) for _ in bases]
+        self.rows = [0] * len(bases)
+
+    def _in_basis(self, sequence: int, x: torch.Tensor) -> torch.Tensor:
+        basis = self.bases[sequence % len(self.bases)]
+        return x.detach().reshape(-1, x.shape[-1]).to(torch.float64) @ basis.to(x.device)
+
+    def forward(self, sequence: int, value: torch.Tensor, real: torch.Tensor) -> None:
+        rows = value[real] if value.shape[:-1] == real.shape else value
+        self.values[sequence % len(self.bases)] += self._in_basis(sequence, rows).square().sum(0).cpu()
+
+    def backward(self, sequence: int, grad: torch.Tensor) -> None:
+        fold = sequence % len(self.bases)
+        self.grads[fold] += self._in_basis(sequence, grad).square().sum(0).cpu()
+        self.rows[fold] += grad.numel() // grad.shape[-1]
+
+    def losses(self) -> torch.Tensor:
+        grads, values, rows = total((self.grads, self.values, self.rows))
+        return sum(g / n * v for g, v, n in zip(grads, values, rows) if n)
+
+
+def backward_statistics(gm: fx.GraphModule, sequences: list[Batch], watched: list[tuple[fx.Node, Any]],
+                        progress: bool = True) -> None:
+    """Run the graph forward and backward on each of ``sequences`` (one batch each), the weights frozen,
+    ``L`` the next-token cross-entropy summed over real tokens. Each ``(node, watcher)`` sees the node's
+    value (``watcher.forward(sequence, value, real)``, ``real`` the mask of real tokens) and the
+    gradient of ``L`` there (``watcher.backward(sequence, grad)``). Every activation of one sequence is
+    held for its backward pass (unlike the sweeps, which hold one segment's)."""
+    watchers: dict[fx.Node, list] = {}
+    for node, watcher in watched:
+        watchers.setdefault(node, []).append(watcher)
+    current: dict[str, Any] = {}
+
+    def record(sequence: int, node: fx.Node):
         def hook(grad: torch.Tensor) -> None:
-            per_feature = grad.detach().to(torch.float64).reshape(-1, grad.shape[-1]).square().sum(0)
-            squares[i] = squares[i] + per_feature.cpu()
-            counts[i] += grad.numel() // grad.shape[-1]
+            for watcher in watchers[node]:
+                watcher.backward(sequence, grad)
         return hook
 
     class Watched(fx.Interpreter):
         def run_node(self, n: fx.Node):
             value = super().run_node(n)
-            if n in watched and isinstance(value, torch.Tensor) and value.is_floating_point():
+            if n in watchers and isinstance(value, torch.Tensor) and value.is_floating_point():
+                for watcher in watchers[n]:
+                    watcher.forward(current["sequence"], value, current["real"])
                 if not value.requires_grad:  # the first watched value: the gradient starts flowing here
                     value.requires_grad_()
-                value.register_hook(record(watched[n]))
+                value.register_hook(record(current["sequence"], n))
             return value
 
     frozen = [p for p in gm.parameters() if p.requires_grad]
-    sequences = first_sequences(batches, tokens)
     device = graph_device(gm)
     try:
         for p in frozen:
             p.requires_grad_(False)
-        for args, kwargs in tqdm(sequences, desc="fxslice: output sensitivity", unit="seq",
-                                 disable=not progress or rank() != 0):
+        for sequence, (args, kwargs) in enumerate(tqdm(sequences, desc="fxslice: output sensitivity", unit="seq",
+                                                       disable=not progress or rank() != 0)):
             args, kwargs = optree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x,
                                            (args, kwargs), none_is_leaf=True)
             ids = kwargs.get("input_ids", next((x for x in optree.tree_leaves(args) if isinstance(x, torch.Tensor)
@@ -580,15 +646,15 @@ def output_sensitivity(gm: fx.GraphModule, batches: list[Batch], nodes: list[fx.
             if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
                 raise CalibrationError("the sensitivity schedule needs the calibration batches' input_ids (a "
                                        "[batch, tokens] tensor) to compute the next-token loss")
+            mask = kwargs.get("attention_mask")
+            real = torch.ones_like(ids, dtype=torch.bool) if not isinstance(mask, torch.Tensor) else mask.to(torch.bool)
+            current.update(sequence=sequence, real=real)
             with torch.enable_grad():
                 out = Watched(gm).run(*flat_inputs(gm, args, kwargs))
                 logits = logits_of(out)
                 if logits is None or logits.dim() != 3 or logits.shape[:2] != ids.shape:
                     raise CalibrationError("the sensitivity schedule needs logits of shape [batch, tokens, vocab] "
                                            "among the graph's outputs")
-                mask = kwargs.get("attention_mask")
-                real = (torch.ones_like(ids, dtype=torch.bool) if not isinstance(mask, torch.Tensor)
-                        else mask.to(torch.bool))
                 scored = real[:, 1:] & real[:, :-1]
                 predicted = logits[:, :-1][scored]
                 predicted = predicted.to(torch.promote_types(predicted.dtype, torch.float32))
@@ -598,8 +664,22 @@ def output_sensitivity(gm: fx.GraphModule, batches: list[Batch], nodes: list[fx.
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    squares, counts = total((squares, counts))
-    return [torch.as_tensor(s, dtype=torch.float64) / c if c else torch.zeros(()) for s, c in zip(squares, counts)]
+
+
+def fold_rotations(gm: fx.GraphModule, sequences: list[Batch], reads: list[fx.Node], folds: int = 2,
+                   progress: bool = True) -> list[torch.Tensor]:
+    """One stream's principal directions per fold of ``sequences`` (sequence ``n`` in fold ``n mod folds``):
+    for fold ``f``, the PCA of ``Σ xᵀx`` over the values ``reads`` (the stream's norm inputs, as a shared
+    rotation sees them) of every other fold (of all sequences when ``folds`` is 1)."""
+    sweep = _Sweep(gm, sequences, reads)
+    covariances = _FoldCovariances(sweep.masks, folds)
+    for node in tqdm(reads, desc="fxslice: measuring the stream's spectrum", unit="read",
+                     disable=not progress or rank() != 0):
+        covariances.sequences = 0
+        sweep.run_until(node, covariances)
+    h = total(covariances.h)
+    whole = sum(h)
+    return [from_rank0(lambda: pca(whole - part if folds > 1 else whole)[1]) for part in h]
 
 
 def first_sequences(batches: list[Batch], tokens: int) -> list[Batch]:

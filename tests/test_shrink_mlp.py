@@ -13,8 +13,12 @@ import fxslice
 from conftest import relative_error
 from fxslice import UnsupportedGraphError, fuse_norm, rotate, shrink_mlp, slice
 from fxslice.analysis.mlps import find_mlps
-from fxslice.calibrate import check_calibration, output_sensitivity, sweep_inner
+from fxslice.analysis.regions import find_regions
+from fxslice.calibrate import (RotatedSquares, backward_statistics, check_calibration, first_sequences,
+                               fold_rotations, output_sensitivity, sweep_inner)
 from fxslice.passes.shrink_mlp import curve_at, error_curve, prune_channels, sensitive_widths
+from fxslice.passes import run_passes
+from fxslice.passes.rotate import KEPT_WHOLE
 from fxslice.plan import plan_of
 from hf_zoo import LISTED, tiny_model
 from strategies import Arch, GroupedExperts, TinyLM, example_ids, architectures
@@ -325,6 +329,91 @@ def test_output_sensitivity_is_the_mean_squared_gradient_of_the_loss_at_each_nod
     # a real check: the layers differ, and so do the features within one
     assert len({round(float(v.sum()), 12) for v in expected}) == arch.depth
     assert all(float(v.max()) > 1.5 * float(v.min()) for v in expected)
+
+
+class _Recorder:
+    """A ``backward_statistics`` watcher keeping every value and gradient it sees, by sequence."""
+
+    def __init__(self):
+        self.values, self.grads = {}, {}
+
+    def forward(self, sequence, value, real):
+        self.values[sequence] = value.detach().reshape(-1, value.shape[-1]).double()
+
+    def backward(self, sequence, grad):
+        self.grads[sequence] = grad.detach().reshape(-1, grad.shape[-1]).double()
+
+
+def test_the_streams_loss_is_each_writes_gradient_times_its_energy_in_the_other_folds_directions():
+    arch = Arch(width=16, heads=2, kv_heads=1, mlp=32, depth=2, vocab=20)
+    model = TinyLM(arch).double().eval()
+    gm = run_passes(fxslice.capture(model, (example_ids(arch),)), [fuse_norm])
+    sequences = first_sequences(list(check_calibration(_arch_calibration(arch))), 10_000)
+    (stream,) = [s for r in find_regions(gm, shared=True) for s in r.states]
+    reads = sorted({n.input for n in stream.norms}, key=list(gm.graph.nodes).index)
+    bases = fold_rotations(gm, sequences, reads, 2, progress=False)
+    writes = [RotatedSquares(bases) for _ in stream.sources]
+    seen = {n: _Recorder() for n in dict.fromkeys([*reads, *(s.node for s in stream.sources)])}
+    backward_statistics(gm, sequences, [(s.node, w) for s, w in zip(stream.sources, writes)] + list(seen.items()),
+                        progress=False)
+    # Fold f's basis: the principal directions of the other fold's norm inputs.
+    for f, basis in enumerate(bases):
+        h = sum(seen[n].values[i].T @ seen[n].values[i] for n in reads for i in range(len(sequences)) if i % 2 != f)
+        eigenvalues = torch.diagonal(basis.T @ h @ basis)
+        torch.testing.assert_close(basis.T @ h @ basis, torch.diag(eigenvalues), rtol=0, atol=1e-9 * float(h.norm()))
+        assert bool((eigenvalues[:-1] >= eigenvalues[1:] - 1e-9).all())
+    assert not torch.allclose(bases[0].abs(), bases[1].abs(), atol=1e-3)
+    # Per direction: Σ_f mean_f((g·q_j)²) · Σ_{fold f tokens} (y·q_j)², each fold in its own basis.
+    for source, write in zip(stream.sources, writes):
+        record, want = seen[source.node], 0
+        for f, basis in enumerate(bases):
+            mine = [i for i in range(len(sequences)) if i % 2 == f]
+            grads = torch.cat([record.grads[i] for i in mine]) @ basis
+            values = torch.cat([record.values[i] for i in mine]) @ basis
+            want = want + grads.square().mean(0) * values.square().sum(0)
+        torch.testing.assert_close(write.losses(), want, rtol=1e-10, atol=0)
+        assert float(want.max()) > 0
+
+
+def test_a_budget_after_rotate_narrows_the_stream_where_the_mlps_cannot_pay_and_replays(tmp_path):
+    # A large vocabulary and small MLPs: the embedding's state holds most of the parameters.
+    arch = Arch(width=32, heads=4, kv_heads=2, mlp=64, depth=3, vocab=4000)
+    model = TinyLM(arch).double().eval()
+    dense = sum(p.numel() for p in model.parameters())
+    with pytest.raises(UnsupportedGraphError, match="cannot be met by shrinking the 3 MLPs"):
+        _compile(model, [fuse_norm, slice(budget=0.75, schedule="sensitivity")], _arch_calibration(arch),
+                 (example_ids(arch),))
+    shrunk = _compile(model, [fuse_norm, rotate, slice(budget=0.75, schedule="sensitivity")],
+                      _arch_calibration(arch), (example_ids(arch),))
+    plan, report = plan_of(shrunk), fxslice.report(shrunk)
+    planned = plan.details["budget_plan"]
+    assert plan.rotation == "shared" and plan.widths == (planned["stream"],) and planned["stream"] < arch.width
+    assert planned["stream"] % 8 == 0 and planned["stream_loss"] > 0
+    # The planner's count is the model's, and within the budget.
+    assert planned["parameters"] == report["parameters"]["after"] == sum(p.numel() for p in shrunk.parameters())
+    assert report["parameters"]["after"] <= 0.75 * dense
+    assert [[n, k] for n, _, k in report["inner"]["mlps"]] == [list(x) for x in planned["mlps"]]
+    fxslice.save(shrunk, tmp_path / "m")
+    ids = example_ids(arch, 2, 6, seed=4)
+    loaded = fxslice.load(tmp_path / "m", model=TinyLM(arch, seed=7).double().eval(), example_inputs=(example_ids(arch),))
+    assert torch.equal(loaded(ids), shrunk(ids))
+
+
+def test_a_budget_after_rotate_keeps_the_stream_whole_where_the_mlps_pay_less():
+    # Wide MLPs and a small vocabulary: narrowing the stream would cost more loss per parameter.
+    arch = Arch(width=32, heads=4, kv_heads=2, mlp=128, depth=2, vocab=20)
+    model = TinyLM(arch).double().eval()
+    dense = sum(p.numel() for p in model.parameters())
+    shrunk = _compile(model, [fuse_norm, rotate, slice(budget=0.75, schedule="sensitivity")],
+                      _arch_calibration(arch), (example_ids(arch),))
+    plan, report = plan_of(shrunk), fxslice.report(shrunk)
+    planned = plan.details["budget_plan"]
+    assert planned["stream"] == arch.width and planned["stream_loss"] == 0 and plan.details["rotate"] == KEPT_WHOLE
+    assert planned["parameters"] == report["parameters"]["after"] <= 0.75 * dense
+    # The MLP widths are those the schedule chooses without a rotate.
+    alone = _compile(model, [fuse_norm, slice(budget=0.75, schedule="sensitivity")], _arch_calibration(arch),
+                     (example_ids(arch),))
+    assert report["inner"]["mlps"] == fxslice.report(alone)["inner"]["mlps"]
 
 
 def test_sweep_folds_split_the_batches_statistics_between_them():

@@ -32,7 +32,7 @@ from ..errors import PassOrderError, UnsupportedGraphError
 from ..graph import eliminate_dead_code, graph_device, refresh_shapes, tensor_meta, remove_unused_attributes
 from ..plan import PassSpec, Plan, Skipped, plan_of, set_plan
 
-__all__ = ["CONTEXT", "Context", "FxslicePass", "PassResult", "calibrated", "check_invariants", "context_of",
+__all__ = ["CONTEXT", "Context", "FxslicePass", "PassResult", "StateParameters", "calibrated", "check_invariants", "context_of",
            "kept_width", "order_problems", "recorded", "replaying", "run_passes", "skipped_regions"]
 
 CONTEXT = "fxslice.context"
@@ -64,6 +64,42 @@ def kept_width(fraction: float, width: int, multiple_of: int) -> int:
     """``fraction · width`` rounded down to a multiple of ``multiple_of`` (fast matmuls), but never below
     one multiple (or ``width``, if smaller)."""
     return max(math.floor(fraction * width / multiple_of) * multiple_of, min(multiple_of, width))
+
+
+class StateParameters:
+    """Counts the parameters bound to the residual states' widths (every weight axis a state's Q touches,
+    skip matrices ``k_i × k_j`` included) and, given ``mlps``, to their inner widths, for any choice of
+    widths: a weight's elements are the product of its axes at the chosen widths."""
+
+    def __init__(self, gm: fx.GraphModule, states: Sequence[Any], mlps: Sequence[Any] = ()):
+        self.bound: dict[tuple[str, int], int] = {}
+        for i, state in enumerate(states):
+            for side, _ in state.param_axes():
+                self.bound[(side.target, side.axis)] = i
+        self.inner: dict[tuple[str, int], tuple[int, int]] = {}  # axis -> (MLP, copies of its channels)
+        for i, mlp in enumerate(mlps):
+            for side in (*mlp.channel_sides, mlp.down.input_side()):
+                self.inner[(side.target, side.axis)] = (i, side.blocks)
+        targets = dict.fromkeys(t for t, _ in (*self.bound, *self.inner))
+        self.shapes = {target: tuple(tensor_meta(gm, target).shape) for target in targets}
+        self.touching: dict[int, list[str]] = {i: [] for i in range(len(states))}
+        for target, shape in self.shapes.items():
+            for i in {self.bound[(target, a)] for a in range(len(shape)) if (target, a) in self.bound}:
+                self.touching[i].append(target)
+
+    def count(self, widths: Sequence[int], state: int | None = None, inner: Sequence[int] | None = None) -> int:
+        """Elements of the bound weights (only those touching ``state``, if given) at the states' ``widths``
+        and the MLPs' ``inner`` widths (full when None)."""
+        def size(target: str, axis: int, n: int) -> int:
+            if (target, axis) in self.bound:
+                return widths[self.bound[(target, axis)]]
+            if inner is not None and (target, axis) in self.inner:
+                mlp, copies = self.inner[(target, axis)]
+                return inner[mlp] * copies
+            return n
+
+        targets = self.shapes if state is None else self.touching[state]
+        return sum(math.prod(size(t, a, n) for a, n in enumerate(self.shapes[t])) for t in targets)
 
 
 def context_of(gm: fx.GraphModule) -> Context:

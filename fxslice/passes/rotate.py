@@ -22,13 +22,15 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.fx as fx
 
+from ..analysis.mlps import find_mlps
 from ..analysis.regions import SKIP_EDGE, Blocker, Region, State, bind_parameters, find_regions, written_by
 from ..errors import UnsupportedGraphError
-from ..graph import refresh_shapes, val
+from ..graph import refresh_shapes, unique_parameters, val
 from ..plan import Plan, StatePlan
 from ..rewrite import insert_linear, rotate_state, slice_state
 from .base import Context, FxslicePass, skipped_regions
 from .fuse_norm import FuseNorm
+from .shrink_mlp import PLANNED, ShrinkMLP
 
 __all__ = ["ROTATED_STATE", "KeepWeights", "RandomRotation", "Rotate", "RotationSource", "random_orthogonal", "rotate"]
 
@@ -116,9 +118,37 @@ class Rotate(FxslicePass):
         # With calibration data the following slice is applied inside this sweep (see the module docstring).
         slicing = context.following(self, "slice") if context.calibration and context.replay is None else None
         replayed = context.replay.details.get("rotate") if context.replay is not None else None
-        if getattr(slicing, "budget", None) is not None or replayed == KEPT_WHOLE:
-            # Every state keeps its width: a rotation would change nothing but add skip matrices.
+        if getattr(slicing, "budget", None) is not None:
+            return self._budget(gm, plan, context, slicing)
+        if replayed == KEPT_WHOLE:
             return plan.with_pass(self.spec(), details={"rotate": KEPT_WHOLE})
+        return self._rotate(gm, plan, context, slicing)
+
+    def _budget(self, gm: fx.GraphModule, plan: Plan, context: Context, slicing: Any) -> Plan:
+        """Before ``slice(budget=…)`` every state keeps its width (per-state rotations would only add skip
+        matrices), unless ``schedule="sensitivity"`` narrows the stream: then one rotation for the stream
+        (shared: no skip matrices) and its width are chosen with the MLPs' widths from the losses both
+        cost (``ShrinkMLP.plan_widths``), which the plan keeps for them under ``PLANNED``."""
+        whole = plan.with_pass(self.spec(), details={"rotate": KEPT_WHOLE})
+        if slicing.schedule != "sensitivity":
+            return whole
+        shared = dataclasses.replace(self, shared=True)
+        streams = [s for r in shared._regions(gm) if not r.reason() for s in r.states]
+        if len(streams) != 1:  # no stream, or several: the MLPs alone meet the budget (ShrinkMLP plans them)
+            return whole
+        mlps, _ = find_mlps(gm)
+        planner = ShrinkMLP(budget=slicing.budget, multiple_of=slicing.multiple_of, schedule="sensitivity",
+                            progress=self.progress)
+        dense = plan.parameters_before or unique_parameters(gm)
+        width, widths, losses = planner.plan_widths(gm, mlps, slicing.budget * dense, context, stream=streams[0])
+        planned = {PLANNED: {"stream": width, "mlps": [[m.name, k] for m, k in zip(mlps, widths)], **losses}}
+        if width == streams[0].width:
+            return plan.with_pass(self.spec(), details={"rotate": KEPT_WHOLE, **planned})
+        after = shared._rotate(gm, plan, context, slicing, widths={0: width})
+        return dataclasses.replace(after, details={**after.details, **planned})
+
+    def _rotate(self, gm: fx.GraphModule, plan: Plan, context: Context, slicing: Any,
+                widths: dict[int, int] | None = None) -> Plan:
         regions = self._regions(gm)
         skipped = skipped_regions(regions, self.strict, "rotate")
         skips = 0 if self.shared else _insert_skips(gm, [r for r in regions if not r.reason()])
@@ -128,7 +158,8 @@ class Rotate(FxslicePass):
         states = sorted((s for r in regions if not r.reason() for s in r.states), key=_graph_order(gm))
         index = {state: i for i, state in enumerate(states)}
         source = self._source(context, slicing)
-        widths = self._widths(gm, source, states, slicing, plan.parameters_before)
+        if widths is None:
+            widths = self._widths(gm, source, states, slicing, plan.parameters_before)
         record: dict[int, StatePlan] = {}
 
         def apply(state: State, rotation: torch.Tensor | None, eigenvalues: torch.Tensor | None) -> int:

@@ -23,10 +23,11 @@ compressed. ``shrink_mlp(0.25)`` keeps ``(1 − 0.25)·m`` channels rounded down
 from __future__ import annotations
 
 import builtins
+import heapq
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -37,15 +38,20 @@ from ..errors import UnsupportedGraphError, module_path
 from ..graph import STREAMED, get_tensor, set_tensor, tensor_meta, unique_parameters
 from ..plan import Plan
 from ..rewrite import narrow_axis, select_axis, write_width
-from .base import Context, FxslicePass, kept_width, recorded
+from .base import Context, FxslicePass, StateParameters, kept_width, recorded
 
-__all__ = ["BUDGET_SCHEDULES", "ShrinkMLP", "budget_widths", "check_budget", "curve_at", "error_curve",
-           "prune_channels", "removal_path", "sensitive_widths", "shrink_mlp"]
+__all__ = ["BUDGET_SCHEDULES", "PLANNED", "ShrinkMLP", "budget_widths", "check_budget", "curve_at", "error_curve",
+           "prune_channels", "removal_path", "sensitive_widths", "shrink_mlp",
+           "uniform_widths"]
 
 BUDGET_SCHEDULES = ("constant", "sensitivity")
 """How a budget is spread over the MLPs: every MLP the same fraction, or by their losses counted downstream."""
 
 Widths = Mapping[str, int] | Sequence[int] | Callable[[int, int], int]
+
+PLANNED = "budget_plan"
+"""``Plan.details`` key of the widths a ``rotate`` before ``slice(budget=…, schedule="sensitivity")`` chose
+with the stream's width: ``{"stream": k, "mlps": [[name, width], …], …}``, which the MLPs then keep."""
 
 
 def removal_path(c: torch.Tensor, w: torch.Tensor, remove: int, ridge: float, fixed: int = 0, block: int = 8):
@@ -213,9 +219,14 @@ class ShrinkMLP(FxslicePass):
         else:
             if self.budget is not None:
                 dense = plan.parameters_before or unique_parameters(gm)
-                widths = budget_widths(gm, mlps, self.budget, dense, self.multiple_of, skipped)
-                if self.schedule == "sensitivity":
-                    widths = self._sensitive_widths(gm, mlps, widths, self.budget * dense, context)
+                planned = plan.details.get(PLANNED)
+                if self.schedule == "sensitivity" and planned is not None:  # chosen with the stream's width
+                    widths = [dict(planned["mlps"]).get(m.name, m.width) for m in mlps]
+                elif self.schedule == "sensitivity":
+                    budget_widths(gm, mlps, self.budget, dense, self.multiple_of, skipped)  # refuses before measuring
+                    widths = self.plan_widths(gm, mlps, self.budget * dense, context)[1]
+                else:
+                    widths = budget_widths(gm, mlps, self.budget, dense, self.multiple_of, skipped)
             else:
                 widths = [self.width(i, m) for i, m in enumerate(mlps)]
             self._calibrate(gm, mlps, widths, context)
@@ -225,23 +236,59 @@ class ShrinkMLP(FxslicePass):
                    "skipped": [f"{module_path(s.node, prefix)}: {s.reason}" for s in skipped]}
         return details, time.perf_counter() - start
 
-    def _sensitive_widths(self, gm: fx.GraphModule, mlps: list[MLP], uniform: list[int], goal: float,
-                          context: Context) -> list[int]:
-        """``schedule="sensitivity"``: widths from each MLP's held-out error curve on the dense model, each
-        output feature's error counted at what it costs downstream (``output_sensitivity``), halfway to
-        the ``uniform`` widths. The curves are fitted on every other calibration sequence and scored on
-        the rest, and the other way round: an in-sample curve overrates what a narrow refit keeps."""
-        from ..calibrate import SENSITIVITY_TOKENS, first_sequences, output_sensitivity, sweep_inner
+    def plan_widths(self, gm: fx.GraphModule, mlps: list[MLP], goal: float, context: Context,
+                    stream: Any = None) -> tuple[int | None, list[int], dict]:
+        """``schedule="sensitivity"``: the MLPs' widths (and, given the residual ``stream``'s one state
+        under a shared rotation, its width) that leave at most ``goal`` parameters, from losses measured on
+        the dense model and held out. Returns the stream's width (None without one), the MLPs' widths and
+        the estimated losses and parameter count.
+
+        Each MLP's refit error along its removal path is fitted on every other calibration sequence and
+        scored on the rest (and the other way round: an in-sample curve overrates what a narrow refit
+        keeps), each output feature's error counted at what it costs downstream (``output_sensitivity``).
+        The stream's loss at width ``k``: every write into it loses its share in the discarded principal
+        directions, counted by the loss's gradient there (``RotatedSquares``; the directions fitted on the
+        other fold). The stream's width is the one whose loss plus the MLPs' (their widths chosen for
+        what that width leaves of the budget, ``sensitive_widths``) is least."""
+        from ..calibrate import (SENSITIVITY_TOKENS, FeatureSquares, RotatedSquares, backward_statistics,
+                                 first_sequences, fold_rotations, sweep_inner)
 
         if gm.meta.get(STREAMED) is not None:
             raise UnsupportedGraphError("schedule='sensitivity' back-propagates through the whole model at once, "
                                         "which a checkpoint streamed from disk never holds: use the default "
                                         "schedule, or load the model into memory first")
-        batches = list(context.calibration)
-        fisher = output_sensitivity(gm, batches, [m.down.node for m in mlps], progress=self.progress)
-        sequences = first_sequences(batches, SENSITIVITY_TOKENS)
-        # Two folds where every process holds two sequences or more; else the curves are in-sample.
+        # What each stream width leaves of the budget to the MLPs: counted before anything is measured.
+        counter = StateParameters(gm, [stream] if stream is not None else [], mlps)
+        full = [m.width for m in mlps]
+        whole = () if stream is None else (stream.width,)
+        narrower = () if stream is None else range((stream.width - 1) // self.multiple_of * self.multiple_of,
+                                                   0, -self.multiple_of)
+        options = []  # (stream widths, MLP parameters per channel there, the count with the MLPs whole, uniform)
+        for widths in [whole, *((k,) for k in narrower)]:
+            at_full = counter.count(widths, inner=full)
+            per_channel = [at_full - counter.count(widths, inner=full[:i] + [m - 1] + full[i + 1:])
+                           for i, m in enumerate(full)]
+            base = unique_parameters(gm) - counter.count(whole) + at_full
+            uniform = uniform_widths(full, per_channel, base, goal, self.multiple_of)
+            if uniform is not None:
+                options.append((widths, per_channel, base, uniform))
+        if not options:
+            raise UnsupportedGraphError(f"schedule='sensitivity' cannot meet a budget of {goal:.0f} parameters "
+                                        f"with the {len(mlps)} MLPs found and the stream narrowed to "
+                                        f"{self.multiple_of}: choose a larger budget")
+        sequences = first_sequences(list(context.calibration), SENSITIVITY_TOKENS)
+        # Two folds where every process holds two sequences or more; else the losses are in-sample.
         folds = 1 if total(int(len(sequences) < 2)) else 2
+        squares = [FeatureSquares(m.down.node) for m in mlps]
+        watched = [(m.down.node, sq) for m, sq in zip(mlps, squares)]
+        writes = []
+        if stream is not None:
+            reads = sorted({n.input for n in stream.norms}, key=list(gm.graph.nodes).index)
+            bases = fold_rotations(gm, sequences, reads, folds, self.progress)
+            writes = [RotatedSquares(bases) for _ in stream.sources]
+            watched += [(source.node, w) for source, w in zip(stream.sources, writes)]
+        backward_statistics(gm, sequences, watched, self.progress)
+        fisher = [sq.mean() for sq in squares]
         curves: list[dict[int, float]] = []
 
         def measure(index: int, *parts) -> None:
@@ -262,10 +309,25 @@ class ShrinkMLP(FxslicePass):
 
         sweep_inner(gm, sequences, _sweep_inputs(mlps), measure, progress=self.progress,
                     desc="fxslice: measuring inner widths", folds=folds)
-        widths = sensitive_widths(curves, [m.width for m in mlps], uniform, _per_channel(gm, mlps),
-                                  unique_parameters(gm), goal, self.multiple_of)
-        # Rank 0's choice for every process (their curves agree up to rounding, which could tip a choice).
-        return from_rank0(lambda: torch.tensor(widths)).tolist()
+        discarded = torch.zeros(1, dtype=torch.float64)
+        if stream is not None:
+            per_direction = sum(w.losses() for w in writes)
+            # discarded[k]: the loss of keeping the first k directions (the sum over the rest)
+            discarded = torch.cat([per_direction.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+        best = None
+        for widths, per_channel, base, uniform in options:
+            lost = float(discarded[widths[0]]) if widths else 0.0
+            if best is not None and lost >= best[0]:
+                break  # the stream's loss only grows as it narrows
+            chosen = sensitive_widths(curves, full, uniform, per_channel, base, goal, self.multiple_of)
+            loss = lost + sum(curve_at(c, k) for c, k in zip(curves, chosen))
+            if best is None or loss < best[0]:
+                best = (loss, widths, chosen, lost, base - sum((m - k) * n for m, k, n in zip(full, chosen, per_channel)))
+        loss, widths, chosen, lost, count = best
+        # Rank 0's choice for every process (their losses agree up to rounding, which could tip a choice).
+        chosen = from_rank0(lambda: torch.tensor([*widths, *chosen])).tolist()
+        width = chosen[0] if stream is not None else None
+        return width, chosen[len(widths):], {"stream_loss": lost, "mlp_loss": loss - lost, "parameters": count}
 
     def _calibrate(self, gm: fx.GraphModule, mlps: list[MLP], widths: list[int], context: Context) -> None:
         from ..calibrate import sweep_inner
@@ -333,23 +395,38 @@ def sensitive_widths(curves: Sequence[Mapping[int, float]], full: Sequence[int],
     to its ``uniform`` width (the first-order losses overrate what very uneven widths gain: the
     sequential refit recovers part of a narrow MLP's error in the layers after it), and cuts by the same
     rule bring the count back within ``goal``."""
-    def count(widths: list[int]) -> int:
-        return now - sum((m - k) * n for m, k, n in zip(full, widths, per_channel))
-
     def cut(widths: list[int]) -> list[int]:
         widths = list(widths)
-        while count(widths) > goal:
-            options = [(curve_at(curves[i], k - multiple_of), i) for i, k in enumerate(widths) if k - multiple_of >= multiple_of]
+        count = now - sum((m - k) * n for m, k, n in zip(full, widths, per_channel))
+        # (loss after the next cut, MLP): the least first, ties to the first MLP
+        options = [(curve_at(curves[i], k - multiple_of), i) for i, k in enumerate(widths) if k - multiple_of >= multiple_of]
+        heapq.heapify(options)
+        while count > goal:
             if not options:
                 raise UnsupportedGraphError("schedule='sensitivity' cannot meet the budget with the MLPs found")
-            _, i = builtins.min(options)
+            _, i = heapq.heappop(options)
             widths[i] -= multiple_of
+            count -= multiple_of * per_channel[i]
+            if widths[i] - multiple_of >= multiple_of:
+                heapq.heappush(options, (curve_at(curves[i], widths[i] - multiple_of), i))
         return widths
 
     allocated = cut(list(full))
     halfway = [builtins.min(m, builtins.max(multiple_of, round((a + u) / (2 * multiple_of)) * multiple_of))
                for m, a, u in zip(full, allocated, uniform)]
     return cut(halfway)
+
+
+def uniform_widths(full: Sequence[int], per_channel: Sequence[int], now: int, goal: float,
+                   multiple_of: int = 8) -> list[int] | None:
+    """The widest widths, every MLP keeping the same fraction of its ``full`` channels (rounded down to
+    ``multiple_of``), that leave at most ``goal`` parameters (``now`` at full width, ``per_channel`` per
+    channel); None if even the narrowest do not."""
+    for step in range(1024, -1, -1):
+        widths = [kept_width(step / 1024, m, multiple_of) for m in full]
+        if now - sum((m - k) * n for m, k, n in zip(full, widths, per_channel)) <= goal:
+            return widths
+    return None
 
 
 def _per_channel(gm: fx.GraphModule, mlps: list[MLP]) -> list[int]:
@@ -388,11 +465,12 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
     ``skipped``: the candidates the analysis left alone, named in the refusal."""
     per_channel = _per_channel(gm, mlps)
     now, goal = unique_parameters(gm), budget * dense
-    for step in range(1024, -1, -1):
-        widths = [kept_width(step / 1024, m.width, multiple_of) for m in mlps]
-        if now - sum((m.width - k) * n for m, k, n in zip(mlps, widths, per_channel)) <= goal:
-            return widths
-    reachable = (now - sum((m.width - k) * n for m, k, n in zip(mlps, widths, per_channel))) / dense
+    full = [m.width for m in mlps]
+    widths = uniform_widths(full, per_channel, now, goal, multiple_of)
+    if widths is not None:
+        return widths
+    widths = [kept_width(0.0, m, multiple_of) for m in full]
+    reachable = (now - sum((m - k) * n for m, k, n in zip(full, widths, per_channel))) / dense
     if skipped:
         left = f"; {len(skipped)} MLP-like candidates were left alone, e.g. {skipped[0]}"
     elif not mlps:
@@ -402,7 +480,8 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
         left = ""
     raise UnsupportedGraphError(f"a budget of {budget} of the dense parameters cannot be met by shrinking the "
                                 f"{len(mlps)} MLPs found (at most down to {reachable:.3f}){left}: the residual stream "
-                                "and attention stay whole; choose a larger budget or add slice(ratio) before")
+                                "and attention stay whole; choose a larger budget, add slice(ratio) before, or let the budget "
+                                "narrow the stream too: [fuse_norm, rotate, slice(budget=…, schedule='sensitivity')]")
 
 
 def shrink_mlp(ratio: float | None = None, *, widths: Widths | None = None, budget: float | None = None,

@@ -23,7 +23,12 @@ spreads the same budget unevenly: each MLP's refit error, measured along its rem
 model (fitted on every other calibration sequence, scored on the rest), is weighted feature by feature by
 the loss's mean squared gradient at the MLP's output (one backward pass a sequence at a time: it holds
 every activation of one calibration sequence), the widths even out those losses and then move halfway to
-the uniform fraction.
+the uniform fraction. After a ``rotate`` (``[fuse_norm, rotate, slice(budget=…, schedule="sensitivity")]``)
+the same schedule also prices narrowing the residual stream, under one rotation for the whole stream
+(shared: no skip matrices): every write into the stream loses its part in the discarded principal
+directions (fitted on the other fold), counted by the loss's gradient there, and the stream's width is
+the one whose loss plus the MLPs' is least (``ShrinkMLP.plan_widths``). A model whose MLPs hold too
+few of its parameters to meet the budget alone (a large vocabulary) is then compressed too.
 
 ``rescale`` (on by default; calibrated slicing with one rotation per state): a sliced state's tokens keep
 a fraction ``r = ‖xQ_k‖ / ‖x‖`` of their length and the norms reading it renormalise what is left, so
@@ -47,10 +52,10 @@ import torch.fx as fx
 from ..analysis.ops import weight_use
 from ..analysis.regions import State, bind_parameters, find_regions, output_heads
 from ..errors import UnsupportedGraphError
-from ..graph import tensor_meta, unique_parameters
+from ..graph import unique_parameters
 from ..plan import Plan
 from ..rewrite import slice_state
-from .base import Context, FxslicePass, kept_width
+from .base import Context, FxslicePass, StateParameters, kept_width
 from .rotate import ROTATED_STATE, Rotate
 from .shrink_mlp import ShrinkMLP, check_budget
 
@@ -136,7 +141,7 @@ class Slice(FxslicePass):
         ``k_i × k_j`` included, counted exactly) are no more than with the constant schedule: it equalises
         the loss across states (minimising the largest), instead of equalising the widths.
         """
-        budget = _StateParameters(gm, states)
+        budget = StateParameters(gm, states)
         pinned = set() if self.head or self.widths is not None else head_states(gm, states)
         if len(pinned) == len(states):
             pinned = set()  # one rotation for the whole stream (shared): the head's state is every state
@@ -184,6 +189,9 @@ class Slice(FxslicePass):
 
     def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
         if self.budget is not None:
+            if context.replay is not None and plan.states:
+                # The rotate before chose the stream's width with the MLPs' (``Rotate._budget``).
+                plan = self._slice_states(gm, plan, context)
             inner = ShrinkMLP(budget=self.budget, multiple_of=self.multiple_of,
                               schedule=self.schedule)
             details, seconds = inner.shrink(gm, plan, context)
@@ -191,6 +199,11 @@ class Slice(FxslicePass):
         if plan.states and all(s.kept is not None for s in plan.states):
             # A calibrated rotate already sliced each state as it went, with this pass's widths.
             return plan.with_pass(self._resolved_spec(plan))
+        after = self._slice_states(gm, plan, context)
+        return after.with_pass(self._resolved_spec(after))
+
+    def _slice_states(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
+        """Cut every rotated state to this pass's width for it (replaying: the saved plan's)."""
         regions = bind_parameters(gm, find_regions(gm, shared=plan.rotation == "shared"))
         states = _rotated_states(regions)
         if context.replay is not None:
@@ -203,36 +216,13 @@ class Slice(FxslicePass):
         for index, state in enumerate(states):
             slice_state(gm, state, widths[index])
         kept = tuple(dataclasses.replace(s, kept=widths[s.state]) for s in plan.states)
-        after = dataclasses.replace(plan, states=kept)
-        return after.with_pass(self._resolved_spec(after))
+        return dataclasses.replace(plan, states=kept)
 
     def _resolved_spec(self, plan: Plan):
         """Per-state widths given as a dict or a callable are recorded as the list they resolved to."""
         if self.widths is None:
             return self.spec()
         return self.spec(widths=[s.kept for s in plan.states])
-
-
-class _StateParameters:
-    """Counts the parameters bound to the states' widths (every weight axis a state's Q touches, skip
-    matrices ``k_i × k_j`` included) for any choice of widths."""
-
-    def __init__(self, gm: fx.GraphModule, states: list[State]):
-        self.bound: dict[tuple[str, int], int] = {}
-        for i, state in enumerate(states):
-            for side, _ in state.param_axes():
-                self.bound[(side.target, side.axis)] = i
-        self.shapes = {target: tuple(tensor_meta(gm, target).shape) for target, _ in self.bound}
-        self.touching: dict[int, list[str]] = {i: [] for i in range(len(states))}
-        for target, shape in self.shapes.items():
-            for i in {self.bound[(target, a)] for a in range(len(shape)) if (target, a) in self.bound}:
-                self.touching[i].append(target)
-
-    def count(self, widths: list[int], state: int | None = None) -> int:
-        """Elements of the bound weights (only those touching ``state``, if given) at ``widths``."""
-        targets = self.shapes if state is None else self.touching[state]
-        return sum(math.prod(widths[self.bound[(t, a)]] if (t, a) in self.bound else n
-                             for a, n in enumerate(self.shapes[t])) for t in targets)
 
 
 def _rotated_states(regions) -> list[State]:
