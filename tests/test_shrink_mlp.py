@@ -1,6 +1,7 @@
 """shrink_mlp: MLPs found by op pattern, exact at ratio 0, channels chosen and the down projection refit
 so the MLP's output is kept; saved, reloaded and decoded like every other pass."""
 
+import math
 import warnings
 
 import pytest
@@ -15,10 +16,10 @@ from fxslice import UnsupportedGraphError, fuse_norm, rotate, shrink_mlp, slice
 from fxslice.analysis.mlps import find_mlps
 from fxslice.analysis.regions import find_regions
 from fxslice.calibrate import (RotatedSquares, backward_statistics, check_calibration, first_sequences,
-                               fold_rotations, output_sensitivity, sweep_inner)
+                               fold_rotations, output_sensitivity, projected_loss, sweep_inner)
 from fxslice.passes.shrink_mlp import curve_at, error_curve, prune_channels, sensitive_widths
 from fxslice.passes import run_passes
-from fxslice.passes.rotate import KEPT_WHOLE
+from fxslice.passes.rotate import KEPT_WHOLE, random_orthogonal
 from fxslice.plan import plan_of
 from hf_zoo import LISTED, tiny_model
 from strategies import Arch, GroupedExperts, TinyLM, example_ids, architectures
@@ -169,6 +170,28 @@ def test_save_load_and_cached_decoding_replay_the_inner_widths(tmp_path):
         chain = torch.cat([chain, loaded(input_ids=chain).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, chain)
     assert any(d is not None for d in loaded.decoders.values()), "generate did not use the KV-cache graph"
+
+
+@pytest.mark.parametrize("name", ["gemma2", "phi"])  # sandwich post-norms; a parallel block
+def test_a_budget_the_mlps_cannot_meet_narrows_a_hugging_face_stream_which_load_and_decoding_replay(name, tmp_path):
+    model = tiny_model(name)
+    model.generation_config.eos_token_id = None
+    dense = sum(p.numel() for p in model.parameters())
+    calibration = [{"input_ids": torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(i))}
+                   for i in range(2)]
+    shrunk = _compile(model, [fuse_norm, rotate, slice(budget=0.2, schedule="sensitivity")], calibration)
+    planned, report = plan_of(shrunk).details["budget_plan"], fxslice.report(shrunk)
+    assert planned["stream"] < model.config.hidden_size
+    assert planned["parameters"] == report["parameters"]["after"] <= 0.2 * dense
+    fxslice.save(shrunk, tmp_path / "m")
+    loaded = fxslice.load(tmp_path / "m")
+    ids = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(loaded(input_ids=ids).logits, shrunk(input_ids=ids).logits)
+    out = loaded.generate(ids, max_new_tokens=3, do_sample=False)
+    chain = ids
+    for _ in range(3):
+        chain = torch.cat([chain, loaded(input_ids=chain).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, chain)
 
 
 class SharedUp(nn.Module):
@@ -375,6 +398,25 @@ def test_the_streams_loss_is_each_writes_gradient_times_its_energy_in_the_other_
         assert float(want.max()) > 0
 
 
+def test_the_projected_loss_is_the_models_loss_and_removes_what_the_writes_lose():
+    arch = Arch(width=16, heads=2, kv_heads=1, mlp=32, depth=2, vocab=20)
+    model = TinyLM(arch).double().eval()
+    gm = run_passes(fxslice.capture(model, (example_ids(arch),)), [fuse_norm])
+    sequences = first_sequences(list(check_calibration(_arch_calibration(arch))), 10_000)
+    (stream,) = [s for r in find_regions(gm, shared=True) for s in r.states]
+    writes = [s.node for s in stream.sources]
+    bases = [random_orthogonal(arch.width, seed) for seed in (0, 1)]
+    with torch.no_grad():
+        eager = sum(float(F.cross_entropy(model(ids)[0, :-1], ids[0, 1:], reduction="sum"))
+                    for (ids,), _ in sequences)
+    assert projected_loss(gm, sequences, writes, bases, None) == pytest.approx(eager, rel=1e-12)
+    assert projected_loss(gm, sequences, writes, bases, arch.width) == pytest.approx(eager, rel=1e-12)
+    # Nothing kept: the stream is zero, so are the logits, and every token costs log(vocab).
+    scored = sum(ids.shape[1] - 1 for (ids,), _ in sequences)
+    assert projected_loss(gm, sequences, writes, bases, 0) == pytest.approx(scored * math.log(arch.vocab), rel=1e-9)
+    assert eager < projected_loss(gm, sequences, writes, bases, arch.width // 2) != eager
+
+
 def test_a_budget_after_rotate_narrows_the_stream_where_the_mlps_cannot_pay_and_replays(tmp_path):
     # A large vocabulary and small MLPs: the embedding's state holds most of the parameters.
     arch = Arch(width=32, heads=4, kv_heads=2, mlp=64, depth=3, vocab=4000)
@@ -388,7 +430,9 @@ def test_a_budget_after_rotate_narrows_the_stream_where_the_mlps_cannot_pay_and_
     plan, report = plan_of(shrunk), fxslice.report(shrunk)
     planned = plan.details["budget_plan"]
     assert plan.rotation == "shared" and plan.widths == (planned["stream"],) and planned["stream"] < arch.width
-    assert planned["stream"] % 8 == 0 and planned["stream_loss"] > 0
+    assert planned["stream"] % 8 == 0 and planned["stream_loss"] >= 0
+    # The stream's loss at the chosen width was measured, not only estimated.
+    assert planned["stream"] in [k for k, _ in planned["measured"]]
     # The planner's count is the model's, and within the budget.
     assert planned["parameters"] == report["parameters"]["after"] == sum(p.numel() for p in shrunk.parameters())
     assert report["parameters"]["after"] <= 0.75 * dense

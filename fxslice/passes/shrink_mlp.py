@@ -248,10 +248,12 @@ class ShrinkMLP(FxslicePass):
         keeps), each output feature's error counted at what it costs downstream (``output_sensitivity``).
         The stream's loss at width ``k``: every write into it loses its share in the discarded principal
         directions, counted by the loss's gradient there (``RotatedSquares``; the directions fitted on the
-        other fold). The stream's width is the one whose loss plus the MLPs' (their widths chosen for
-        what that width leaves of the budget, ``sensitive_widths``) is least."""
+        other fold); that curve's scale is then measured (``projected_loss``): first-order terms can
+        misjudge a large cut of a stream by orders of magnitude. The stream's width is the one whose loss
+        plus the MLPs' (their widths chosen for what that width leaves of the budget, ``sensitive_widths``)
+        is least."""
         from ..calibrate import (SENSITIVITY_TOKENS, FeatureSquares, RotatedSquares, backward_statistics,
-                                 first_sequences, fold_rotations, sweep_inner)
+                                 first_sequences, fold_rotations, projected_loss, sweep_inner)
 
         if gm.meta.get(STREAMED) is not None:
             raise UnsupportedGraphError("schedule='sensitivity' back-propagates through the whole model at once, "
@@ -314,20 +316,39 @@ class ShrinkMLP(FxslicePass):
             per_direction = sum(w.losses() for w in writes)
             # discarded[k]: the loss of keeping the first k directions (the sum over the rest)
             discarded = torch.cat([per_direction.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
-        best = None
-        for widths, per_channel, base, uniform in options:
-            lost = float(discarded[widths[0]]) if widths else 0.0
-            if best is not None and lost >= best[0]:
-                break  # the stream's loss only grows as it narrows
-            chosen = sensitive_widths(curves, full, uniform, per_channel, base, goal, self.multiple_of)
-            loss = lost + sum(curve_at(c, k) for c, k in zip(curves, chosen))
-            if best is None or loss < best[0]:
-                best = (loss, widths, chosen, lost, base - sum((m - k) * n for m, k, n in zip(full, chosen, per_channel)))
+
+        def choose(scale: float) -> tuple:
+            best = None
+            for widths, per_channel, base, uniform in options:
+                lost = scale * float(discarded[widths[0]]) if widths else 0.0
+                if best is not None and lost >= best[0]:
+                    break  # the stream's loss only grows as it narrows
+                chosen = sensitive_widths(curves, full, uniform, per_channel, base, goal, self.multiple_of)
+                loss = lost + sum(curve_at(c, k) for c, k in zip(curves, chosen))
+                if best is None or loss < best[0]:
+                    best = (loss, widths, chosen, lost, base - sum((m - k) * n for m, k, n in zip(full, chosen, per_channel)))
+            return best
+
+        # The stream's first-order losses give the shape of its curve; its scale is measured: the loss of
+        # the held-out sequences with every write cut to the chosen width (twice the rise, as the Fisher
+        # terms count it), until the choice no longer moves (at most three measurements).
+        scale, measured, dense_loss = 1.0, {}, None
+        best = choose(scale)
+        while stream is not None and best[1][0] < stream.width and best[1][0] not in measured and len(measured) < 3:
+            k = best[1][0]
+            if dense_loss is None:
+                dense_loss = projected_loss(gm, sequences, [src.node for src in stream.sources], bases, None)
+            measured[k] = projected_loss(gm, sequences, [src.node for src in stream.sources], bases, k) - dense_loss
+            if float(discarded[k]) <= 0:
+                break
+            scale = builtins.max(2 * measured[k], 0.0) / float(discarded[k])
+            best = choose(scale)
         loss, widths, chosen, lost, count = best
         # Rank 0's choice for every process (their losses agree up to rounding, which could tip a choice).
         chosen = from_rank0(lambda: torch.tensor([*widths, *chosen])).tolist()
         width = chosen[0] if stream is not None else None
-        return width, chosen[len(widths):], {"stream_loss": lost, "mlp_loss": loss - lost, "parameters": count}
+        return width, chosen[len(widths):], {"stream_loss": lost, "mlp_loss": loss - lost, "parameters": count,
+                                             "stream_scale": scale, "measured": [[k, v] for k, v in measured.items()]}
 
     def _calibrate(self, gm: fx.GraphModule, mlps: list[MLP], widths: list[int], context: Context) -> None:
         from ..calibrate import sweep_inner
