@@ -1,6 +1,7 @@
 """shrink_mlp: MLPs found by op pattern, exact at ratio 0, channels chosen and the down projection refit
 so the MLP's output is kept; saved, reloaded and decoded like every other pass."""
 
+import importlib
 import math
 import warnings
 
@@ -172,7 +173,7 @@ def test_save_load_and_cached_decoding_replay_the_inner_widths(tmp_path):
     assert any(d is not None for d in loaded.decoders.values()), "generate did not use the KV-cache graph"
 
 
-@pytest.mark.parametrize("name", ["gemma2", "phi"])  # sandwich post-norms; a parallel block
+@pytest.mark.parametrize("name", ["gemma2"])  # sandwich post-norms (the tiny zoo all narrow: docs/results.md)
 def test_a_budget_the_mlps_cannot_meet_narrows_a_hugging_face_stream_which_load_and_decoding_replay(name, tmp_path):
     model = tiny_model(name)
     model.generation_config.eos_token_id = None
@@ -417,7 +418,7 @@ def test_the_projected_loss_is_the_models_loss_and_removes_what_the_writes_lose(
     assert eager < projected_loss(gm, sequences, writes, bases, arch.width // 2) != eager
 
 
-def test_a_budget_after_rotate_narrows_the_stream_where_the_mlps_cannot_pay_and_replays(tmp_path):
+def test_a_budget_after_rotate_narrows_the_stream_where_the_mlps_cannot_pay_and_replays(tmp_path, monkeypatch):
     # A large vocabulary and small MLPs: the embedding's state holds most of the parameters.
     arch = Arch(width=32, heads=4, kv_heads=2, mlp=64, depth=3, vocab=4000)
     model = TinyLM(arch).double().eval()
@@ -425,8 +426,11 @@ def test_a_budget_after_rotate_narrows_the_stream_where_the_mlps_cannot_pay_and_
     with pytest.raises(UnsupportedGraphError, match="cannot be met by shrinking the 3 MLPs"):
         _compile(model, [fuse_norm, slice(budget=0.75, schedule="sensitivity")], _arch_calibration(arch),
                  (example_ids(arch),))
-    shrunk = _compile(model, [fuse_norm, rotate, slice(budget=0.75, schedule="sensitivity")],
-                      _arch_calibration(arch), (example_ids(arch),))
+    # (the module: ``fxslice.passes.shrink_mlp`` is the pass's factory function)
+    monkeypatch.setattr(importlib.import_module("fxslice.passes.shrink_mlp"), "STEEP_STREAM_CUT", 0.0)  # every measured cut is steep: warned
+    with pytest.warns(UserWarning, match=f"narrows the residual stream from {arch.width} to"):
+        shrunk = fxslice.compile(model, [fuse_norm, rotate, slice(budget=0.75, schedule="sensitivity")],
+                                 calibration=_arch_calibration(arch), example_inputs=(example_ids(arch),))
     plan, report = plan_of(shrunk), fxslice.report(shrunk)
     planned = plan.details["budget_plan"]
     assert plan.rotation == "shared" and plan.widths == (planned["stream"],) and planned["stream"] < arch.width

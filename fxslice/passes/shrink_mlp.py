@@ -26,6 +26,7 @@ import builtins
 import heapq
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -48,6 +49,10 @@ BUDGET_SCHEDULES = ("constant", "sensitivity")
 """How a budget is spread over the MLPs: every MLP the same fraction, or by their losses counted downstream."""
 
 Widths = Mapping[str, int] | Sequence[int] | Callable[[int, int], int]
+
+STEEP_STREAM_CUT = 2.0
+"""A planned stream width whose measured cut alone multiplies the held-out perplexity by more than this
+is warned about (``ShrinkMLP.plan_widths``)."""
 
 PLANNED = "budget_plan"
 """``Plan.details`` key of the widths a ``rotate`` before ``slice(budget=…, schedule="sensitivity")`` chose
@@ -253,7 +258,7 @@ class ShrinkMLP(FxslicePass):
         plus the MLPs' (their widths chosen for what that width leaves of the budget, ``sensitive_widths``)
         is least."""
         from ..calibrate import (SENSITIVITY_TOKENS, FeatureSquares, RotatedSquares, backward_statistics,
-                                 first_sequences, fold_rotations, projected_loss, sweep_inner)
+                                 batch_tokens, first_sequences, fold_rotations, projected_loss, sweep_inner)
 
         if gm.meta.get(STREAMED) is not None:
             raise UnsupportedGraphError("schedule='sensitivity' back-propagates through the whole model at once, "
@@ -344,6 +349,17 @@ class ShrinkMLP(FxslicePass):
             scale = builtins.max(2 * measured[k], 0.0) / float(discarded[k])
             best = choose(scale)
         loss, widths, chosen, lost, count = best
+        if stream is not None and widths[0] in measured:
+            # The MLPs' losses stay first-order estimates; a steep measured cost is worth a user's look.
+            scored = total(sum(batch_tokens(q) - 1 for q in sequences))
+            factor = math.exp(builtins.min(measured[widths[0]] / builtins.max(scored, 1), 50.0))
+            if factor > STEEP_STREAM_CUT:
+                warnings.warn(f"slice(budget=…, schedule='sensitivity') narrows the residual stream from {stream.width} "
+                              f"to {widths[0]}, which alone multiplies the held-out calibration perplexity by about "
+                              f"{factor:.3g} (measured); the MLPs' losses it was weighed against are first-order "
+                              "estimates, which can overrate them. Compare on validation text with the stream kept "
+                              "whole (no rotate before the budget), or with slice(ratio, schedule='readers')",
+                              stacklevel=2)
         # Rank 0's choice for every process (their losses agree up to rounding, which could tip a choice).
         chosen = from_rank0(lambda: torch.tensor([*widths, *chosen])).tolist()
         width = chosen[0] if stream is not None else None
