@@ -36,6 +36,19 @@ def _arch_calibration(arch: Arch) -> list:
     return [example_ids(arch, 4, 9, seed=s) for s in (10, 11)]
 
 
+def _reloads_and_decodes(shrunk, directory, ids, steps: int):
+    """Saved and loaded, the model computes the same logits, and its cached ``generate`` is greedy decoding."""
+    fxslice.save(shrunk, directory)
+    loaded = fxslice.load(directory)
+    assert torch.equal(loaded(input_ids=ids).logits, shrunk(input_ids=ids).logits)
+    out = loaded.generate(ids, max_new_tokens=steps, do_sample=False)
+    chain = ids
+    for _ in range(steps):
+        chain = torch.cat([chain, loaded(input_ids=chain).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, chain)
+    return loaded
+
+
 @given(architectures())
 def test_shrink_mlp_zero_is_exact(arch):
     model = TinyLM(arch).double().eval()
@@ -161,15 +174,8 @@ def test_save_load_and_cached_decoding_replay_the_inner_widths(tmp_path):
                    for i in range(2)]
     shrunk = _compile(model, [fuse_norm, rotate, slice(0.25), shrink_mlp(0.25)], calibration)
     ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3))
-    fxslice.save(shrunk, tmp_path / "m")
-    loaded = fxslice.load(tmp_path / "m")
-    assert torch.equal(loaded(input_ids=ids).logits, shrunk(input_ids=ids).logits)
+    loaded = _reloads_and_decodes(shrunk, tmp_path / "m", ids, 6)
     assert fxslice.report(loaded)["inner"] == fxslice.report(shrunk)["inner"]
-    out = loaded.generate(ids, max_new_tokens=6, do_sample=False)
-    chain = ids
-    for _ in range(6):
-        chain = torch.cat([chain, loaded(input_ids=chain).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, chain)
     assert any(d is not None for d in loaded.decoders.values()), "generate did not use the KV-cache graph"
 
 
@@ -184,15 +190,7 @@ def test_a_budget_the_mlps_cannot_meet_narrows_a_hugging_face_stream_which_load_
     planned, report = plan_of(shrunk).details["budget_plan"], fxslice.report(shrunk)
     assert planned["stream"] < model.config.hidden_size
     assert planned["parameters"] == report["parameters"]["after"] <= 0.2 * dense
-    fxslice.save(shrunk, tmp_path / "m")
-    loaded = fxslice.load(tmp_path / "m")
-    ids = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(loaded(input_ids=ids).logits, shrunk(input_ids=ids).logits)
-    out = loaded.generate(ids, max_new_tokens=3, do_sample=False)
-    chain = ids
-    for _ in range(3):
-        chain = torch.cat([chain, loaded(input_ids=chain).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, chain)
+    _reloads_and_decodes(shrunk, tmp_path / "m", torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(3)), 3)
 
 
 class SharedUp(nn.Module):
@@ -309,15 +307,7 @@ def test_fused_projections_and_experts_meet_a_budget(name, schedule, tmp_path):
     dense = sum(p.numel() for p in model.parameters())
     assert report["parameters"]["after"] == sum(p.numel() for p in shrunk.parameters()) <= 0.75 * dense
     assert len(report["inner"]["mlps"]) == model.config.num_hidden_layers and not report["inner"]["skipped"]
-    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3))
-    fxslice.save(shrunk, tmp_path / "m")
-    loaded = fxslice.load(tmp_path / "m")
-    assert torch.equal(loaded(input_ids=ids).logits, shrunk(input_ids=ids).logits)
-    out = loaded.generate(ids, max_new_tokens=4, do_sample=False)
-    chain = ids
-    for _ in range(4):
-        chain = torch.cat([chain, loaded(input_ids=chain).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, chain)
+    _reloads_and_decodes(shrunk, tmp_path / "m", torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3)), 4)
 
 
 # --------------------------------------------------------------------------- the sensitivity schedule

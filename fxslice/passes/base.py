@@ -32,8 +32,8 @@ from ..errors import PassOrderError, UnsupportedGraphError
 from ..graph import eliminate_dead_code, graph_device, refresh_shapes, tensor_meta, remove_unused_attributes
 from ..plan import PassSpec, Plan, Skipped, plan_of, set_plan
 
-__all__ = ["CONTEXT", "Context", "FxslicePass", "PassResult", "StateParameters", "calibrated", "check_invariants", "context_of",
-           "kept_width", "order_problems", "recorded", "replaying", "run_passes", "skipped_regions"]
+__all__ = ["CONTEXT", "Context", "FxslicePass", "PassResult", "StateParameters", "calibrated", "check_invariants",
+           "context_of", "kept_width", "order_problems", "recorded", "replaying", "run_passes", "skipped_regions"]
 
 CONTEXT = "fxslice.context"
 """``gm.meta`` key of the ``Context`` while a pipeline runs (never saved)."""

@@ -41,9 +41,8 @@ from ..plan import Plan
 from ..rewrite import narrow_axis, select_axis, write_width
 from .base import Context, FxslicePass, StateParameters, kept_width, recorded
 
-__all__ = ["BUDGET_SCHEDULES", "PLANNED", "ShrinkMLP", "budget_widths", "check_budget", "curve_at", "error_curve",
-           "prune_channels", "removal_path", "sensitive_widths", "shrink_mlp",
-           "uniform_widths"]
+__all__ = ["BUDGET_SCHEDULES", "PLANNED", "STEEP_STREAM_CUT", "ShrinkMLP", "budget_widths", "check_budget", "curve_at",
+           "error_curve", "prune_channels", "removal_path", "sensitive_widths", "shrink_mlp", "uniform_widths"]
 
 BUDGET_SCHEDULES = ("constant", "sensitivity")
 """How a budget is spread over the MLPs: every MLP the same fraction, or by their losses counted downstream."""
@@ -331,7 +330,8 @@ class ShrinkMLP(FxslicePass):
                 chosen = sensitive_widths(curves, full, uniform, per_channel, base, goal, self.multiple_of)
                 loss = lost + sum(curve_at(c, k) for c, k in zip(curves, chosen))
                 if best is None or loss < best[0]:
-                    best = (loss, widths, chosen, lost, base - sum((m - k) * n for m, k, n in zip(full, chosen, per_channel)))
+                    count = base - sum((m - k) * n for m, k, n in zip(full, chosen, per_channel))
+                    best = (loss, widths, chosen, lost, count)
             return best
 
         # The stream's first-order losses give the shape of its curve; its scale is measured: the loss of
@@ -518,7 +518,8 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
     raise UnsupportedGraphError(f"a budget of {budget} of the dense parameters cannot be met by shrinking the "
                                 f"{len(mlps)} MLPs found (at most down to {reachable:.3f}){left}: the residual stream "
                                 "and attention stay whole; choose a larger budget, add slice(ratio) before, or let the budget "
-                                "narrow the stream too: [fuse_norm, rotate, slice(budget=…, schedule='sensitivity')]")
+                                "narrow the stream too (an option to check on validation text): "
+                                "[fuse_norm, rotate, slice(budget=…, schedule='sensitivity')]")
 
 
 def shrink_mlp(ratio: float | None = None, *, widths: Widths | None = None, budget: float | None = None,
