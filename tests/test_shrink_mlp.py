@@ -358,12 +358,18 @@ class _Recorder:
         self.grads[sequence] = grad.detach().reshape(-1, grad.shape[-1]).double()
 
 
-def test_the_streams_loss_is_each_writes_gradient_times_its_energy_in_the_other_folds_directions():
-    arch = Arch(width=16, heads=2, kv_heads=1, mlp=32, depth=2, vocab=20)
+def _one_stream(arch: Arch):
+    """A float64 TinyLM, its fused graph, its calibration sequences and its stream's one shared state."""
     model = TinyLM(arch).double().eval()
     gm = run_passes(fxslice.capture(model, (example_ids(arch),)), [fuse_norm])
     sequences = first_sequences(list(check_calibration(_arch_calibration(arch))), 10_000)
     (stream,) = [s for r in find_regions(gm, shared=True) for s in r.states]
+    return model, gm, sequences, stream
+
+
+def test_the_streams_loss_is_each_writes_gradient_times_its_energy_in_the_other_folds_directions():
+    arch = Arch(width=16, heads=2, kv_heads=1, mlp=32, depth=2, vocab=20)
+    model, gm, sequences, stream = _one_stream(arch)
     reads = sorted({n.input for n in stream.norms}, key=list(gm.graph.nodes).index)
     bases = fold_rotations(gm, sequences, reads, 2, progress=False)
     writes = [RotatedSquares(bases) for _ in stream.sources]
@@ -391,10 +397,7 @@ def test_the_streams_loss_is_each_writes_gradient_times_its_energy_in_the_other_
 
 def test_the_projected_loss_is_the_models_loss_and_removes_what_the_writes_lose():
     arch = Arch(width=16, heads=2, kv_heads=1, mlp=32, depth=2, vocab=20)
-    model = TinyLM(arch).double().eval()
-    gm = run_passes(fxslice.capture(model, (example_ids(arch),)), [fuse_norm])
-    sequences = first_sequences(list(check_calibration(_arch_calibration(arch))), 10_000)
-    (stream,) = [s for r in find_regions(gm, shared=True) for s in r.states]
+    model, gm, sequences, stream = _one_stream(arch)
     writes = [s.node for s in stream.sources]
     bases = [random_orthogonal(arch.width, seed) for seed in (0, 1)]
     with torch.no_grad():
