@@ -604,12 +604,13 @@ class RotatedSquares:
 
 
 def backward_statistics(gm: fx.GraphModule, sequences: list[Batch], watched: list[tuple[fx.Node, Any]],
-                        progress: bool = True) -> None:
+                        progress: bool = True) -> float:
     """Run the graph forward and backward on each of ``sequences`` (one batch each), the weights frozen,
     ``L`` the next-token cross-entropy summed over real tokens. Each ``(node, watcher)`` sees the node's
     value (``watcher.forward(sequence, value, real)``, ``real`` the mask of real tokens) and the
     gradient of ``L`` there (``watcher.backward(sequence, grad)``). Every activation of one sequence is
-    held for its backward pass (unlike the sweeps, which hold one segment's)."""
+    held for its backward pass (unlike the sweeps, which hold one segment's). Returns ``L`` summed over
+    the sequences of every process (``projected_loss`` with nothing removed)."""
     watchers: dict[fx.Node, list] = {}
     for node, watcher in watched:
         watchers.setdefault(node, []).append(watcher)
@@ -634,6 +635,7 @@ def backward_statistics(gm: fx.GraphModule, sequences: list[Batch], watched: lis
 
     frozen = [p for p in gm.parameters() if p.requires_grad]
     device = graph_device(gm)
+    summed = 0.0
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -645,9 +647,11 @@ def backward_statistics(gm: fx.GraphModule, sequences: list[Batch], watched: lis
                 loss = _summed_loss(Watched(gm).run(*flat_inputs(gm, args, kwargs)), ids, real)
                 if loss.requires_grad:
                     loss.backward()
+            summed += float(loss)
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    return float(total(summed))
 
 
 def _scored_inputs(batch: Batch, device) -> tuple[tuple, dict, torch.Tensor, torch.Tensor]:

@@ -404,6 +404,8 @@ def test_the_projected_loss_is_the_models_loss_and_removes_what_the_writes_lose(
         eager = sum(float(F.cross_entropy(model(ids)[0, :-1], ids[0, 1:], reduction="sum"))
                     for (ids,), _ in sequences)
     assert projected_loss(gm, sequences, writes, bases, None) == pytest.approx(eager, rel=1e-12)
+    # The backward pass returns the same loss: the plan's baseline, not computed twice.
+    assert backward_statistics(gm, sequences, [], progress=False) == pytest.approx(eager, rel=1e-12)
     assert projected_loss(gm, sequences, writes, bases, arch.width) == pytest.approx(eager, rel=1e-12)
     # Nothing kept: the stream is zero, so are the logits, and every token costs log(vocab).
     scored = sum(ids.shape[1] - 1 for (ids,), _ in sequences)

@@ -101,6 +101,12 @@ class StateParameters:
         targets = self.shapes if state is None else self.touching[state]
         return sum(math.prod(size(t, a, n) for a, n in enumerate(self.shapes[t])) for t in targets)
 
+    def per_channel(self, widths: Sequence[int], full: Sequence[int]) -> list[int]:
+        """Parameters per inner channel of each MLP (every expert's, for 3-D weights) at the states'
+        ``widths``, the MLPs at their ``full`` widths: an up projection's row is as wide as the stream."""
+        whole = self.count(widths, inner=full)
+        return [whole - self.count(widths, inner=[*full[:i], m - 1, *full[i + 1:]]) for i, m in enumerate(full)]
+
 
 def context_of(gm: fx.GraphModule) -> Context:
     return gm.meta.get(CONTEXT) or Context()

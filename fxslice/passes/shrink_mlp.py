@@ -36,7 +36,7 @@ import torch.fx as fx
 from ..analysis.mlps import MLP, SkippedMLP, find_mlps, mlp_module
 from ..distributed import from_rank0, total
 from ..errors import UnsupportedGraphError, module_path
-from ..graph import STREAMED, get_tensor, set_tensor, tensor_meta, unique_parameters
+from ..graph import STREAMED, get_tensor, set_tensor, unique_parameters
 from ..plan import Plan
 from ..rewrite import narrow_axis, select_axis, write_width
 from .base import Context, FxslicePass, StateParameters, kept_width, recorded
@@ -271,10 +271,8 @@ class ShrinkMLP(FxslicePass):
                                                    0, -self.multiple_of)
         options = []  # (stream widths, MLP parameters per channel there, the count with the MLPs whole, uniform)
         for widths in [whole, *((k,) for k in narrower)]:
-            at_full = counter.count(widths, inner=full)
-            per_channel = [at_full - counter.count(widths, inner=full[:i] + [m - 1] + full[i + 1:])
-                           for i, m in enumerate(full)]
-            base = unique_parameters(gm) - counter.count(whole) + at_full
+            per_channel = counter.per_channel(widths, full)
+            base = unique_parameters(gm) - counter.count(whole) + counter.count(widths)
             uniform = uniform_widths(full, per_channel, base, goal, self.multiple_of)
             if uniform is not None:
                 options.append((widths, per_channel, base, uniform))
@@ -293,7 +291,7 @@ class ShrinkMLP(FxslicePass):
             bases = fold_rotations(gm, sequences, reads, folds, self.progress)
             writes = [RotatedSquares(bases) for _ in stream.sources]
             watched += [(source.node, w) for source, w in zip(stream.sources, writes)]
-        backward_statistics(gm, sequences, watched, self.progress)
+        dense_loss = backward_statistics(gm, sequences, watched, self.progress)
         fisher = [sq.mean() for sq in squares]
         curves: list[dict[int, float]] = []
 
@@ -337,12 +335,10 @@ class ShrinkMLP(FxslicePass):
         # The stream's first-order losses give the shape of its curve; its scale is measured: the loss of
         # the held-out sequences with every write cut to the chosen width (twice the rise, as the Fisher
         # terms count it), until the choice no longer moves (at most three measurements).
-        scale, measured, dense_loss = 1.0, {}, None
+        scale, measured = 1.0, {}
         best = choose(scale)
         while stream is not None and best[1][0] < stream.width and best[1][0] not in measured and len(measured) < 3:
             k = best[1][0]
-            if dense_loss is None:
-                dense_loss = projected_loss(gm, sequences, [src.node for src in stream.sources], bases, None)
             measured[k] = projected_loss(gm, sequences, [src.node for src in stream.sources], bases, k) - dense_loss
             if float(discarded[k]) <= 0:
                 break
@@ -466,16 +462,6 @@ def uniform_widths(full: Sequence[int], per_channel: Sequence[int], now: int, go
     return None
 
 
-def _per_channel(gm: fx.GraphModule, mlps: list[MLP]) -> list[int]:
-    """Parameters per inner channel of each MLP (per channel of every expert: a 3-D weight's E rows)."""
-    per_channel = []
-    for mlp in mlps:
-        sides = (*mlp.channel_sides, mlp.down.input_side())
-        per_channel.append(sum(tensor_meta(gm, side.target).numel() * side.blocks
-                               // tensor_meta(gm, side.target).shape[side.axis] for side in dict.fromkeys(sides)))
-    return per_channel
-
-
 def _prune_experts(grams: torch.Tensor, moved: torch.Tensor, keep: int, ridge: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``prune_channels`` for each expert ``e`` (Gram ``grams[e]``, down weight ``moved[e]``, inner axis
@@ -500,9 +486,9 @@ def budget_widths(gm: fx.GraphModule, mlps: list[MLP], budget: float, dense: int
     """The widest MLPs, every one keeping the same fraction of its channels (rounded down to
     ``multiple_of``), that leave ``gm`` with at most ``budget · dense`` parameters (counted exactly).
     ``skipped``: the candidates the analysis left alone, named in the refusal."""
-    per_channel = _per_channel(gm, mlps)
-    now, goal = unique_parameters(gm), budget * dense
     full = [m.width for m in mlps]
+    per_channel = StateParameters(gm, [], mlps).per_channel((), full)
+    now, goal = unique_parameters(gm), budget * dense
     widths = uniform_widths(full, per_channel, now, goal, multiple_of)
     if widths is not None:
         return widths
