@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -472,14 +472,23 @@ def group_of_rows(offsets: torch.Tensor, rows: int) -> torch.Tensor:
 
 class InnerStatistics:
     """``Σ hᵀh``, ``Σ h`` and the token count over the real tokens of every batch (float64 totals); with
-    expert offsets, one of each per expert (``h``: ``[E, m, m]``, ``sum``: ``[E, m]``)."""
+    expert offsets, one of each per expert (``h``: ``[E, m, m]``, ``sum``: ``[E, m]``).
 
-    def __init__(self, masks: list, counted: range | None = None):
+    Given ``row_weights`` (per batch, one weight ``s`` per row of the value, as ``FeatureSquares.per_row``
+    records them), also the same sums with each token weighted: ``Σ s hᵀh``, ``Σ s h`` and ``Σ s``
+    (``weighted``, ``weighted_sum``, ``weighted_tokens``; not for routed rows, which no token weight lines
+    up with)."""
+
+    def __init__(self, masks: list, counted: range | None = None, row_weights: Mapping[int, torch.Tensor] | None = None):
         self.masks = masks
         self.counted = counted  # the batches these sums take in (every batch when None)
+        self.row_weights = row_weights
         self.h: torch.Tensor | float = 0.0
         self.sum: torch.Tensor | float = 0.0
         self.tokens = 0
+        self.weighted: torch.Tensor | float = 0.0
+        self.weighted_sum: torch.Tensor | float = 0.0
+        self.weighted_tokens: torch.Tensor | float = 0.0
 
     def __call__(self, batch: int, x: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
         if self.counted is not None and batch not in self.counted:
@@ -492,6 +501,12 @@ class InnerStatistics:
         if offsets is None:
             self.h = self.h + gram(rows).to(torch.float64)
             self.sum = self.sum + rows.sum(0, dtype=torch.float64)
+            if self.row_weights is not None:
+                s, _ = _real_rows(self.row_weights[batch].reshape(-1, 1), self.masks[batch])
+                s = s[:, 0].to(device=rows.device, dtype=rows.dtype)
+                self.weighted = self.weighted + gram(rows * s.sqrt()[:, None]).to(torch.float64)  # Σ s hᵀh
+                self.weighted_sum = self.weighted_sum + (s[:, None] * rows).sum(0, dtype=torch.float64)
+                self.weighted_tokens = self.weighted_tokens + s.sum(dtype=torch.float64)
         else:
             group = group_of_rows(offsets, rows.shape[0])
             self.h = self.h + torch.stack([gram(rows[group == e]) for e in range(offsets.numel())]).to(torch.float64)
@@ -502,13 +517,14 @@ class InnerStatistics:
 
 def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.Node, fx.Node | None, tuple]],
                 apply, progress: bool = True, desc: str = "fxslice: shrinking inner widths", unit: str = "mlp",
-                folds: int = 1) -> None:
+                folds: int = 1, row_weights: Sequence[Mapping[int, torch.Tensor] | None] | None = None) -> None:
     """Run the graph over ``batches``; at each ``(node, groups, ups)`` of ``inputs`` (in graph order)
     hand the node's ``InnerStatistics`` (per group of rows when ``groups`` holds expert offsets) to
     ``apply(index, statistics)``, which rewrites the weights: the ``ups`` nodes (the linears that make
     ``node``) keep the chosen channels. Later statistics see the model as already shrunk (the same
     sequential scheme as the residual sweep). With ``folds = f > 1``, ``apply(index, *statistics)`` gets
     ``f`` of them, fold ``i`` summing the batches ``i, i + f, i + 2f, …`` (for fits scored on held-out data).
+``row_weights[index]``, where given, weights each token of that input's statistics too (``InnerStatistics``).
 
     Only values before the ``ups`` are cached while the statistics are gathered: the ``ups`` to ``node``
     run once into scratch for the statistics and once more, from the shrunk weights, within the next
@@ -519,11 +535,15 @@ def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.
         first = sweep.start_of(ups, node)
         if first > sweep.cursor:
             sweep.run_until(sweep.order[first - 1])
-        parts = [InnerStatistics(sweep.masks, None if folds == 1 else range(i, len(batches), folds))
+        weights = row_weights[index] if row_weights is not None else None
+        parts = [InnerStatistics(sweep.masks, None if folds == 1 else range(i, len(batches), folds), weights)
                  for i in range(folds)]
         sweep.peek(node, lambda *seen: [part(*seen) for part in parts], groups)
         for part in parts:
             part.h, part.sum, part.tokens = total((part.h, part.sum, part.tokens))
+            if weights is not None:
+                part.weighted, part.weighted_sum, part.weighted_tokens = total(
+                    (part.weighted, part.weighted_sum, part.weighted_tokens))
         apply(index, *parts)
         # Nothing runs on to ``node``: the next MLP's ``run_until`` computes these ups again from the
         # shrunk weights, a batch at a time, so no inner value is cached for every batch at any width.
@@ -548,7 +568,8 @@ def output_sensitivity(gm: fx.GraphModule, batches: list[Batch], nodes: list[fx.
 
 
 class FeatureSquares:
-    """``output_sensitivity``'s accumulator: per feature, ``Σ (∂L/∂y_j)²`` over the rows, and the rows."""
+    """``output_sensitivity``'s accumulator: per feature, ``Σ (∂L/∂y_j)²`` over the rows, and the rows;
+    per sequence, each row's ``‖∂L/∂y‖²`` (``per_row``, on the CPU)."""
 
     def __init__(self, node: fx.Node):
         # Zeros of the value's width where the graph records it: every process then sums tensors of one shape.
@@ -556,13 +577,16 @@ class FeatureSquares:
         known = isinstance(value, torch.Tensor) and value.dim() and isinstance(value.shape[-1], int)
         self.squares: torch.Tensor | float = torch.zeros(value.shape[-1], dtype=torch.float64) if known else 0.0
         self.rows = 0
+        self.per_row: dict[int, torch.Tensor] = {}
 
     def forward(self, sequence: int, value: torch.Tensor, real: torch.Tensor) -> None:
         pass
 
     def backward(self, sequence: int, grad: torch.Tensor) -> None:
-        self.squares = self.squares + grad.detach().to(torch.float64).reshape(-1, grad.shape[-1]).square().sum(0).cpu()
-        self.rows += grad.numel() // grad.shape[-1]
+        squared = grad.detach().to(torch.float64).reshape(-1, grad.shape[-1]).square()
+        self.squares = self.squares + squared.sum(0).cpu()
+        self.rows += squared.shape[0]
+        self.per_row[sequence] = squared.sum(1).cpu()
 
     def mean(self) -> torch.Tensor:
         squares, rows = total((self.squares, self.rows))
@@ -647,7 +671,7 @@ def backward_statistics(gm: fx.GraphModule, sequences: list[Batch], watched: lis
                 loss = _summed_loss(Watched(gm).run(*flat_inputs(gm, args, kwargs)), ids, real)
                 if loss.requires_grad:
                     loss.backward()
-            summed += float(loss)
+            summed += float(loss.detach())
     finally:
         for p in frozen:
             p.requires_grad_(True)

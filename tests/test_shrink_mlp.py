@@ -16,10 +16,11 @@ from conftest import relative_error
 from fxslice import UnsupportedGraphError, fuse_norm, rotate, shrink_mlp, slice
 from fxslice.analysis.mlps import find_mlps
 from fxslice.analysis.regions import find_regions
-from fxslice.calibrate import (RotatedSquares, backward_statistics, check_calibration, first_sequences,
+from fxslice.calibrate import (FeatureSquares, RotatedSquares, backward_statistics, check_calibration, first_sequences,
                                fold_rotations, output_sensitivity, projected_loss, sweep_inner)
 from fxslice.passes.shrink_mlp import curve_at, error_curve, prune_channels, sensitive_widths
 from fxslice.passes import run_passes
+from fxslice.passes.base import Context
 from fxslice.passes.rotate import KEPT_WHOLE, random_orthogonal
 from fxslice.plan import plan_of
 from hf_zoo import LISTED, tiny_model
@@ -474,6 +475,83 @@ def test_sweep_folds_split_the_batches_statistics_between_them():
         torch.testing.assert_close(even.h + odd.h, whole.h, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(even.sum + odd.sum, whole.sum, rtol=1e-12, atol=1e-12)
         assert not torch.allclose(even.h / even.tokens, odd.h / odd.tokens)
+
+
+def test_token_weights_weigh_each_tokens_inner_statistics_and_come_from_its_gradient():
+    arch = Arch(width=16, heads=2, kv_heads=1, mlp=32, depth=2, vocab=20, bias=True)
+    model = TinyLM(arch).double().eval()
+    gm = fxslice.capture(model, (example_ids(arch),))
+    mlps = find_mlps(gm)[0]
+    sequences = [((example_ids(arch, 1, 5 + b, seed=b),), {}) for b in range(5)]
+    squares = [FeatureSquares(m.down.node) for m in mlps]
+    seen = {m.down.node: _Recorder() for m in mlps}
+    backward_statistics(gm, sequences, [(m.down.node, sq) for m, sq in zip(mlps, squares)] + list(seen.items()),
+                        progress=False)
+    # each row's ‖∂L/∂y‖², y the MLP's output: the squares summed over features, row by row
+    for m, sq in zip(mlps, squares):
+        for b in range(len(sequences)):
+            torch.testing.assert_close(sq.per_row[b], seen[m.down.node].grads[b].square().sum(1), rtol=1e-12, atol=0)
+    # the inner values h (what the down projection reads), recorded on the eager model
+    inner_values: dict[int, list] = {}
+    hooks = [block.mlp.down.register_forward_pre_hook(lambda mod, args, i=i: inner_values.setdefault(i, []).append(args[0]))
+             for i, block in enumerate(model.blocks)]
+    with torch.no_grad():
+        for (ids,), _ in sequences:
+            model(ids)
+    for hook in hooks:
+        hook.remove()
+    folds: dict[int, list] = {}
+    inputs = [(m.inner, m.groups, tuple(u.node for u in m.ups)) for m in mlps]
+    sweep_inner(gm, sequences, inputs, lambda i, *s: folds.setdefault(i, list(s)), progress=False, folds=2,
+                row_weights=[sq.per_row for sq in squares])
+    for i, parts in folds.items():
+        for f, part in enumerate(parts):
+            mine = [b for b in range(len(sequences)) if b % 2 == f]
+            h = torch.cat([inner_values[i][b].reshape(-1, arch.mlp) for b in mine])
+            s = torch.cat([squares[i].per_row[b] for b in mine])
+            torch.testing.assert_close(part.weighted, h.T @ (s[:, None] * h), rtol=1e-10, atol=0)
+            torch.testing.assert_close(part.weighted_sum, (s[:, None] * h).sum(0), rtol=1e-10, atol=0)
+            assert float(part.weighted_tokens) == pytest.approx(float(s.sum()), rel=1e-12)
+            torch.testing.assert_close(part.h, h.T @ h, rtol=1e-10, atol=0)  # the fit's sums stay unweighted
+            assert float(s.max()) > 2 * float(s.min())  # a real weighting: the tokens' gradients differ
+
+
+class PostNormMLP(nn.Module):
+    """Embedding rows ``10^-spread … 10`` long, a ReLU MLP (``y(c x) = c y(x)``) and a norm of its output: every
+    row's length cancels, so the function does not depend on ``spread``. A token's gradient at ``y`` scales
+    as ``1 / c``, its MLP's error as ``c``."""
+
+    def __init__(self, spread: float, vocab=64, width=16, inner=64, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab, bias=False)
+        self.up, self.down = nn.Linear(width, inner, bias=False), nn.Linear(inner, width, bias=False)
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(width))
+        self.register_buffer("lengths", 10 ** torch.linspace(-spread, 1, vocab)[torch.randperm(vocab)])
+
+    def forward(self, ids):
+        y = self.down(F.relu(self.up(self.embed(ids) * self.lengths[ids, None])))
+        return self.head(y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-30) * self.weight)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_mlps_loss_behind_a_norm_is_counted_token_by_token(seed):
+    generator = torch.Generator().manual_seed(seed)
+    calibration = [torch.randint(0, 64, (2, 64), generator=generator) for _ in range(8)]
+    planned = {}
+    for spread in (0.0, 2.0):
+        model = PostNormMLP(spread, seed=seed).double().eval()
+        gm = fxslice.capture(model, (calibration[0],))
+        planner = fxslice.ShrinkMLP(budget=0.8, schedule="sensitivity", progress=False)
+        _, widths, details = planner.plan_widths(gm, find_mlps(gm)[0], 0.8 * sum(p.numel() for p in model.parameters()),
+                                                 Context(calibration=tuple(check_calibration(calibration))))
+        planned[spread] = widths, details["mlp_loss"], model(calibration[0])
+    (narrow, even, logits), (narrow_spread, spread_loss, spread_logits) = planned.values()
+    torch.testing.assert_close(logits, spread_logits, rtol=1e-9, atol=1e-9)  # one function
+    assert narrow == narrow_spread == [32] and even > 0
+    # Only the refit (least squares over tokens of every length) differs between the two. The product of
+    # the mean squared gradient and the mean squared error put the spread one's loss about 100× higher.
+    assert 1 / 5 < spread_loss / even < 5
 
 
 def test_the_error_curve_is_the_refit_error_along_the_removal_path_scored_on_held_out_tokens():

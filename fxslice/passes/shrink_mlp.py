@@ -298,21 +298,32 @@ class ShrinkMLP(FxslicePass):
         def measure(index: int, *parts) -> None:
             mlp, curve = mlps[index], {}
             _, w, fixed = _down_weights(gm, mlp)
-            grams = [_down_gram(mlp, part) for part in parts]
             # every expert keeps the same width: their errors add
             systems = [(w, fixed)] if mlp.groups is None else [(w_e.reshape(-1, w_e.shape[-1]).T, 0) for w_e in w]
             features = systems[0][0].shape[1]
-            # one weight per output feature; the mean where the gradient's features are not the weight's columns
-            weights = fisher[index] if fisher[index].numel() == features else fisher[index].mean().expand(features)
-            for fit, test in zip(grams, grams[::-1]):
+            fits = [_down_gram(mlp, part) for part in parts]
+            if per_token[index] is not None:
+                # (∂L/∂y_tj)² ≈ ‖∂L/∂y_t‖² F_j / Σ F: each token's error counted at its own gradient. Where a
+                # norm follows, a token's gradient is large exactly where its output (and the refit's error)
+                # is small, and the product of the two means overrates the loss by orders of magnitude.
+                tests = [_down_gram(mlp, part, weighted=True) for part in parts]
+                weights = fisher[index] / fisher[index].sum().clamp_min(torch.finfo(torch.float64).tiny)
+            else:
+                # one weight per output feature; the mean where the gradient's features are not the weight's columns
+                tests = fits
+                weights = fisher[index] if fisher[index].numel() == features else fisher[index].mean().expand(features)
+            for fit, test in zip(fits, tests[::-1]):
                 for e, (w_e, f) in enumerate(systems):
                     c_e, t_e = (fit, test) if mlp.groups is None else (fit[e], test[e])
                     part = error_curve(c_e, w_e, self.ridge, f, self.multiple_of, test=t_e, weights=weights)
                     curve = {k: curve.get(k, 0.0) + v for k, v in part.items()}
             curves.append(curve)
 
+        features = [get_tensor(gm, m.down.weight).numel() // m.width if m.groups is None else None for m in mlps]
+        per_token = [sq.per_row if n is not None and f.numel() == n else None
+                     for sq, f, n in zip(squares, fisher, features)]
         sweep_inner(gm, sequences, _sweep_inputs(mlps), measure, progress=self.progress,
-                    desc="fxslice: measuring inner widths", folds=folds)
+                    desc="fxslice: measuring inner widths", folds=folds, row_weights=per_token)
         discarded = torch.zeros(1, dtype=torch.float64)
         if stream is not None:
             per_direction = sum(w.losses() for w in writes)
@@ -410,14 +421,16 @@ def _down_weights(gm: fx.GraphModule, mlp: MLP) -> tuple[torch.Tensor, torch.Ten
     return moved, torch.cat([w, w.new_zeros(1, w.shape[1])], 0), 1
 
 
-def _down_gram(mlp: MLP, statistics) -> torch.Tensor:
+def _down_gram(mlp: MLP, statistics, weighted: bool = False) -> torch.Tensor:
     """The refit's ``C``: ``Σ hᵀh``, bordered by ``Σ h`` and the token count for the constant channel of a
-    down projection with a bias (``_down_weights``)."""
-    c = statistics.h
+    down projection with a bias (``_down_weights``); ``weighted``: the same sums with each token's weight
+    (``InnerStatistics.weighted``)."""
+    c, sums, count = ((statistics.weighted, statistics.weighted_sum, statistics.weighted_tokens) if weighted
+                      else (statistics.h, statistics.sum, statistics.tokens))
     if mlp.groups is not None or mlp.down.bias is None:
         return c
-    count = torch.as_tensor(float(statistics.tokens), dtype=torch.float64)
-    return torch.cat([torch.cat([c, statistics.sum[:, None]], 1), torch.cat([statistics.sum, count[None]])[None, :]], 0)
+    count = torch.as_tensor(float(count), dtype=torch.float64)
+    return torch.cat([torch.cat([c, sums[:, None]], 1), torch.cat([sums, count[None]])[None, :]], 0)
 
 
 def sensitive_widths(curves: Sequence[Mapping[int, float]], full: Sequence[int], uniform: Sequence[int],
