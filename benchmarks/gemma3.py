@@ -4,6 +4,7 @@
     python benchmarks/gemma3.py                       # default slice(0.25)
     python benchmarks/gemma3.py --variants default keep-head no-rescale
     python benchmarks/gemma3.py --variants budget-0.75-sensitivity  # [fuse_norm, rotate, slice(budget=…)]
+    python benchmarks/gemma3.py --variants budget-0.90-sensitivity-mlps  # the same schedule without rotate
 
 Sandwich post-norms, ``(1 + w)`` norms, q/k norms, scaled embeddings, sliding-window layers and a 262k
 vocabulary tied to the head. Calibration: 64 windows x 512 tokens of WikiText-2 valid (the CLI's default,
@@ -30,6 +31,7 @@ VARIANTS = {
     "spectrum": {"ratio": 0.25, "schedule": "spectrum"},
     "readers": {"ratio": 0.25, "schedule": "readers"},
     "budget-0.90": {"budget": 0.90},  # MLP inner widths only: the residual stream stays whole
+    "budget-0.90-sensitivity-mlps": {"budget": 0.90, "schedule": "sensitivity", "rotate": False},
     # after a rotate: the stream's width (one shared rotation) chosen with the MLPs' from their losses
     "budget-0.90-sensitivity": {"budget": 0.90, "schedule": "sensitivity"},
     "budget-0.75-sensitivity": {"budget": 0.75, "schedule": "sensitivity"},
@@ -74,23 +76,27 @@ def main() -> None:
     calibration = calibration_batches(tokenizer, texts["valid"], args.samples, args.seq_len, 8, seed=42)
     for variant in args.variants:
         start = time.perf_counter()
-        options = VARIANTS[variant]
-        whole = "budget" in options and "schedule" not in options  # the stream stays whole: no rotate
-        passes = [fuse_norm, slice(**options)] if whole else [fuse_norm, rotate, slice(**options)]
+        options = {k: v for k, v in VARIANTS[variant].items() if k != "rotate"}
+        # a uniform budget keeps the stream whole: no rotate
+        rotating = VARIANTS[variant].get("rotate", "budget" not in options or "schedule" in options)
+        passes = [fuse_norm, rotate, slice(**options)] if rotating else [fuse_norm, slice(**options)]
         sliced = fxslice.compile(model, passes, calibration=calibration)
         seconds = time.perf_counter() - start
         parameters = fxslice.report(sliced)["parameters"]
         got = scores(sliced)
         if "budget" in options:
             name = f"slice(budget={options['budget']}{', schedule=sensitivity' if 'schedule' in options else ''})"
+            name += ", after rotate" if rotating else ""
         else:
             name = f"slice(0.25) {variant}"
         print(f"| {name} | {parameters['after'] / 1e6:.2f}M ({parameters['ratio']:.3f}×) "
               f"| {got['test']:.2f} ({got['test'] / dense['test']:.2f}×) "
               f"| {got['valid']:.2f} ({got['valid'] / dense['valid']:.2f}×) | {seconds:.0f} |", flush=True)
-        planned = plan_of(sliced).details.get("budget_plan", {})
-        print("<!-- " + json.dumps({"variant": variant, "ratio": parameters["ratio"], **got, "stream": planned.get("stream"),
-                                    "mlps": [k for _, k in planned.get("mlps", [])]}) + " -->", flush=True)
+        details = plan_of(sliced).details
+        widths = [k for *_, k in details.get("shrink_mlp", {}).get("mlps", [])]
+        print("<!-- " + json.dumps({"variant": variant, "ratio": parameters["ratio"], **got,
+                                    "stream": details.get("budget_plan", {}).get("stream"), "mlps": widths}) + " -->",
+              flush=True)
         del sliced
 
 

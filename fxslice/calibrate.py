@@ -595,36 +595,38 @@ class FeatureSquares:
 
 class RotatedSquares:
     """For a value ``y`` written into a residual stream: per principal direction ``q_j`` of the stream,
-    ``Σ (∂L/∂y · q_j)²`` and ``Σ (y · q_j)²`` over the real tokens of each fold of sequences, each fold
+    ``Σ_t (∂L/∂y_t · q_j)² (y_t · q_j)²`` over the real tokens of every sequence, each fold of sequences
     seen in its own basis ``bases[f]`` (fitted on the other folds: ``fold_rotations``).
 
-    ``losses()``: per direction, ``Σ_f mean_f((∂L/∂y · q_j)²) · Σ_f (y · q_j)²``, the rise of the summed
-    loss when the stream loses ``q_j``'s share of this write, in the same first-order terms as a refit
-    error weighted by ``output_sensitivity``; held out, since no fold is seen in a basis fitted on it."""
+    ``losses()``: that sum per direction, the rise of the summed loss when the stream loses ``q_j``'s share
+    of this write, in the same first-order terms as an MLP's refit error (each token's error counted at
+    its own gradient); held out, since no fold is seen in a basis fitted on it. A sequence's value is
+    held from its forward pass until its gradient arrives."""
 
     def __init__(self, bases: list[torch.Tensor]):
         self.bases = bases
-        width = bases[0].shape[1]
-        self.grads = [torch.zeros(width, dtype=torch.float64) for _ in bases]
-        self.values = [torch.zeros(width, dtype=torch.float64) for _ in bases]
-        self.rows = [0] * len(bases)
+        self.squares = torch.zeros(bases[0].shape[1], dtype=torch.float64)
+        self.pending: tuple = (None, None, None)
 
     def _in_basis(self, sequence: int, x: torch.Tensor) -> torch.Tensor:
         basis = self.bases[sequence % len(self.bases)]
         return x.detach().reshape(-1, x.shape[-1]).to(torch.float64) @ basis.to(x.device)
 
     def forward(self, sequence: int, value: torch.Tensor, real: torch.Tensor) -> None:
-        rows = value[real] if value.shape[:-1] == real.shape else value
-        self.values[sequence % len(self.bases)] += self._in_basis(sequence, rows).square().sum(0).cpu()
+        self.pending = (sequence, value.detach(), real)
 
     def backward(self, sequence: int, grad: torch.Tensor) -> None:
-        fold = sequence % len(self.bases)
-        self.grads[fold] += self._in_basis(sequence, grad).square().sum(0).cpu()
-        self.rows[fold] += grad.numel() // grad.shape[-1]
+        seen, value, real = self.pending
+        self.pending = (None, None, None)
+        if seen != sequence:
+            return
+        products = self._in_basis(sequence, grad).square() * self._in_basis(sequence, value).square()
+        if value.shape[:-1] == real.shape:
+            products = products[real.reshape(-1).to(products.device).bool()]
+        self.squares += products.sum(0).cpu()
 
     def losses(self) -> torch.Tensor:
-        grads, values, rows = total((self.grads, self.values, self.rows))
-        return sum(g / n * v for g, v, n in zip(grads, values, rows) if n)
+        return total(self.squares)
 
 
 def backward_statistics(gm: fx.GraphModule, sequences: list[Batch], watched: list[tuple[fx.Node, Any]],

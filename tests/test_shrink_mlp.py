@@ -368,7 +368,7 @@ def _one_stream(arch: Arch):
     return model, gm, sequences, stream
 
 
-def test_the_streams_loss_is_each_writes_gradient_times_its_energy_in_the_other_folds_directions():
+def test_the_streams_loss_is_each_tokens_gradient_times_its_write_in_the_other_folds_directions():
     arch = Arch(width=16, heads=2, kv_heads=1, mlp=32, depth=2, vocab=20)
     model, gm, sequences, stream = _one_stream(arch)
     reads = sorted({n.input for n in stream.norms}, key=list(gm.graph.nodes).index)
@@ -384,14 +384,14 @@ def test_the_streams_loss_is_each_writes_gradient_times_its_energy_in_the_other_
         torch.testing.assert_close(basis.T @ h @ basis, torch.diag(eigenvalues), rtol=0, atol=1e-9 * float(h.norm()))
         assert bool((eigenvalues[:-1] >= eigenvalues[1:] - 1e-9).all())
     assert not torch.allclose(bases[0].abs(), bases[1].abs(), atol=1e-3)
-    # Per direction: Σ_f mean_f((g·q_j)²) · Σ_{fold f tokens} (y·q_j)², each fold in its own basis.
+    # Per direction: Σ_t (g_t·q_j)² (y_t·q_j)², each token in its fold's basis.
     for source, write in zip(stream.sources, writes):
         record, want = seen[source.node], 0
         for f, basis in enumerate(bases):
             mine = [i for i in range(len(sequences)) if i % 2 == f]
             grads = torch.cat([record.grads[i] for i in mine]) @ basis
             values = torch.cat([record.values[i] for i in mine]) @ basis
-            want = want + grads.square().mean(0) * values.square().sum(0)
+            want = want + (grads.square() * values.square()).sum(0)
         torch.testing.assert_close(write.losses(), want, rtol=1e-10, atol=0)
         assert float(want.max()) > 0
 
