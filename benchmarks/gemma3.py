@@ -32,6 +32,7 @@ VARIANTS = {
     "readers": {"ratio": 0.25, "schedule": "readers"},
     "budget-0.90": {"budget": 0.90},  # MLP inner widths only: the residual stream stays whole
     "budget-0.90-sensitivity-mlps": {"budget": 0.90, "schedule": "sensitivity", "rotate": False},
+    "budget-0.85-sensitivity-mlps": {"budget": 0.85, "schedule": "sensitivity", "rotate": False},
     # after a rotate: the stream's width (one shared rotation) chosen with the MLPs' from their losses
     "budget-0.90-sensitivity": {"budget": 0.90, "schedule": "sensitivity"},
     "budget-0.75-sensitivity": {"budget": 0.75, "schedule": "sensitivity"},

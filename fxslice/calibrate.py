@@ -524,7 +524,7 @@ def sweep_inner(gm: fx.GraphModule, batches: list[Batch], inputs: list[tuple[fx.
     ``node``) keep the chosen channels. Later statistics see the model as already shrunk (the same
     sequential scheme as the residual sweep). With ``folds = f > 1``, ``apply(index, *statistics)`` gets
     ``f`` of them, fold ``i`` summing the batches ``i, i + f, i + 2f, …`` (for fits scored on held-out data).
-``row_weights[index]``, where given, weights each token of that input's statistics too (``InnerStatistics``).
+    ``row_weights[index]``, where given, weights each token of that input's statistics too (``InnerStatistics``).
 
     Only values before the ``ups`` are cached while the statistics are gathered: the ``ups`` to ``node``
     run once into scratch for the statistics and once more, from the shrunk weights, within the next

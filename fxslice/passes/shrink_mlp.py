@@ -249,7 +249,8 @@ class ShrinkMLP(FxslicePass):
 
         Each MLP's refit error along its removal path is fitted on every other calibration sequence and
         scored on the rest (and the other way round: an in-sample curve overrates what a narrow refit
-        keeps), each output feature's error counted at what it costs downstream (``output_sensitivity``).
+        keeps), each token's error counted at the loss's gradient there, spread over the output features
+        as their mean squared gradients (``FeatureSquares``: what an error costs downstream).
         The stream's loss at width ``k``: every write into it loses its share in the discarded principal
         directions, counted by the loss's gradient there (``RotatedSquares``; the directions fitted on the
         other fold); that curve's scale is then measured (``projected_loss``): first-order terms can
@@ -319,9 +320,11 @@ class ShrinkMLP(FxslicePass):
                     curve = {k: curve.get(k, 0.0) + v for k, v in part.items()}
             curves.append(curve)
 
-        features = [get_tensor(gm, m.down.weight).numel() // m.width if m.groups is None else None for m in mlps]
+        # Token weights where the gradient's features are the down weight's columns (routed expert rows
+        # line up with no token).
+        columns = [get_tensor(gm, m.down.weight).numel() // m.width if m.groups is None else None for m in mlps]
         per_token = [sq.per_row if n is not None and f.numel() == n else None
-                     for sq, f, n in zip(squares, fisher, features)]
+                     for sq, f, n in zip(squares, fisher, columns)]
         sweep_inner(gm, sequences, _sweep_inputs(mlps), measure, progress=self.progress,
                     desc="fxslice: measuring inner widths", folds=folds, row_weights=per_token)
         discarded = torch.zeros(1, dtype=torch.float64)
