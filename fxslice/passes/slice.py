@@ -29,8 +29,8 @@ the same schedule also prices narrowing the residual stream, under one rotation 
 directions (fitted on the other fold), counted by the loss's gradient there, and the stream's width is
 the one whose loss plus the MLPs' is least (``ShrinkMLP.plan_widths``). A model whose MLPs hold too
 few of its parameters to meet the budget alone (a large vocabulary) is then compressed too. The stream's
-loss is measured at the width chosen; the MLPs' stay first-order, which overrates them behind post-norms
-(docs/design.md): an option, and a steep measured cut of the stream is warned about.
+loss is measured at the width chosen; the MLPs' stay first-order estimates, each token's error counted at
+its own gradient (docs/design.md): an option, and a steep measured cut of the stream is warned about.
 
 ``rescale`` (on by default; calibrated slicing with one rotation per state): a sliced state's tokens keep
 a fraction ``r = ‖xQ_k‖ / ‖x‖`` of their length and the norms reading it renormalise what is left, so
