@@ -1,5 +1,7 @@
 """fxslice.heal: distillation from the dense model trains the compressed graph and keeps what compile made."""
 
+import copy
+import functools
 import warnings
 
 import pytest
@@ -21,11 +23,18 @@ def batches(count=6, rows=4, length=24, vocab=100, seed=0):
             for i in range(count)]
 
 
-def compressed(name="llama", dtype=torch.float64, passes=(fuse_norm, rotate, slice(0.5))):
+@functools.cache
+def _compressed(name, dtype, passes):
     model = tiny_model(name, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model, fxslice.compile(model, list(passes), calibration=batches(2, seed=100))
+
+
+def compressed(name="llama", dtype=torch.float64, passes=(fuse_norm, rotate, slice(0.5))):
+    """``(dense, compiled)``: copies of the pair compiled once per arguments (compiling is most of a test's
+    time here), so a test that changes either leaves the next one what it would have compiled itself."""
+    return copy.deepcopy(_compressed(name, dtype, passes))
 
 
 def validation_loss(model, teacher, data):
