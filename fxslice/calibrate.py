@@ -421,8 +421,10 @@ def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor
     rows = x.reshape(-1, x.shape[-1])
     sequence = torch.arange(x.shape[0] if x.dim() > 2 else 1, device=rows.device)
     sequence = sequence.repeat_interleave(rows.shape[0] // sequence.numel())
-    if mask is not None and mask.numel() == rows.shape[0] and not bool(mask.all()):
-        keep = mask.reshape(-1).to(rows.device).bool()
+    # A row per token, or several (copies of the stream side by side: [batch, tokens, n, d]).
+    per_token = mask is not None and (mask.numel() == rows.shape[0] or tuple(x.shape[:mask.dim()]) == tuple(mask.shape))
+    if per_token and not bool(mask.all()):
+        keep = mask.reshape(-1).to(rows.device).bool().repeat_interleave(rows.shape[0] // mask.numel())
         rows, sequence = rows[keep], sequence[keep]
     return rows, sequence
 
@@ -890,7 +892,8 @@ class PCARotation:
                     self.gains[state] = gain
 
     def _run_shared(self, gm: fx.GraphModule, states: list[State], apply) -> None:
-        reads = {s: sorted({n.input for n in s.norms}, key=list(gm.graph.nodes).index) for s in states}
+        reads = {s: sorted({n.input for n in s.norms if n.blocks == 1}, key=list(gm.graph.nodes).index)
+                 for s in states}
         sweep = _Sweep(gm, self.batches, [n for s in states for n in reads[s]])
         for state in tqdm(states, desc="fxslice: rotating residual streams", disable=not self.progress or rank() != 0, unit="stream"):
             covariance = _Covariance(sweep.masks)

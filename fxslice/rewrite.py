@@ -50,6 +50,10 @@ def multiply_axis(gm: fx.GraphModule, side: ParamAxis, matrix: torch.Tensor) -> 
     """
     tensor = get_tensor(gm, side.target).detach()
     wide = matrix.to(device=tensor.device, dtype=torch.float64)
+    if side.blocks > 1:  # diag(M, …, M): each of the axis's pieces times M (weights that read merged copies)
+        pieces = torch.movedim(tensor, side.axis, -1).unflatten(-1, (side.blocks, -1)).to(torch.float64) @ wide
+        set_tensor(gm, side.target, torch.movedim(pieces.flatten(-2), -1, side.axis).to(tensor.dtype).contiguous())
+        return
     shape = list(tensor.shape)
     shape[side.axis] = wide.shape[1]
     out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
@@ -200,9 +204,10 @@ def slice_state(gm: fx.GraphModule, state: State, width: int) -> None:
             raise UnsupportedGraphError(f"cannot slice a stream read by a norm that fuse_norm has not rewritten: "
                                         f"{norm.output.format_node()}")
         (node,) = norm.readers
-        node.args = (node.args[0], [width], None, norm.fused.eps * norm.fused.width / width)
+        kept = width * norm.blocks  # a norm over n merged copies of the stream: n·d before, n·k after
+        node.args = (node.args[0], [kept], None, norm.fused.eps * norm.fused.width / kept)
         # rms over d = sqrt(d/k) · rms over k (with eps·d/k): the norm's sinks take the factor.
-        scale_normed_sinks(gm, state, math.sqrt(norm.fused.width / width), norm)
+        scale_normed_sinks(gm, state, math.sqrt(norm.fused.width / kept), norm)
 
 
 def scale_normed_sinks(gm: fx.GraphModule, state: State, factor: float, norm: Norm | None = None,
@@ -212,7 +217,7 @@ def scale_normed_sinks(gm: fx.GraphModule, state: State, factor: float, norm: No
     Returns how many weights were scaled."""
     scaled = set()
     for sink in state.sinks:
-        side = sink.use.input_side()
+        side = sink.side()
         if sink.norm is not None and (norm is None or sink.norm is norm) and sink.use.node not in skip and side not in scaled:
             scaled.add(side)
             tensor = get_tensor(gm, side.target)

@@ -289,3 +289,66 @@ def test_experts_batched_along_a_first_dim_rotate_and_slice():
     shapes = {name: tuple(p.shape) for name, p in sliced.named_parameters() if name.startswith(("ups", "downs"))}
     assert shapes == {"ups.0": (3, 24, 16), "ups.1": (3, 24, 16), "downs.0": (3, 16, 24), "downs.1": (3, 16, 32)}
     assert sliced(ids).shape == model(ids).shape
+
+
+class HyperConnectionsLM(TinyLM):
+    """Hyper-connections (as DeepSeek-V4's): ``n`` copies of the stream, ``[batch, tokens, n, d]``. Around each
+    block the copies are merged into one vector (a view, or flatten), normalised by an unweighted RMS norm
+    written with casts, and one linear over all ``n·d`` features gives per-copy weights: ``pre`` collapses
+    the copies into the block's input, ``post`` spreads its output back, ``comb`` (``n × n``, a matmul)
+    mixes the copies. Each copy rotated by ``Q`` is the merged vector rotated by ``diag(Q, …, Q)``."""
+
+    copies = 3
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        n = self.copies
+        self.mixers = nn.ParameterList(torch.randn(2 * n + n * n, n * arch.width) * 0.3
+                                       for _ in range(2 * arch.depth + 1))
+
+    def coefficients(self, i, streams, merge):
+        n = self.copies
+        x = merge(streams)
+        x = x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+        pre, post, comb = nn.functional.linear(x, self.mixers[i]).split([n, n, n * n], -1)
+        return pre.sigmoid(), 2 * post.sigmoid(), comb.view(*comb.shape[:-1], n, n).softmax(-1)
+
+    def connect(self, i, streams, branch):
+        pre, post, comb = self.coefficients(i, streams, lambda s: s.view(*s.shape[:2], -1))
+        out = branch((pre.unsqueeze(-1) * streams).sum(2))
+        return post.unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), streams)
+
+    def forward(self, input_ids):
+        streams = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.copies, 1)
+        for j, block in enumerate(self.blocks):
+            streams = self.connect(2 * j, streams, lambda h: block.attn(block.norm1(h)))
+            streams = self.connect(2 * j + 1, streams, lambda h: block.mlp(block.norm2(h)))
+        pre, _, _ = self.coefficients(-1, streams, lambda s: s.flatten(2))
+        return self.head(self.final_norm((pre.unsqueeze(-1) * streams).sum(2)))
+
+
+def test_copies_of_the_stream_mixed_and_merged_by_hyper_connections_rotate_exactly_and_slice():
+    model = HyperConnectionsLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    fused = compile_quietly(model, [fuse_norm])
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    report = fxslice.report(rotated)
+    assert not report["skipped"] and len(report["states"]) == 2 * ARCH.depth + 1
+    # The model's own norms square in float32 (x.float()); fxslice's compute in the stream's float64.
+    assert relative_error(fused(ids), model(ids)) < 1e-6
+    assert relative_error(rotated(ids), fused(ids)) < 1e-12
+    mixers = dict(rotated.named_parameters())["mixers.0"]
+    assert not torch.allclose(mixers, model.mixers[0].double())  # the merged copies' Q folded into the mixer
+    calibration = [(example_ids(ARCH, 4, 9, seed=s),) for s in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=calibration,
+                                 example_inputs=(example_ids(ARCH, 2, 7),))
+    widths = [s["width_after"] for s in fxslice.report(sliced)["states"]]
+    assert widths == [24] * (len(widths) - 1) + [32], widths  # the head's state keeps its width
+    # Every mixer reads three copies of its state: 3 · 24 features (the last, 3 · 32).
+    parameters = dict(sliced.named_parameters())
+    mixers = [parameters[f"mixers.{i}"].shape[1] for i in range(len(widths))]
+    assert mixers == [72] * (len(widths) - 1) + [96], mixers
+    assert fxslice.report(sliced)["parameters"]["after"] < fxslice.report(sliced)["parameters"]["before"]
+    assert relative_error(sliced(ids), model(ids)) < 1.0

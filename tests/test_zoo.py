@@ -43,7 +43,7 @@ KNOWN_OK = {
 """Types that pass every step: build, capture, exact rotation, slice, save + load, cached generate."""
 KNOWN_UNSUPPORTED = {
     "axk2", "bart", "bert", "bert-generation", "big_bird", "blenderbot-small", "camembert", "cpmant", "data2vec-text",
-    "deepseek_v4", "dory", "electra", "ernie", "gemma3n", "gemma3n_text", "git", "hrm_text", "hy_v4",
+    "dory", "electra", "ernie", "gemma3n", "gemma3n_text", "git", "hrm_text", "hy_v4",
     "inkling2_loop_text", "inkling2_text", "inkling_text", "marian", "modernbert-decoder", "moshi", "mvp",
     "openai-gpt", "plbart", "prophetnet", "reformer", "roberta", "roc_bert", "roformer", "rwkv", "trocr", "xlm",
     "xlm-roberta", "xlnet", "xmod", "zamba", "zamba2",

@@ -47,6 +47,7 @@ class Norm:
     bias: torch.Tensor | None  # β, float64, shape [width]; None means zero
     readers: frozenset  # pattern nodes that take `input` as an operand
     fused: FusedNorm | None  # set on fxslice's canonical weightless form
+    blocks: int = 1  # copies of the stream side by side in ``input`` (its last dim merged with others)
 
 
 _CASTS = (aten.to, aten._to_copy, aten.type_as)
@@ -72,13 +73,20 @@ def _root(node: Any, power: float) -> bool:
     return is_op(node, aten.rsqrt if power < 0 else aten.sqrt)
 
 
+def _uncast(node: Any) -> Any:
+    while is_op(node, *_CASTS) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def _rms_core(node: fx.Node):
-    """x * rsqrt(mean(x²) + eps) or x / sqrt(mean(x²) + eps) -> (x, eps, readers, kind)."""
+    """x * rsqrt(mean(x²) + eps) or x / sqrt(mean(x²) + eps) -> (x, eps, readers, kind); casts may sit
+    on the way (``x * rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)``)."""
     if is_op(node, aten.mul):
-        pairs = [(node.args[0], node.args[1]), (node.args[1], node.args[0])]
+        pairs = [(node.args[0], _uncast(node.args[1])), (node.args[1], _uncast(node.args[0]))]
         pairs = [(x, r) for x, r in pairs if _root(r, -0.5)]
     elif is_op(node, aten.div):
-        pairs = [(node.args[0], node.args[1])] if _root(node.args[1], 0.5) else []
+        pairs = [(node.args[0], _uncast(node.args[1]))] if _root(_uncast(node.args[1]), 0.5) else []
     else:
         return None
     for x, root in pairs:
@@ -94,17 +102,23 @@ def _rms_core(node: fx.Node):
         nd = val(square).dim() if val(square) is not None else 0
         if list(dims) not in ([-1], [nd - 1]) or not keepdim:
             continue
-        y = square.args[0] if is_op(square, aten.pow, aten.mul) else None
-        squares_x = _same(y, x) and (
-            (is_op(square, aten.pow) and square.args[1] == 2) or (is_op(square, aten.mul) and square.args[1] is y)
-        )
-        if not squares_x:
+        y = square.args[0] if is_op(square, aten.pow, aten.mul, aten.square) else None
+        squares_y = (is_op(square, aten.pow) and square.args[1] == 2) or is_op(square, aten.square) or (
+            is_op(square, aten.mul) and square.args[1] is y)
+        if not squares_y:
             continue
-        centred = _centred(x)
-        if centred is not None:
-            # (x - mean(x)) * rsqrt(mean((x - mean(x))²) + eps): a LayerNorm written out.
-            return centred[0], float(eps), centred[1] | {y}, "layer"
-        return x, float(eps), frozenset({square, node}), "rms"
+        if _same(y, x):
+            centred = _centred(x)
+            if centred is not None:
+                # (x - mean(x)) * rsqrt(mean((x - mean(x))²) + eps): a LayerNorm written out.
+                return centred[0], float(eps), centred[1] | {y}, "layer"
+            return x, float(eps), frozenset({square, node}), "rms"
+        if isinstance(y, fx.Node) and _uncast(y) is _uncast(x) and is_op(y, *_CASTS):
+            reader = y  # the cast on the squares' side that reads x itself
+            while reader.args[0] is not x and is_op(reader.args[0], *_CASTS):
+                reader = reader.args[0]
+            if reader.args[0] is x:
+                return x, float(eps), frozenset({reader, node}), "rms"
     return None
 
 

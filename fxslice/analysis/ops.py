@@ -17,6 +17,7 @@ that commutes with a rotation of the last dimension).
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from enum import Enum
@@ -97,12 +98,14 @@ class StepKind(Enum):
     COMMUTES = "commutes"
     JOINS = "joins"
     READS_SHAPE = "reads shape"  # only metadata: a size of another dim, or the dtype
+    MERGES = "merges"  # the last dim joined with the dims before it: copies of the stream side by side
 
 
 @dataclass(frozen=True)
 class Step:
     kind: StepKind
     literal: ShapeLiteral | None = None
+    blocks: int = 1  # MERGES: how many copies of the stream the merged last dim holds
 
 
 # Ops whose output holds the same values as their first operand (up to dtype).
@@ -450,10 +453,36 @@ def _masked_fill(node: fx.Node, operand: fx.Node) -> Step | None:
     return Step(StepKind.COMMUTES) if node.args[2] == 0 and _is_per_token(node.args[1]) else None
 
 
-@_stream_rule(aten.view, aten.reshape, aten._unsafe_view, aten.expand)
+@_stream_rule(aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.flatten)
 @_on_data
 def _reshape(node: fx.Node, operand: fx.Node) -> Step | None:
+    merged = _merge_step(node, operand)
+    if merged is not None:
+        return merged
+    if is_op(node, aten.flatten):  # flatten(x, start, end) over dims before the last keeps whole vectors
+        end = node.args[2] if len(node.args) > 2 else -1
+        return Step(StepKind.COMMUTES) if _norm_dim(end, _ndim(operand)) != _ndim(operand) - 1 else None
     return _shape_step(node, operand, 1)
+
+
+def _merge_step(node: fx.Node, operand: fx.Node) -> Step | None:
+    """``[…, n, d] → […, n·d]`` (a view or flatten that joins the last dim with the ones before it, as
+    hyper-connections flatten their ``n`` copies of the stream): each copy rotated by ``Q`` is the merged
+    vector rotated by ``diag(Q, …, Q)``, which a norm over the whole merged vector commutes with and the
+    linears reading it take in ``n`` blocks. Only where the merged width is not written into the graph."""
+    source, out, width = val(operand), val(node), last_dim(operand)
+    if not isinstance(source, torch.Tensor) or not isinstance(out, torch.Tensor) or width is None:
+        return None
+    merged = source.dim() - out.dim() + 1  # trailing dims of the operand that become the last one
+    if merged < 2 or any(not isinstance(n, int) for n in source.shape[-merged:]):
+        return None
+    if [str(n) for n in source.shape[:-merged]] != [str(n) for n in out.shape[:-1]]:
+        return None
+    if last_dim(node) != width * (blocks := math.prod(source.shape[-merged:]) // width):
+        return None
+    if not is_op(node, aten.flatten) and node.args[1][-1] != -1:
+        return None  # the merged width written into the graph: slicing would have to rewrite it as blocks × k
+    return Step(StepKind.MERGES, blocks=blocks)
 
 
 @_stream_rule(aten.slice, aten.select, aten.squeeze, aten.index_select, aten.narrow)
@@ -513,6 +542,17 @@ def _transpose(node: fx.Node, operand: fx.Node) -> Step | None:
 @_on_data
 def _permute(node: fx.Node, operand: fx.Node) -> Step | None:
     return Step(StepKind.COMMUTES) if _norm_dim(node.args[1][-1], _ndim(operand)) == _ndim(operand) - 1 else None
+
+
+@_stream_rule(aten.matmul, aten.bmm)
+def _mix_other_dim(node: fx.Node, operand: fx.Node) -> Step | None:
+    """``A @ x`` with the stream on the right: each output vector a combination of whole feature vectors
+    along another dim (hyper-connections mix their copies of the stream so), ``A (x Q) = (A x) Q``."""
+    if len(node.args) < 2 or node.args[1] is not operand or node.args[0] is operand:
+        return None
+    if _ndim(operand) < 2 or _ndim(node.args[0]) < 2 or last_dim(node) != last_dim(operand):
+        return None
+    return Step(StepKind.COMMUTES)
 
 
 @_stream_rule(aten.index)

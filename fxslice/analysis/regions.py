@@ -77,10 +77,16 @@ class Source:
 
 @dataclass(frozen=True, eq=False)
 class Sink:
-    """``use`` reads the stream, directly (``norm`` is None) or through ``norm``."""
+    """``use`` reads the stream, directly (``norm`` is None) or through ``norm``; ``blocks`` copies of it
+    side by side when the stream's last dim was merged with others on the way."""
 
     use: WeightUse
     norm: Norm | None
+    blocks: int = 1
+
+    def side(self) -> ParamAxis:
+        """The weight axis the stream meets: ``blocks`` pieces, each rotated by the state's ``Q``."""
+        return replace(self.use.input_side(), blocks=self.blocks)
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,7 +107,7 @@ class State:
             for side in source.sides():
                 seen.setdefault(side, "out")
         for sink in self.sinks:
-            seen.setdefault(sink.use.input_side(), "in")
+            seen.setdefault(sink.side(), "in")
         return tuple(seen.items())
 
 
@@ -158,6 +164,7 @@ class _Growth:
     readers: dict = field(default_factory=dict)
     literals: list = field(default_factory=list)
     blockers: list = field(default_factory=list)
+    merged: dict = field(default_factory=dict)  # node holding merged copies of the stream -> the stream node
 
 
 def _grow(seed: fx.Node, by_reader: dict, by_output: dict) -> _Growth:
@@ -191,10 +198,45 @@ def _grow(seed: fx.Node, by_reader: dict, by_output: dict) -> _Growth:
                 continue
             if step.kind is StepKind.READS_SHAPE:
                 continue
+            if step.kind is StepKind.MERGES:
+                _merged_reads(user, n, step.blocks, g, by_reader)
+                continue
             if step.literal is not None:
                 g.literals.append(step.literal)
             queue.append(user)
     return g
+
+
+def _merged_reads(start: fx.Node, origin: fx.Node, blocks: int, g: _Growth, by_reader: dict) -> None:
+    """Follow ``blocks`` copies of the stream merged into one last dim (``start``, from the stream node
+    ``origin``) through ops that keep that dim to the RMS norms and linears reading them."""
+    frontier = [start]
+    while frontier:
+        m = frontier.pop()
+        if m in g.merged:
+            continue
+        g.merged[m] = origin
+        for user in m.users:
+            norm = by_reader.get(user)
+            if norm is not None and norm.input is m:
+                if norm.kind == "rms":
+                    g.readers[replace(norm, blocks=blocks)] = None
+                else:
+                    g.blockers.append(Blocker(user, "copies of the stream merged into one vector are centred by a "
+                                              "LayerNorm", "only RMS norms can read merged copies of a stream"))
+                continue
+            use = weight_use(user)
+            if use is not None and use.input is m:
+                g.direct_sinks.append(Sink(use, None, blocks))
+                continue
+            step = stream_step(user, m)
+            if step is not None and step.kind is StepKind.READS_SHAPE:
+                continue
+            if step is not None and step.kind is StepKind.COMMUTES and step.literal is None:
+                frontier.append(user)
+                continue
+            g.blockers.append(Blocker(user, "copies of the stream merged into one vector are read by an op fxslice "
+                                      "cannot rotate through", _HINT_OP))
 
 
 def _producer(n: fx.Node, g: _Growth, queue: list, by_output: dict) -> None:
@@ -242,12 +284,12 @@ def _normed_values(norm: Norm, region_nodes: set, sinks: list, literals: list, b
         for user in m.users:
             use = weight_use(user)
             if use is not None and use.input is m:
-                sinks.append(Sink(use, norm))
+                sinks.append(Sink(use, norm, norm.blocks))
                 continue
             step = stream_step(user, m)
             if step is not None and step.kind is StepKind.READS_SHAPE:
                 continue
-            if step is not None and step.kind is StepKind.COMMUTES:
+            if step is not None and step.kind is StepKind.COMMUTES and (step.literal is None or norm.blocks == 1):
                 if step.literal is not None:
                     literals.append((norm, step.literal))
                 frontier.append(user)
@@ -331,7 +373,7 @@ def find_regions(gm: fx.GraphModule, shared: bool = False) -> list[Region]:
         if norm.input in claimed:
             continue
         g = _grow(norm.input, by_reader, by_output)
-        claimed |= g.nodes
+        claimed |= g.nodes | set(g.merged)
         if not any(_is_join(n, g.nodes) for n in g.nodes):
             continue  # no residual add: a per-head norm or similar, not a residual stream
         blockers = list(g.blockers)
@@ -368,20 +410,23 @@ def find_regions(gm: fx.GraphModule, shared: bool = False) -> list[Region]:
 
 
 def _build_states(groups, uf, g: _Growth, sinks, readers, normed_literals, skips, order) -> tuple[State, ...]:
+    def stream(node: fx.Node) -> fx.Node:  # the stream node a reader's input comes from
+        return g.merged.get(node, node)
+
     sink_state = defaultdict(list)
     for sink in sinks:
-        key = uf.find(sink.norm.input if sink.norm is not None else sink.use.input)
+        key = uf.find(stream(sink.norm.input if sink.norm is not None else sink.use.input))
         sink_state[key].append(sink)
     norm_state = defaultdict(list)
     for reader in readers:
-        norm_state[uf.find(reader.input)].append(reader)
+        norm_state[uf.find(stream(reader.input))].append(reader)
     literal_state = defaultdict(list)
     for literal in g.literals:
         literal_state[uf.find(literal.node)].append(literal)
     for norm, literal in normed_literals:
-        literal_state[uf.find(norm.input)].append(literal)
+        literal_state[uf.find(stream(norm.input))].append(literal)
     skip_origins = {a for a, _ in skips}
-    read = {r.input for r in readers} | {s.use.input for s in sinks if s.norm is None} | skip_origins
+    read = {stream(r.input) for r in readers} | {stream(s.use.input) for s in sinks if s.norm is None} | skip_origins
     drafts = []
     for root, members in groups.items():
         ordered = sorted(members, key=order.__getitem__)

@@ -72,10 +72,10 @@ class StateParameters:
     widths: a weight's elements are the product of its axes at the chosen widths."""
 
     def __init__(self, gm: fx.GraphModule, states: Sequence[Any], mlps: Sequence[Any] = ()):
-        self.bound: dict[tuple[str, int], int] = {}
+        self.bound: dict[tuple[str, int], tuple[int, int]] = {}  # axis -> (state, copies of its width)
         for i, state in enumerate(states):
             for side, _ in state.param_axes():
-                self.bound[(side.target, side.axis)] = i
+                self.bound[(side.target, side.axis)] = (i, side.blocks)
         self.inner: dict[tuple[str, int], tuple[int, int]] = {}  # axis -> (MLP, copies of its channels)
         for i, mlp in enumerate(mlps):
             for side in (*mlp.channel_sides, mlp.down.input_side()):
@@ -84,7 +84,7 @@ class StateParameters:
         self.shapes = {target: tuple(tensor_meta(gm, target).shape) for target in targets}
         self.touching: dict[int, list[str]] = {i: [] for i in range(len(states))}
         for target, shape in self.shapes.items():
-            for i in {self.bound[(target, a)] for a in range(len(shape)) if (target, a) in self.bound}:
+            for i in {self.bound[(target, a)][0] for a in range(len(shape)) if (target, a) in self.bound}:
                 self.touching[i].append(target)
 
     def count(self, widths: Sequence[int], state: int | None = None, inner: Sequence[int] | None = None) -> int:
@@ -92,7 +92,8 @@ class StateParameters:
         and the MLPs' ``inner`` widths (full when None)."""
         def size(target: str, axis: int, n: int) -> int:
             if (target, axis) in self.bound:
-                return widths[self.bound[(target, axis)]]
+                state, copies = self.bound[(target, axis)]
+                return widths[state] * copies
             if inner is not None and (target, axis) in self.inner:
                 mlp, copies = self.inner[(target, axis)]
                 return inner[mlp] * copies
@@ -319,6 +320,6 @@ def check_invariants(gm: fx.GraphModule) -> None:
                                          f"{node.format_node()} has last dim {v.shape[-1]}, expected {state.width}")
             for side, _ in state.param_axes():
                 size = tensor_meta(gm, side.target).shape[side.axis]
-                if size != state.width:
+                if size != state.width * side.blocks:
                     raise AssertionError(f"state {state.index} of region {region.index} has width {state.width} "
                                          f"but {side.target} axis {side.axis} has size {size}")

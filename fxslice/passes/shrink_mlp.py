@@ -288,7 +288,7 @@ class ShrinkMLP(FxslicePass):
         watched = [(m.down.node, sq) for m, sq in zip(mlps, squares)]
         writes = []
         if stream is not None:
-            reads = sorted({n.input for n in stream.norms}, key=list(gm.graph.nodes).index)
+            reads = sorted({n.input for n in stream.norms if n.blocks == 1}, key=list(gm.graph.nodes).index)
             bases = fold_rotations(gm, sequences, reads, folds, self.progress)
             writes = [RotatedSquares(bases) for _ in stream.sources]
             watched += [(source.node, w) for source, w in zip(stream.sources, writes)]
