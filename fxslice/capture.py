@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim
 
+from .analysis.norms import rms_normalised
 from .errors import CaptureError
 from .graph import aten, eliminate_dead_code, flat_inputs, is_op, unique_parameters, val
 from .plan import Plan, plan_of, set_plan
@@ -197,6 +198,37 @@ def _expand_as_by_sizes(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _norm_factor_before_linear(gm: fx.GraphModule) -> None:
+    """``linear(x, W) * r`` with ``r = rsqrt(mean(x²) + eps)`` (an RMS norm split around a bias-free linear)
+    becomes ``linear(x * r, W)``: ``(xW)·r = (x·r)W`` for a factor per token, and ``x * r`` is then a norm
+    the analysis reads like any other."""
+    changed = False
+    for node in list(gm.graph.find_nodes(op="call_function", target=aten.mul.Tensor)):
+        for linear, factor in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            if not (is_op(linear, aten.linear) and len(linear.args) == 2 and len(linear.users) == 1
+                    and isinstance(factor, fx.Node) and val(factor) is not None and val(linear.args[0]) is not None):
+                continue
+            x = linear.args[0]
+            with gm.graph.inserting_before(node):
+                scaled = gm.graph.call_function(aten.mul.Tensor, (x, factor))
+            if rms_normalised(scaled) is not x:
+                gm.graph.erase_node(scaled)
+                continue
+            with val(x).fake_mode:
+                scaled.meta["val"] = val(x) * val(factor)
+            with gm.graph.inserting_before(node):
+                moved = gm.graph.call_function(aten.linear.default, (scaled, linear.args[1]))
+            moved.meta = dict(node.meta)
+            node.replace_all_uses_with(moved)
+            gm.graph.erase_node(node)
+            gm.graph.erase_node(linear)
+            changed = True
+            break
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
 def capture(model: torch.nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     """Trace ``model`` into an ATen-level GraphModule with dynamic batch and sequence dimensions.
 
@@ -255,6 +287,7 @@ def export_graph(model: torch.nn.Module, module: torch.nn.Module, args: tuple, k
     _drop_metadata_asserts(gm)
     _fold_linears_of_zeros(gm)
     _expand_as_by_sizes(gm)
+    _norm_factor_before_linear(gm)
     set_plan(gm, Plan(model_class=f"{type(model).__module__}.{type(model).__qualname__}",
                       kind="causal_lm" if causal_lm else "module", module_prefix=HF_PREFIX if causal_lm else "",
                       parameters_before=unique_parameters(model)))

@@ -300,8 +300,9 @@ class HyperConnectionsLM(TinyLM):
 
     copies = 3
 
-    def __init__(self, arch):
+    def __init__(self, arch, split: bool = False):
         super().__init__(arch)
+        self.split = split  # the norm split around the linear: linear(x, W) * rsqrt(mean(x²) + eps), as HY-V4's
         n = self.copies
         self.mixers = nn.ParameterList(torch.randn(2 * n + n * n, n * arch.width) * 0.3
                                        for _ in range(2 * arch.depth + 1))
@@ -309,8 +310,12 @@ class HyperConnectionsLM(TinyLM):
     def coefficients(self, i, streams, merge):
         n = self.copies
         x = merge(streams)
-        x = x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6).to(x.dtype)
-        pre, post, comb = nn.functional.linear(x, self.mixers[i]).split([n, n, n * n], -1)
+        factor = torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+        if self.split:
+            mixed = nn.functional.linear(x, self.mixers[i]) * factor
+        else:
+            mixed = nn.functional.linear(x * factor, self.mixers[i])
+        pre, post, comb = mixed.split([n, n, n * n], -1)
         return pre.sigmoid(), 2 * post.sigmoid(), comb.view(*comb.shape[:-1], n, n).softmax(-1)
 
     def connect(self, i, streams, branch):
@@ -327,8 +332,9 @@ class HyperConnectionsLM(TinyLM):
         return self.head(self.final_norm((pre.unsqueeze(-1) * streams).sum(2)))
 
 
-def test_copies_of_the_stream_mixed_and_merged_by_hyper_connections_rotate_exactly_and_slice():
-    model = HyperConnectionsLM(ARCH).double().eval()
+@pytest.mark.parametrize("split", [False, True], ids=["norm", "norm-split-around-the-linear"])
+def test_copies_of_the_stream_mixed_and_merged_by_hyper_connections_rotate_exactly_and_slice(split):
+    model = HyperConnectionsLM(ARCH, split).double().eval()
     ids = example_ids(ARCH, 3, 5, seed=4)
     fused = compile_quietly(model, [fuse_norm])
     rotated = compile_quietly(model, [fuse_norm, rotate])

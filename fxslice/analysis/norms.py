@@ -22,7 +22,7 @@ import torch.fx as fx
 from ..graph import aten, constant_value, is_op, val
 from .ops import last_dim
 
-__all__ = ["FUSED_NORM", "FusedNorm", "Norm", "find_norms"]
+__all__ = ["FUSED_NORM", "FusedNorm", "Norm", "find_norms", "rms_normalised"]
 
 FUSED_NORM = "fxslice.fused_norm"
 """``node.meta`` key on fxslice's weightless ``rms_norm`` nodes; the value is a ``FusedNorm``."""
@@ -120,6 +120,13 @@ def _rms_core(node: fx.Node):
             if reader.args[0] is x:
                 return x, float(eps), frozenset({reader, node}), "rms"
     return None
+
+
+def rms_normalised(node: fx.Node) -> fx.Node | None:
+    """The value ``node`` normalises when it is an RMS norm written out (``x * rsqrt(mean(x²) + eps)`` and
+    the like, without ``γ``), else None."""
+    core = _rms_core(node)
+    return core[0] if core is not None and core[3] == "rms" else None
 
 
 def _same(a, b) -> bool:
