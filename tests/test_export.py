@@ -127,8 +127,9 @@ BUDGET = (fuse_norm, slice(budget=0.9))
 
 
 @pytest.mark.parametrize("name,tie,passes,hidden,untied", [
-    ("llama", False, SHARED, 48, True), ("llama", True, SHARED, 48, True), ("qwen3", None, SHARED, 48, True),
-    ("llama", True, BUDGET, 64, False), ("qwen2", None, BUDGET, 64, False)])
+    # llama untied is qwen3's case (untied head) without its q/k norms: with -m slow only
+    pytest.param("llama", False, SHARED, 48, True, marks=pytest.mark.slow), ("llama", True, SHARED, 48, True),
+    ("qwen3", None, SHARED, 48, True), ("llama", True, BUDGET, 64, False), ("qwen2", None, BUDGET, 64, False)])
 def test_the_original_architecture_at_smaller_sizes_loads_without_fxslice(name, tie, passes, hidden, untied, tmp_path):
     model, sliced = compress(name, torch.float64, passes, tie=tie)
     fxslice.export(sliced, tmp_path / "hf", format="hf")

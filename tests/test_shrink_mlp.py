@@ -156,7 +156,12 @@ def test_the_refit_is_the_least_squares_solution_on_the_kept_channels():
     assert error(kept, beta) <= error(other, torch.linalg.solve(damped[other][:, other], damped[other] @ w)) + 1e-9
 
 
-@pytest.mark.parametrize("name", LISTED)
+MLP_PATTERNS = {"llama", "gemma", "phi", "opt", "gpt2"}
+"""One of each MLP pattern in the default run (gated SiLU, gated tanh-GELU, GELU with biases, ReLU with
+biases, Conv1D weights read by ``addmm``); the other architectures with ``-m slow``."""
+
+
+@pytest.mark.parametrize("name", [n if n in MLP_PATTERNS else pytest.param(n, marks=pytest.mark.slow) for n in LISTED])
 def test_hugging_face_mlps_are_found_and_exact_at_ratio_zero(name):
     model = tiny_model(name, torch.float64)
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -63,7 +63,7 @@ def _both(directory, passes, budget):
 
 
 @pytest.mark.parametrize("passes, tied", [
-    ([fuse_norm, rotate, slice(0.25)], False),
+    pytest.param([fuse_norm, rotate, slice(0.25)], False, marks=pytest.mark.slow),  # spectrum's case, untied
     ([fuse_norm, rotate, slice(0.25)], True),
     ([fuse_norm, rotate, slice(0.3, schedule="spectrum")], False),
     ([fuse_norm, slice(budget=0.85)], True),
