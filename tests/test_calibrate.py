@@ -378,3 +378,15 @@ def test_the_sweep_holds_no_value_past_its_last_reader(monkeypatch, passes):
     compile_quietly(TinyLM(arch).double().eval(), passes, example_inputs=(example_ids(arch),),
                     calibration=batches(arch, n=2))
     assert len(runs) > 50 and held == []
+
+
+def test_padded_tokens_are_left_out_of_every_copy_of_a_stream_held_side_by_side():
+    # Hyper-connections hold [batch, tokens, copies, d]: each real token gives one row per copy, and
+    # every copy of a padded token is left out, as a padded token is for a [batch, tokens, d] stream.
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    covariances = _FoldCovariances([mask], folds=1)
+    covariances(0, x)
+    real = torch.cat([x[0, :3].reshape(-1, 4), x[1].reshape(-1, 4)])
+    assert covariances.tokens[0] == real.shape[0] == 24
+    torch.testing.assert_close(covariances.h[0], real.T @ real, rtol=1e-12, atol=1e-12)
