@@ -5,6 +5,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fxslice
@@ -12,7 +14,7 @@ from conftest import relative_error
 from fxslice import UnsupportedGraphError, fuse_norm, rotate, slice
 from fxslice.analysis import register_stream_op
 from fxslice.plan import plan_of
-from strategies import Arch, TinyLM, example_ids
+from strategies import Arch, TinyLM, architectures, example_ids
 
 
 @torch.library.custom_op("fxslice_test::token_scale", mutates_args=())
@@ -298,12 +300,10 @@ class HyperConnectionsLM(TinyLM):
     the copies into the block's input, ``post`` spreads its output back, ``comb`` (``n × n``, a matmul)
     mixes the copies. Each copy rotated by ``Q`` is the merged vector rotated by ``diag(Q, …, Q)``."""
 
-    copies = 3
-
-    def __init__(self, arch, split: bool = False):
+    def __init__(self, arch, split: bool = False, copies: int = 3):
         super().__init__(arch)
         self.split = split  # the norm split around the linear: linear(x, W) * rsqrt(mean(x²) + eps), as HY-V4's
-        n = self.copies
+        self.copies = n = copies
         self.mixers = nn.ParameterList(torch.randn(2 * n + n * n, n * arch.width) * 0.3
                                        for _ in range(2 * arch.depth + 1))
 
@@ -358,3 +358,19 @@ def test_copies_of_the_stream_mixed_and_merged_by_hyper_connections_rotate_exact
     assert mixers == [72] * (len(widths) - 1) + [96], mixers
     assert fxslice.report(sliced)["parameters"]["after"] < fxslice.report(sliced)["parameters"]["before"]
     assert relative_error(sliced(ids), model(ids)) < 1.0
+
+
+@settings(max_examples=6)
+@given(architectures(), st.integers(1, 4), st.booleans())
+def test_hyper_connections_around_generated_blocks_rotate_exactly_unless_layer_norms_would_centre_the_copies(
+        arch, copies, split):
+    model = HyperConnectionsLM(arch, split, copies).double().eval()
+    if arch.norm == "layer":  # centring each copy would change the RMS norm over all of them
+        with pytest.raises(UnsupportedGraphError, match="cannot be centred"):
+            compile_quietly(model, [fuse_norm])
+        return
+    ids = example_ids(arch, 2, 6, seed=3)
+    fused = compile_quietly(model, [fuse_norm])
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    assert not fxslice.report(rotated)["skipped"]
+    assert relative_error(rotated(ids), fused(ids)) < 1e-9, arch
