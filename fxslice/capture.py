@@ -206,7 +206,8 @@ def _norm_factor_before_linear(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.find_nodes(op="call_function", target=aten.mul.Tensor)):
         for linear, factor in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
             if not (is_op(linear, aten.linear) and len(linear.args) == 2 and len(linear.users) == 1
-                    and isinstance(factor, fx.Node) and val(factor) is not None and val(linear.args[0]) is not None):
+                    and isinstance(factor, fx.Node) and val(factor) is not None
+                    and isinstance(val(linear.args[0]), FakeTensor)):
                 continue
             x = linear.args[0]
             with gm.graph.inserting_before(node):
