@@ -306,6 +306,7 @@ class HyperConnectionsLM(TinyLM):
         self.copies = n = copies
         self.mixers = nn.ParameterList(torch.randn(2 * n + n * n, n * arch.width) * 0.3
                                        for _ in range(2 * arch.depth + 1))
+        self.gammas = nn.ParameterList(1 + 0.3 * torch.randn(n * arch.width) for _ in range(2 * arch.depth + 1))
 
     def coefficients(self, i, streams, merge):
         n = self.copies
@@ -313,8 +314,8 @@ class HyperConnectionsLM(TinyLM):
         factor = torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6).to(x.dtype)
         if self.split:
             mixed = nn.functional.linear(x, self.mixers[i]) * factor
-        else:
-            mixed = nn.functional.linear(x * factor, self.mixers[i])
+        else:  # a norm with a scale of its own (γ over all n·d features)
+            mixed = nn.functional.linear(x * factor * self.gammas[i], self.mixers[i])
         pre, post, comb = mixed.split([n, n, n * n], -1)
         return pre.sigmoid(), 2 * post.sigmoid(), comb.view(*comb.shape[:-1], n, n).softmax(-1)
 
@@ -374,3 +375,42 @@ def test_hyper_connections_around_generated_blocks_rotate_exactly_unless_layer_n
     rotated = compile_quietly(model, [fuse_norm, rotate])
     assert not fxslice.report(rotated)["skipped"]
     assert relative_error(rotated(ids), fused(ids)) < 1e-9, arch
+
+
+class SideBySideLM(TinyLM):
+    """Zamba's shared block: before each block the stream and the token embeddings are put side by side
+    (``cat`` along the last dim) and read through one RMS norm over both (a scale of its own, ``2d`` wide)
+    by a linear that writes back into the stream. Both pieces are held to one rotation, so the linear takes
+    one ``Q`` in each half."""
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        d = arch.width
+        self.scales = nn.ParameterList(1 + 0.3 * torch.randn(2 * d) for _ in range(arch.depth))
+        self.readers = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(arch.depth))
+
+    def forward(self, input_ids):
+        x = embedded = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            both = torch.cat([x, embedded], -1)
+            x = x + self.readers[i](both * torch.rsqrt(both.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scales[i])
+            x = x + block.mlp(block.norm2(x))
+        return self.head(self.final_norm(x))
+
+
+def test_the_stream_side_by_side_with_the_embeddings_rotates_exactly_and_slices():
+    model = SideBySideLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    assert not fxslice.report(rotated)["skipped"]
+    assert relative_error(rotated(ids), model(ids)) < 1e-12
+    calibration = [(example_ids(ARCH, 4, 9, seed=s),) for s in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=calibration,
+                                 example_inputs=(example_ids(ARCH, 2, 7),))
+    widths = {s["width_after"] for s in fxslice.report(sliced)["states"]}
+    parameters = dict(sliced.named_parameters())
+    # Each reader takes both halves at the one width of the states put side by side.
+    assert {parameters[f"readers.{i}.weight"].shape[1] for i in range(ARCH.depth)} <= {2 * w for w in widths}
+    assert sliced(ids).shape == model(ids).shape

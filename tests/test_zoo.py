@@ -38,7 +38,7 @@ KNOWN_OK = {
     "persimmon", "phi", "phi3", "phi4_multimodal", "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_5", "qwen3_5_moe",
     "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next", "recurrent_gemma", "rembert",
     "roberta-prelayernorm", "sarvam_mla", "sarvam_moe", "seed_oss", "smollm3", "solar_open", "stablelm", "starcoder2",
-    "vaultgemma", "whisper", "xglm", "xlm-roberta-xl", "xlstm", "youtu", "zaya",
+    "vaultgemma", "whisper", "xglm", "xlm-roberta-xl", "xlstm", "youtu", "zamba", "zamba2", "zaya",
 }
 """Types that pass every step: build, capture, exact rotation, slice, save + load, cached generate."""
 KNOWN_UNSUPPORTED = {
@@ -46,15 +46,15 @@ KNOWN_UNSUPPORTED = {
     "dory", "electra", "ernie", "gemma3n", "gemma3n_text", "git", "hrm_text",
     "inkling2_loop_text", "inkling2_text", "inkling_text", "marian", "modernbert-decoder", "moshi", "mvp",
     "openai-gpt", "plbart", "prophetnet", "reformer", "roberta", "roc_bert", "roformer", "rwkv", "trocr", "xlm",
-    "xlm-roberta", "xlnet", "xmod", "zamba", "zamba2",
+    "xlm-roberta", "xlnet", "xmod",
 }
 """Types fxslice refuses on purpose (post-norm streams and the like), with a reason."""
 SLOW = {
     "bailing_hybrid", "dots3_note_text", "falcon_h1", "kimi_linear", "lara_mini", "nemotron_h", "olmo_hybrid",
-    "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_next", "xlstm",
+    "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_next", "xlstm", "zamba",
 }
 """Types whose census took over a minute (2 busy cores): left to the full run."""
-MIN_OK = 147
+MIN_OK = 149
 """``ok`` rows of the full census with transformers 5.24.0 (of 196 types)."""
 MIN_TINY_CONFIGS = 196
 """Types whose tiny config builds a model (on the meta device) with transformers 5.24.0."""
@@ -168,7 +168,7 @@ def test_the_census_of_todays_sample():
 
 @pytest.mark.slow
 def test_the_full_census_does_not_regress():
-    rows = [zoo.run_child(name, 240) for name in _types()]
+    rows = [zoo.run_child(name, 480 if name in SLOW else 240) for name in _types()]  # zamba alone: 329 s
     ok = {r["type"] for r in rows if r["outcome"] == "ok"}
     lost = sorted((KNOWN_OK & set(_types())) - ok)
     assert not lost, f"types that compressed exactly and no longer do: {lost}"

@@ -397,16 +397,22 @@ def _index_add(node: fx.Node, operand: fx.Node) -> Step | None:
     return Step(StepKind.JOINS) if last_dim(acc) == last_dim(rows) == last_dim(node) else None
 
 
-@_stream_rule(aten.cat)
+@_stream_rule(aten.cat, aten.concatenate)
 def _cat(node: fx.Node, operand: fx.Node) -> Step | None:
     """``cat(values, dim)`` along another dim than the last: whole feature vectors side by side (the rows of
-    every expert's output put together), each rotated alike, so it joins them."""
+    every expert's output put together), each rotated alike, so it joins them. Along the last dim, stream
+    values of one width merge into one vector (``MERGES``)."""
     values = node.args[0]
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if not isinstance(values, (list, tuple)) or operand not in values or not isinstance(dim, int):
         return None
     if _norm_dim(dim, _ndim(operand)) == _ndim(operand) - 1:
-        return None
+        # Along the last dim: values of the stream side by side, merged as a view merges copies (the pieces
+        # are then held to one rotation).
+        width = last_dim(operand)
+        if width is None or any(last_dim(v) != width for v in values) or last_dim(node) != width * len(values):
+            return None
+        return Step(StepKind.MERGES, blocks=len(values))
     return Step(StepKind.JOINS) if all(last_dim(v) == last_dim(node) for v in values) else None
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch.fx as fx
 
 from ..errors import describe_node, module_path
-from ..graph import val
+from ..graph import aten, is_op, val
 from .norms import Norm, find_norms
 from .ops import ParamAxis, ShapeLiteral, StepKind, WeightUse, last_dim, stream_step, weight_use, zeros_width
 
@@ -165,6 +165,8 @@ class _Growth:
     literals: list = field(default_factory=list)
     blockers: list = field(default_factory=list)
     merged: dict = field(default_factory=dict)  # node holding merged copies of the stream -> the stream node
+    tied: list = field(default_factory=list)  # stream values put side by side by one cat: one rotation for all
+    merged_norms: dict = field(default_factory=dict)  # a norm of merged copies -> it with its blocks
 
 
 def _grow(seed: fx.Node, by_reader: dict, by_output: dict) -> _Growth:
@@ -199,6 +201,8 @@ def _grow(seed: fx.Node, by_reader: dict, by_output: dict) -> _Growth:
             if step.kind is StepKind.READS_SHAPE:
                 continue
             if step.kind is StepKind.MERGES:
+                if user not in g.merged and is_op(user, aten.cat, aten.concatenate):
+                    g.tied.append((user, tuple(user.args[0])))
                 _merged_reads(user, n, step.blocks, g, by_reader)
                 continue
             if step.literal is not None:
@@ -219,8 +223,8 @@ def _merged_reads(start: fx.Node, origin: fx.Node, blocks: int, g: _Growth, by_r
         for user in m.users:
             norm = by_reader.get(user)
             if norm is not None and norm.input is m:
-                if norm.kind == "rms":
-                    g.readers[replace(norm, blocks=blocks)] = None
+                if norm.kind == "rms":  # (each of the norm's reader nodes finds it: one entry)
+                    g.readers[g.merged_norms.setdefault(norm, replace(norm, blocks=blocks))] = None
                 else:
                     g.blockers.append(Blocker(user, "copies of the stream merged into one vector are centred by a "
                                               "LayerNorm", "only RMS norms can read merged copies of a stream"))
@@ -316,11 +320,13 @@ def _is_join(n: fx.Node, nodes: set) -> bool:
     )
 
 
-def _states(nodes: set, sources: dict, shared: bool, order: dict):
+def _states(nodes: set, sources: dict, shared: bool, order: dict, tied: list = ()):
     """Split a region into states: a value read by more than one op ends a state.
 
     Nodes linked by ops that commute (casts, views) hold the same value. An add that reads a value which
     is also read elsewhere (a norm, a skip matrix, another add) starts a new state: that edge is a skip.
+    Values concatenated side by side (``tied``) are held to one state: the linears reading them take one
+    ``Q`` in every block.
     """
     edges = []
     for n in nodes:
@@ -351,6 +357,10 @@ def _states(nodes: set, sources: dict, shared: bool, order: dict):
                 skips.append((a, b))
             else:
                 states.union(a, b)
+    for pieces in tied:
+        for piece in pieces[1:]:
+            if piece in nodes and pieces[0] in nodes:
+                states.union(piece, pieces[0])
     if shared:
         first = next(iter(nodes))
         for n in nodes:
@@ -391,7 +401,11 @@ def find_regions(gm: fx.GraphModule, shared: bool = False) -> list[Region]:
         if layer and (len(layer) != len(readers) or g.direct_sinks):
             blockers.append(Blocker(layer[0].input, "the stream is read by LayerNorms and by other ops, so it "
                                     "cannot be centred", "use one kind of norm per residual stream"))
-        groups, uf, skips = _states(g.nodes, g.sources, shared, order)
+        for cat, pieces in g.tied:
+            if any(p not in g.nodes for p in pieces):
+                blockers.append(Blocker(cat, "the stream is put side by side with a value that is not the stream",
+                                        "only values of the residual stream can be concatenated with it"))
+        groups, uf, skips = _states(g.nodes, g.sources, shared, order, [pieces for _, pieces in g.tied])
         states = _build_states(groups, uf, g, sinks, readers, normed_literals, skips, order)
         state_of = {n: s for s in states for n in s.nodes}
         regions.append(Region(
