@@ -414,3 +414,18 @@ def test_the_stream_side_by_side_with_the_embeddings_rotates_exactly_and_slices(
     # Each reader takes both halves at the one width of the states put side by side.
     assert {parameters[f"readers.{i}.weight"].shape[1] for i in range(ARCH.depth)} <= {2 * w for w in widths}
     assert sliced(ids).shape == model(ids).shape
+
+
+@settings(max_examples=4)
+@given(architectures())
+def test_the_stream_beside_its_embeddings_in_generated_blocks_rotates_exactly_unless_layer_norms_would_centre_it(arch):
+    model = SideBySideLM(arch).double().eval()
+    if arch.norm == "layer":  # centring the stream would change the RMS norm over it and the embeddings
+        with pytest.raises(UnsupportedGraphError, match="cannot be centred"):
+            compile_quietly(model, [fuse_norm])
+        return
+    ids = example_ids(arch, 2, 6, seed=3)
+    fused = compile_quietly(model, [fuse_norm])
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    assert not fxslice.report(rotated)["skipped"]
+    assert relative_error(rotated(ids), fused(ids)) < 1e-9, arch
