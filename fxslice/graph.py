@@ -33,6 +33,7 @@ __all__ = [
     "refresh_shapes",
     "remove_unused_attributes",
     "set_tensor",
+    "strip_casts",
     "tensor_meta",
     "tensor_targets",
     "unique_parameters",
@@ -57,6 +58,13 @@ def is_op(node: Any, *packets) -> bool:
     target = node.target
     packet = getattr(target, "overloadpacket", target)
     return packet in packets or target in packets
+
+
+def strip_casts(node: Any) -> Any:
+    """The value before any dtype casts (``to``, ``_to_copy``, ``type_as``)."""
+    while is_op(node, aten.to, aten._to_copy, aten.type_as) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def mutates(node: fx.Node) -> bool:

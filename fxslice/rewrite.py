@@ -20,7 +20,7 @@ from .analysis.norms import FUSED_NORM, FusedNorm, Norm
 from .analysis.ops import ParamAxis
 from .analysis.regions import State
 from .errors import UnsupportedGraphError
-from .graph import add_parameter, aten, get_tensor, is_op, set_tensor, val
+from .graph import add_parameter, aten, get_tensor, set_tensor, strip_casts, val
 
 __all__ = [
     "emit_norm",
@@ -32,7 +32,6 @@ __all__ = [
     "scale_normed_sinks",
     "select_axis",
     "slice_state",
-    "strip_casts",
     "write_width",
 ]
 
@@ -119,13 +118,6 @@ def write_width(literals, width: int) -> None:
             shape[literal.index] = width
             args[literal.arg] = shape
         literal.node.args = tuple(args)
-
-
-def strip_casts(node: fx.Node) -> fx.Node:
-    """The value before any dtype casts, so fxslice never computes a norm in a lower precision."""
-    while is_op(node, aten.to, aten._to_copy, aten.type_as) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def _copy_meta(new: fx.Node, like: fx.Node) -> None:

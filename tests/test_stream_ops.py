@@ -55,10 +55,16 @@ class ScaledLM(TinyLM):
 ARCH = Arch(width=32, heads=4, kv_heads=2, depth=2)
 
 
-def compile_quietly(model, passes):
+def compile_quietly(model, passes, calibration=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fxslice.compile(model, passes, example_inputs=(example_ids(ARCH, 2, 7),))
+        return fxslice.compile(model, passes, calibration=calibration, example_inputs=(example_ids(ARCH, 2, 7),))
+
+
+def calibrated_quarter(model):
+    """``[fuse_norm, rotate, slice(0.25)]`` calibrated on two batches."""
+    calibration = [(example_ids(ARCH, 4, 9, seed=s),) for s in range(2)]
+    return compile_quietly(model, [fuse_norm, rotate, slice(0.25)], calibration)
 
 
 def test_a_registered_custom_op_carries_the_stream():
@@ -242,11 +248,7 @@ def test_experts_applied_one_matrix_at_a_time_and_added_back_per_token_rotate_an
     report = fxslice.report(rotated)
     assert not report["skipped"] and not any(r["bridges"] for r in report["fuse_norm"]["regions"])
     assert relative_error(rotated(ids), model(ids)) < 1e-12
-    calibration = [(example_ids(ARCH, 4, 9, seed=s),) for s in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=calibration,
-                                 example_inputs=(example_ids(ARCH, 2, 7),))
+    sliced = calibrated_quarter(model)
     shapes = {name: tuple(p.shape) for name, p in sliced.named_parameters() if name.startswith(("ups", "downs"))}
     # the last experts write the state the head reads, which slice(0.25) keeps whole (as SliceGPT)
     assert shapes == {"ups.0": (3, 16, 24), "ups.1": (3, 16, 24), "downs.0": (3, 24, 16), "downs.1": (3, 32, 16)}
@@ -346,11 +348,7 @@ def test_copies_of_the_stream_mixed_and_merged_by_hyper_connections_rotate_exact
     assert relative_error(rotated(ids), fused(ids)) < 1e-12
     mixers = dict(rotated.named_parameters())["mixers.0"]
     assert not torch.allclose(mixers, model.mixers[0].double())  # the merged copies' Q folded into the mixer
-    calibration = [(example_ids(ARCH, 4, 9, seed=s),) for s in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=calibration,
-                                 example_inputs=(example_ids(ARCH, 2, 7),))
+    sliced = calibrated_quarter(model)
     widths = [s["width_after"] for s in fxslice.report(sliced)["states"]]
     assert widths == [24] * (len(widths) - 1) + [32], widths  # the head's state keeps its width
     # Every mixer reads three copies of its state: 3 · 24 features (the last, 3 · 32).
@@ -361,12 +359,11 @@ def test_copies_of_the_stream_mixed_and_merged_by_hyper_connections_rotate_exact
     assert relative_error(sliced(ids), model(ids)) < 1.0
 
 
-@settings(max_examples=6)
-@given(architectures(), st.integers(1, 4), st.booleans())
-def test_hyper_connections_around_generated_blocks_rotate_exactly_unless_layer_norms_would_centre_the_copies(
-        arch, copies, split):
-    model = HyperConnectionsLM(arch, split, copies).double().eval()
-    if arch.norm == "layer":  # centring each copy would change the RMS norm over all of them
+def rotates_exactly_unless_layer_norms_would_centre_it(model, arch):
+    """``[fuse_norm, rotate]`` equals ``[fuse_norm]`` in float64; with LayerNorm blocks the model is refused:
+    centring the stream would change the RMS norm over the values merged with it."""
+    model = model.double().eval()
+    if arch.norm == "layer":
         with pytest.raises(UnsupportedGraphError, match="cannot be centred"):
             compile_quietly(model, [fuse_norm])
         return
@@ -375,6 +372,13 @@ def test_hyper_connections_around_generated_blocks_rotate_exactly_unless_layer_n
     rotated = compile_quietly(model, [fuse_norm, rotate])
     assert not fxslice.report(rotated)["skipped"]
     assert relative_error(rotated(ids), fused(ids)) < 1e-9, arch
+
+
+@settings(max_examples=6)
+@given(architectures(), st.integers(1, 4), st.booleans())
+def test_hyper_connections_around_generated_blocks_rotate_exactly_unless_layer_norms_would_centre_the_copies(
+        arch, copies, split):
+    rotates_exactly_unless_layer_norms_would_centre_it(HyperConnectionsLM(arch, split, copies), arch)
 
 
 class SideBySideLM(TinyLM):
@@ -404,11 +408,7 @@ def test_the_stream_side_by_side_with_the_embeddings_rotates_exactly_and_slices(
     rotated = compile_quietly(model, [fuse_norm, rotate])
     assert not fxslice.report(rotated)["skipped"]
     assert relative_error(rotated(ids), model(ids)) < 1e-12
-    calibration = [(example_ids(ARCH, 4, 9, seed=s),) for s in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sliced = fxslice.compile(model, [fuse_norm, rotate, slice(0.25)], calibration=calibration,
-                                 example_inputs=(example_ids(ARCH, 2, 7),))
+    sliced = calibrated_quarter(model)
     widths = {s["width_after"] for s in fxslice.report(sliced)["states"]}
     parameters = dict(sliced.named_parameters())
     # Each reader takes both halves at the one width of the states put side by side.
@@ -419,13 +419,4 @@ def test_the_stream_side_by_side_with_the_embeddings_rotates_exactly_and_slices(
 @settings(max_examples=4)
 @given(architectures())
 def test_the_stream_beside_its_embeddings_in_generated_blocks_rotates_exactly_unless_layer_norms_would_centre_it(arch):
-    model = SideBySideLM(arch).double().eval()
-    if arch.norm == "layer":  # centring the stream would change the RMS norm over it and the embeddings
-        with pytest.raises(UnsupportedGraphError, match="cannot be centred"):
-            compile_quietly(model, [fuse_norm])
-        return
-    ids = example_ids(arch, 2, 6, seed=3)
-    fused = compile_quietly(model, [fuse_norm])
-    rotated = compile_quietly(model, [fuse_norm, rotate])
-    assert not fxslice.report(rotated)["skipped"]
-    assert relative_error(rotated(ids), fused(ids)) < 1e-9, arch
+    rotates_exactly_unless_layer_norms_would_centre_it(SideBySideLM(arch), arch)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..graph import aten, constant_value, is_op, val
+from ..graph import aten, constant_value, is_op, strip_casts, val
 from .ops import last_dim
 
 __all__ = ["FUSED_NORM", "FusedNorm", "Norm", "find_norms", "rms_normalised"]
@@ -73,20 +73,14 @@ def _root(node: Any, power: float) -> bool:
     return is_op(node, aten.rsqrt if power < 0 else aten.sqrt)
 
 
-def _uncast(node: Any) -> Any:
-    while is_op(node, *_CASTS) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
 def _rms_core(node: fx.Node):
     """x * rsqrt(mean(x²) + eps) or x / sqrt(mean(x²) + eps) -> (x, eps, readers, kind); casts may sit
     on the way (``x * rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)``)."""
     if is_op(node, aten.mul):
-        pairs = [(node.args[0], _uncast(node.args[1])), (node.args[1], _uncast(node.args[0]))]
+        pairs = [(node.args[0], strip_casts(node.args[1])), (node.args[1], strip_casts(node.args[0]))]
         pairs = [(x, r) for x, r in pairs if _root(r, -0.5)]
     elif is_op(node, aten.div):
-        pairs = [(node.args[0], _uncast(node.args[1]))] if _root(_uncast(node.args[1]), 0.5) else []
+        pairs = [(node.args[0], strip_casts(node.args[1]))] if _root(strip_casts(node.args[1]), 0.5) else []
     else:
         return None
     for x, root in pairs:
@@ -113,7 +107,7 @@ def _rms_core(node: fx.Node):
                 # (x - mean(x)) * rsqrt(mean((x - mean(x))²) + eps): a LayerNorm written out.
                 return centred[0], float(eps), centred[1] | {y}, "layer"
             return x, float(eps), frozenset({square, node}), "rms"
-        if isinstance(y, fx.Node) and _uncast(y) is _uncast(x) and is_op(y, *_CASTS):
+        if isinstance(y, fx.Node) and strip_casts(y) is strip_casts(x) and is_op(y, *_CASTS):
             reader = y  # the cast on the squares' side that reads x itself
             while reader.args[0] is not x and is_op(reader.args[0], *_CASTS):
                 reader = reader.args[0]

@@ -161,12 +161,11 @@ class _Growth:
     nodes: set = field(default_factory=set)
     sources: dict = field(default_factory=dict)
     direct_sinks: list = field(default_factory=list)
-    readers: dict = field(default_factory=dict)
+    readers: dict = field(default_factory=dict)  # norm -> copies of the stream side by side in its input
     literals: list = field(default_factory=list)
     blockers: list = field(default_factory=list)
     merged: dict = field(default_factory=dict)  # node holding merged copies of the stream -> the stream node
     tied: list = field(default_factory=list)  # stream values put side by side by one cat: one rotation for all
-    merged_norms: dict = field(default_factory=dict)  # a norm of merged copies -> it with its blocks
 
 
 def _grow(seed: fx.Node, by_reader: dict, by_output: dict) -> _Growth:
@@ -181,7 +180,7 @@ def _grow(seed: fx.Node, by_reader: dict, by_output: dict) -> _Growth:
         for user in n.users:
             norm = by_reader.get(user)
             if norm is not None and norm.input is n:
-                g.readers[norm] = None
+                g.readers[norm] = 1
                 continue
             use = weight_use(user)
             if use is not None and use.input is n:
@@ -223,8 +222,8 @@ def _merged_reads(start: fx.Node, origin: fx.Node, blocks: int, g: _Growth, by_r
         for user in m.users:
             norm = by_reader.get(user)
             if norm is not None and norm.input is m:
-                if norm.kind == "rms":  # (each of the norm's reader nodes finds it: one entry)
-                    g.readers[g.merged_norms.setdefault(norm, replace(norm, blocks=blocks))] = None
+                if norm.kind == "rms":
+                    g.readers[norm] = blocks
                 else:
                     g.blockers.append(Blocker(user, "copies of the stream merged into one vector are centred by a "
                                               "LayerNorm", "only RMS norms can read merged copies of a stream"))
@@ -389,7 +388,7 @@ def find_regions(gm: fx.GraphModule, shared: bool = False) -> list[Region]:
         blockers = list(g.blockers)
         sinks = list(g.direct_sinks)
         normed_literals: list = []
-        readers = list(g.readers)
+        readers = [replace(norm, blocks=blocks) if blocks > 1 else norm for norm, blocks in g.readers.items()]
         for reader in readers:
             _normed_values(reader, g.nodes, sinks, normed_literals, blockers)
         for source in g.sources.values():
