@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+import warnings
 from typing import Any
 
 import optree
@@ -20,6 +22,7 @@ __all__ = [
     "add_parameter",
     "computes_sizes_from_values",
     "constant_value",
+    "copy_graph",
     "eliminate_dead_code",
     "fake_weights",
     "flat_inputs",
@@ -219,6 +222,15 @@ def constant_value(node: Any, _memo: dict | None = None) -> torch.Tensor | float
 
 def _keep(node: fx.Node) -> bool:
     return node.op in ("placeholder", "output", "call_module") or node.is_impure()
+
+
+def copy_graph(gm: Any) -> Any:
+    """A deep copy of ``gm`` (weights included), or of anything holding one. Copying a captured module's
+    input and output tree specs makes torch warn that its own ``LeafSpec`` is deprecated: a warning about
+    torch, not about the caller, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(gm)
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> None:

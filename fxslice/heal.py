@@ -28,7 +28,6 @@ with the same options and data continues from it, giving the same result as an u
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -51,7 +50,7 @@ from tqdm.auto import tqdm
 from .analysis.ops import weight_use
 from .calibrate import Batch, batch_tokens, check_calibration
 from .errors import CalibrationError, UnsupportedGraphError
-from .graph import is_diagonal, logits_of, set_tensor
+from .graph import copy_graph, is_diagonal, logits_of, set_tensor
 from .memory import GiB, value_bytes
 from .model import SlicedCausalLM, graph_module
 from .plan import plan_of, set_plan
@@ -310,7 +309,7 @@ def heal(
     probe = _check_models(gm, teacher, batches + held_out, device)
     teacher_logits = TeacherLogits(teacher, teacher_cache, probe, batches + held_out, options.autocast)
 
-    work = copy.deepcopy(gm)
+    work = copy_graph(gm)
     trainable = _Trainable(work, lora_rank, lora_alpha, master_dtype, seed)
     if not trainable.tensors:
         raise UnsupportedGraphError("heal found nothing to train: the model has no floating parameters"

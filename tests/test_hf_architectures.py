@@ -10,7 +10,6 @@ stream's own precision when that is above float32. For those models the 1e-9 che
 against the original at 1e-9 directly.
 """
 
-import copy
 import datetime
 import functools
 import random
@@ -22,6 +21,7 @@ import torch
 import fxslice
 from conftest import relative_error
 from fxslice import fuse_norm, rotate, slice
+from fxslice.graph import copy_graph
 from fxslice.passes import run_passes
 from hf_zoo import EXTRA, LISTED, tiny_model
 
@@ -52,7 +52,7 @@ def _compiled(name: str, dtype: torch.dtype, passes, calibration=None):
     model, gm = _captured(name, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return model, SlicedCausalLM(run_passes(copy.deepcopy(gm), passes, calibration), model.config)
+        return model, SlicedCausalLM(run_passes(copy_graph(gm), passes, calibration), model.config)
 
 
 def _logits(model, ids):
@@ -155,7 +155,7 @@ def test_query_key_channels_deleted_are_exactly_those_zeroed(name, ids):
         assert not details["heads"] and all(QUERY_KEY_SKIPPED[name] in s for s in details["skipped"])
         return
     assert not details["skipped"] and {kept for _, _, kept in details["heads"]} == {8}
-    paths = {p.name: p for p in find_query_key_paths(copy.deepcopy(_captured(name, torch.float64)[1]))[0]}
+    paths = {p.name: p for p in find_query_key_paths(copy_graph(_captured(name, torch.float64)[1]))[0]}
     model = tiny_model(name, torch.float64)  # the same weights as ``dense``, whose rows are zeroed below
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), dense.parameters()))
     weights = {f"model.{n}": p for n, p in model.named_parameters()}

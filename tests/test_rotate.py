@@ -1,6 +1,5 @@
 """rotate is exact: per-state and shared rotations, skip matrices Q_iᵀQ_j, orthogonal Q."""
 
-import copy
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from hypothesis import given
 import fxslice
 from fxslice import Rotate, fuse_norm, rotate
 from fxslice.analysis.regions import bind_parameters, find_regions
-from fxslice.graph import INSERTED, get_tensor
+from fxslice.graph import INSERTED, copy_graph, get_tensor
 from fxslice.passes import random_orthogonal
 from fxslice.rewrite import rotate_state, slice_state
 from helpers import compile_and_compare
@@ -70,7 +69,7 @@ def test_folding_the_first_k_columns_of_q_equals_rotating_then_narrowing():
     q = random_orthogonal(16, seed=0)
     results = []
     for columns in (16, 8):
-        copied = copy.deepcopy(gm)
+        copied = copy_graph(gm)
         (region,) = bind_parameters(copied, find_regions(copied))
         state = region.states[1]
         rotate_state(copied, state, q[:, :columns])
