@@ -892,8 +892,7 @@ class PCARotation:
                     self.gains[state] = gain
 
     def _run_shared(self, gm: fx.GraphModule, states: list[State], apply) -> None:
-        reads = {s: sorted({n.input for n in s.norms if n.blocks == 1}, key=list(gm.graph.nodes).index)
-                 for s in states}
+        reads = {s: s.normed_values() for s in states}
         sweep = _Sweep(gm, self.batches, [n for s in states for n in reads[s]])
         for state in tqdm(states, desc="fxslice: rotating residual streams", disable=not self.progress or rank() != 0, unit="stream"):
             covariance = _Covariance(sweep.masks)

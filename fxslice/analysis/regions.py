@@ -100,6 +100,12 @@ class State:
     norms: tuple[Norm, ...]
     literals: tuple[ShapeLiteral, ...]
 
+    def normed_values(self) -> list[fx.Node]:
+        """The values this state's norms read, in graph order: what its covariance is taken of. A norm
+        over merged copies (``blocks > 1``) is left out: it reads ``n`` copies side by side, not one."""
+        order = {node: i for i, node in enumerate(self.anchor.graph.nodes)}
+        return sorted({n.input for n in self.norms if n.blocks == 1}, key=order.__getitem__)
+
     def param_axes(self) -> tuple[tuple[ParamAxis, str], ...]:
         """Every parameter axis to transform with this state's Q, tagged 'out' (W ← WQ) or 'in'."""
         seen: dict[ParamAxis, str] = {}

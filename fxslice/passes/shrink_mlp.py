@@ -290,8 +290,7 @@ class ShrinkMLP(FxslicePass):
         watched = [(m.down.node, sq) for m, sq in zip(mlps, squares)]
         writes = []
         if stream is not None:
-            reads = sorted({n.input for n in stream.norms if n.blocks == 1}, key=list(gm.graph.nodes).index)
-            bases = fold_rotations(gm, sequences, reads, folds, self.progress)
+            bases = fold_rotations(gm, sequences, stream.normed_values(), folds, self.progress)
             writes = [RotatedSquares(bases) for _ in stream.sources]
             watched += [(source.node, w) for source, w in zip(stream.sources, writes)]
         dense_loss = backward_statistics(gm, sequences, watched, self.progress)
