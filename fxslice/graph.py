@@ -17,6 +17,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 __all__ = [
+    "CASTS",
     "INSERTED",
     "STREAMED",
     "add_parameter",
@@ -53,6 +54,9 @@ parameters are then meta-device placeholders (shape and dtype, no data; tied wei
 
 aten = torch.ops.aten
 
+CASTS = (aten.to, aten._to_copy, aten.type_as)
+"""Ops that change only a value's dtype."""
+
 
 def is_op(node: Any, *packets) -> bool:
     """True when ``node`` calls one of the ATen overload packets (``aten.view`` …) or plain callables."""
@@ -65,7 +69,7 @@ def is_op(node: Any, *packets) -> bool:
 
 def strip_casts(node: Any) -> Any:
     """The value before any dtype casts (``to``, ``_to_copy``, ``type_as``)."""
-    while is_op(node, aten.to, aten._to_copy, aten.type_as) and isinstance(node.args[0], fx.Node):
+    while is_op(node, *CASTS) and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 

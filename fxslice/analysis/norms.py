@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..graph import aten, constant_value, is_op, strip_casts, val
+from ..graph import CASTS, aten, constant_value, is_op, strip_casts, val
 from .ops import last_dim
 
 __all__ = ["FUSED_NORM", "FusedNorm", "Norm", "find_norms", "rms_normalised"]
@@ -48,9 +48,6 @@ class Norm:
     readers: frozenset  # pattern nodes that take `input` as an operand
     fused: FusedNorm | None  # set on fxslice's canonical weightless form
     blocks: int = 1  # copies of the stream side by side in ``input`` (its last dim merged with others)
-
-
-_CASTS = (aten.to, aten._to_copy, aten.type_as)
 
 
 def _vector(value, width: int) -> torch.Tensor | None:
@@ -107,9 +104,9 @@ def _rms_core(node: fx.Node):
                 # (x - mean(x)) * rsqrt(mean((x - mean(x))²) + eps): a LayerNorm written out.
                 return centred[0], float(eps), centred[1] | {y}, "layer"
             return x, float(eps), frozenset({square, node}), "rms"
-        if isinstance(y, fx.Node) and strip_casts(y) is strip_casts(x) and is_op(y, *_CASTS):
+        if isinstance(y, fx.Node) and strip_casts(y) is strip_casts(x) and is_op(y, *CASTS):
             reader = y  # the cast on the squares' side that reads x itself
-            while reader.args[0] is not x and is_op(reader.args[0], *_CASTS):
+            while reader.args[0] is not x and is_op(reader.args[0], *CASTS):
                 reader = reader.args[0]
             if reader.args[0] is x:
                 return x, float(eps), frozenset({reader, node}), "rms"
@@ -173,7 +170,7 @@ def _extend(core_out: fx.Node, width: int, weight, bias):
     """Follow casts, one γ multiply and one β add after the normalisation itself."""
     out = core_out
     while (user := _single_user(out)) is not None:
-        if is_op(user, *_CASTS) and user.args[0] is out:
+        if is_op(user, *CASTS) and user.args[0] is out:
             out = user
             continue
         if is_op(user, aten.mul, aten.add) and len(user.args) == 2:

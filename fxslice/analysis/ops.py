@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ..graph import aten, is_op, val
+from ..graph import CASTS, aten, is_op, val
 
 __all__ = [
     "SAME_VALUES",
@@ -109,7 +109,7 @@ class Step:
 
 
 # Ops whose output holds the same values as their first operand (up to dtype).
-SAME_VALUES = (aten.to, aten._to_copy, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy)
+SAME_VALUES = CASTS + (aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy)
 
 
 def last_dim(node: Any) -> int | None:
