@@ -168,7 +168,7 @@ def test_the_census_of_todays_sample():
 
 @pytest.mark.slow
 def test_the_full_census_does_not_regress():
-    rows = [zoo.run_child(name, 480 if name in SLOW else 240) for name in _types()]  # zamba alone: 329 s
+    rows = [zoo.run_child(name, 480 if name in SLOW else 240) for name in _types()]  # the slow types run past 240 s
     ok = {r["type"] for r in rows if r["outcome"] == "ok"}
     lost = sorted((KNOWN_OK & set(_types())) - ok)
     assert not lost, f"types that compressed exactly and no longer do: {lost}"
