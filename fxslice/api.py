@@ -78,6 +78,7 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
     ``states``: every residual state with the module that writes it, its width before and after, where
     its ``Q`` came from (and, with PCA, the variance kept); ``inner``: after ``shrink_mlp`` or
     ``slice(budget=…)``, every MLP's down projection with its inner width before and after (``mlps``),
+    the fraction of its output's energy on the calibration tokens the refit lost (``refit_error``),
     its module, and the candidates skipped with the reason; ``values``: after ``shrink_values``, every
     value projection with its head width before and after, its module and the attentions skipped with the
     reason; ``query_key``: after ``shrink_query_key``, every query projection with its head width before

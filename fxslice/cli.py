@@ -347,12 +347,14 @@ def _inspect_saved(args) -> None:
 
     directory = Path(args.model)
     plan = read_plan(directory)
-    mlps = (plan.details.get("shrink_mlp") or {}).get("mlps") or []
+    inner = plan.details.get("shrink_mlp") or {}
+    mlps, errors = inner.get("mlps") or [], dict(inner.get("refit_error") or ())
     print(json.dumps({"model": plan.model_class, "passes": [{"name": p.name, **p.kwargs} for p in plan.passes],
                       "rotation": plan.rotation,
                       "states": [{"module": s.module, "width": [s.width, s.width if s.kept is None else s.kept],
                                   "kept_variance": s.kept_variance} for s in plan.states],
-                      "mlps": [{"name": name, "width": [before, after]} for name, before, after in mlps],
+                      "mlps": [{"name": name, "width": [before, after], "refit_error": errors.get(name)}
+                               for name, before, after in mlps],
                       "skipped": len(plan.skipped)}, indent=1))
     if args.plot:
         from fxslice.plot import plot_plan

@@ -164,6 +164,8 @@ def test_a_budget_shrinks_the_mlps_within_it(tiny_hf_dir, tmp_path):
     plan = json.loads((out / "fxslice.json").read_text())["plan"]
     assert [p["name"] for p in plan["passes"]] == ["slice"]  # no fuse_norm: no weight copied for nothing
     assert all(kept < width for _, width, kept in plan["details"]["shrink_mlp"]["mlps"])
+    mlps = json.loads(fxslice("inspect", out).stdout)["mlps"]  # with what each refit lost
+    assert len(mlps) == 4 and all(0 < m["refit_error"] < 1 and m["width"][1] < m["width"][0] for m in mlps), mlps
     assert float(fxslice("eval", out, "--text", VALID, "--seq-len", "32", "--max-windows", "2").stdout.split()[-1]) > 1
 
 

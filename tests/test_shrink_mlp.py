@@ -136,6 +136,36 @@ def test_dead_and_constant_channels_go_first_and_their_removal_is_exact():
     assert relative_error(further(x), model(x)) > 1e-3
 
 
+def _recorded_and_measured_error(shrunk, model, output, calibration) -> tuple[float, float]:
+    """The plan's refit error of a one-MLP module, and the same measured: the output's change over the
+    calibration tokens over the energy ``output`` (the MLP's product without its bias) has there."""
+    ((_, recorded),) = fxslice.report(shrunk)["inner"]["refit_error"]
+    with torch.no_grad():
+        lost = sum(float((shrunk(c) - model(c)).square().sum()) for c in calibration)
+        energy = sum(float(output(c).square().sum()) for c in calibration)
+    return recorded, lost / energy
+
+
+def test_the_plan_records_each_mlps_refit_error_as_measured_on_its_calibration_tokens(tmp_path):
+    model = ReluMLP().double().eval()
+    x = torch.randn(4, 10, 6, dtype=torch.float64)
+    calibration = [torch.randn(8, 10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+                   for s in range(2)]
+    def output(c):
+        return F.linear(F.relu(model.up(c)), model.down.weight)
+
+    errors = {}
+    for width in (16, 11, 10, 4):
+        shrunk = _compile(model, [shrink_mlp(widths=[width], ridge=1e-9)], calibration, (x,))
+        errors[width], measured = _recorded_and_measured_error(shrunk, model, output, calibration)
+        assert errors[width] == pytest.approx(measured, rel=1e-4, abs=1e-9), width
+    # Nothing removed, or only channels a bias carries: nothing lost; then more the narrower.
+    assert errors[16] == 0.0 and 0 <= errors[11] < 1e-9 and 1e-5 < errors[10] < errors[4] < 1
+    fxslice.save(shrunk, tmp_path / "m")
+    loaded = fxslice.load(tmp_path / "m", model=model, example_inputs=(x,))
+    assert fxslice.report(loaded)["inner"] == fxslice.report(shrunk)["inner"]
+
+
 def test_the_refit_is_the_least_squares_solution_on_the_kept_channels():
     generator = torch.Generator().manual_seed(0)
     h = torch.randn(200, 12, dtype=torch.float64, generator=generator) @ torch.randn(12, 12, dtype=torch.float64,
@@ -299,6 +329,10 @@ def test_each_expert_keeps_its_own_channels():
     assert shrunk.get_parameter("gate_up").shape == (3, 12, 6) and shrunk.get_parameter("down").shape == (3, 6, 6)
     further = _compile(model, [shrink_mlp(widths=[5], ridge=1e-9)], calibration, (x,))
     assert relative_error(further(x), model(x)) > 1e-3
+    # The refit error sums over the experts, each over its own rows.
+    recorded, measured = _recorded_and_measured_error(further, model, super(Experts, model).forward, calibration)
+    assert recorded == pytest.approx(measured, rel=1e-4) and recorded > 1e-4
+    assert _recorded_and_measured_error(shrunk, model, super(Experts, model).forward, calibration)[0] < 1e-9
 
 
 @pytest.mark.parametrize("name, schedule", [("phi3", "constant"), ("mixtral", "constant"), ("mixtral", "sensitivity")])

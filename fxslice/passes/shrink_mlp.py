@@ -17,7 +17,9 @@ number of channels each, chosen and refit against each expert's own ``C`` (its r
 The MLPs are shrunk in graph order in one sweep over the calibration data: each one's statistics are
 measured on the model whose earlier MLPs (and residual states, if ``slice`` ran before) are already
 compressed. ``shrink_mlp(0.25)`` keeps ``(1 − 0.25)·m`` channels rounded down to ``multiple_of``;
-``widths=`` chooses per MLP. At ratio 0 it changes nothing.
+``widths=`` chooses per MLP. At ratio 0 it changes nothing. The plan records each MLP's refit error
+on the calibration tokens, ``tr(DᵀCD) / tr(WᵀCW)`` with ``D = W − β`` (``refit_error``): the fraction of
+the output's energy the refit loses, 0 where nothing was removed.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ..rewrite import narrow_axis, select_axis, write_width
 from .base import Context, FxslicePass, StateParameters, kept_width, recorded
 
 __all__ = ["BUDGET_SCHEDULES", "PLANNED", "STEEP_STREAM_CUT", "ShrinkMLP", "budget_widths", "check_budget", "curve_at",
-           "error_curve", "prune_channels", "removal_path", "sensitive_widths", "shrink_mlp", "uniform_widths"]
+           "error_curve", "prune_channels", "refit_error", "removal_path", "sensitive_widths", "shrink_mlp", "uniform_widths"]
 
 BUDGET_SCHEDULES = ("constant", "sensitivity")
 """How a budget is spread over the MLPs: every MLP the same fraction, or by their losses counted downstream."""
@@ -110,6 +112,19 @@ def prune_channels(c: torch.Tensor, w: torch.Tensor, keep: int, ridge: float, fi
         pass
     kept = torch.cat([candidate[: m - fixed].nonzero().squeeze(1), torch.arange(m - fixed, m)])
     return kept[:keep], beta[kept]
+
+
+def refit_error(c: torch.Tensor, w: torch.Tensor, kept: torch.Tensor, beta: torch.Tensor) -> tuple[float, float]:
+    """``(tr(DᵀCD), tr(WᵀCW))``, ``D = W − β``: the refit's squared error over the tokens of ``c`` (``Σ hᵀh``)
+    and the energy of the output it replaces; ``beta`` holds ``β``'s rows at the channels ``kept``, zero
+    elsewhere. Both from one product ``C [D W]``, in float32: a diagnostic, the plan's record of what the
+    refit lost."""
+    d = w.to(torch.float64).clone()
+    d[kept] -= beta.to(torch.float64)
+    pair = torch.cat([d, w.to(torch.float64)], 1).float()
+    per_column = (pair * (c.float() @ pair)).sum(0, dtype=torch.float64)
+    n = w.shape[1]
+    return float(per_column[:n].sum()), float(per_column[n:].sum())
 
 
 def error_curve(c: torch.Tensor, w: torch.Tensor, ridge: float, fixed: int = 0, floor: int = 8,
@@ -218,6 +233,7 @@ class ShrinkMLP(FxslicePass):
         if context.replay is not None:
             kept = recorded(context, ShrinkMLP.name, "mlps", [m.name for m in mlps], "MLPs")
             widths = [kept[m.name] for m in mlps]
+            errors = context.replay.details[ShrinkMLP.name].get("refit_error")
             for mlp, k in zip(mlps, widths):
                 for side in (*mlp.channel_sides, mlp.down.input_side()):
                     narrow_axis(gm, side, k)
@@ -235,11 +251,13 @@ class ShrinkMLP(FxslicePass):
                     widths = budget_widths(gm, mlps, self.budget, dense, self.multiple_of, skipped)
             else:
                 widths = [self.width(i, m) for i, m in enumerate(mlps)]
-            self._calibrate(gm, mlps, widths, context)
+            errors = [[m.name, e] for m, e in zip(mlps, self._calibrate(gm, mlps, widths, context))]
         prefix = plan.module_prefix
         details = {"mlps": [[m.name, m.width, k] for m, k in zip(mlps, widths)],
                    "modules": [mlp_module(m, prefix) for m in mlps],
                    "skipped": [f"{module_path(s.node, prefix)}: {s.reason}" for s in skipped]}
+        if errors is not None:  # (a plan saved before errors were recorded has none)
+            details["refit_error"] = errors
         return details, time.perf_counter() - start
 
     def plan_widths(self, gm: fx.GraphModule, mlps: list[MLP], goal: float, context: Context,
@@ -377,8 +395,12 @@ class ShrinkMLP(FxslicePass):
         return width, chosen[len(widths):], {"stream_loss": lost, "mlp_loss": loss - lost, "parameters": count,
                                              "stream_scale": scale, "measured": [[k, v] for k, v in measured.items()]}
 
-    def _calibrate(self, gm: fx.GraphModule, mlps: list[MLP], widths: list[int], context: Context) -> None:
+    def _calibrate(self, gm: fx.GraphModule, mlps: list[MLP], widths: list[int], context: Context) -> list[float]:
+        """Shrink every MLP to its width in one sweep; returns each one's ``refit_error`` relative to its
+        output's energy (0 where it keeps every channel)."""
         from ..calibrate import sweep_inner
+
+        errors = [0.0] * len(mlps)
 
         def apply(index: int, statistics) -> None:
             mlp, keep = mlps[index], widths[index]
@@ -392,9 +414,15 @@ class ShrinkMLP(FxslicePass):
             if mlp.groups is not None:  # experts: [E, ..., m]; each keeps its own channels
                 # Computed once (rank 0 under torch.distributed): every process removes the same channels.
                 kept, new = from_rank0(lambda: _prune_experts(statistics.h, moved, keep, self.ridge))
+                lost, energy = (sum(parts) for parts in zip(*(
+                    refit_error(c_e, w_e.reshape(-1, w_e.shape[-1]).T, k_e, b_e.reshape(-1, keep).T)
+                    for c_e, w_e, k_e, b_e in zip(statistics.h, moved, kept, new))))
             else:
                 kept, beta = from_rank0(lambda: prune_channels(c, w, keep, self.ridge, fixed))
                 new = beta[:keep].T.reshape(*moved.shape[:-1], keep)
+                rows = torch.cat([kept, torch.arange(c.shape[0] - fixed, c.shape[0])])  # the constant channel too
+                lost, energy = refit_error(c, w, rows, beta)
+            errors[index] = builtins.max(lost, 0.0) / energy if energy > 0 else 0.0  # (rounding can dip below 0)
             for channel_side in mlp.channel_sides:
                 select_axis(gm, channel_side, kept)
             write_width(mlp.literals, keep)
@@ -405,6 +433,7 @@ class ShrinkMLP(FxslicePass):
                 set_tensor(gm, down.bias, (bias.detach().to(torch.float64) + shift).to(bias.dtype))
 
         sweep_inner(gm, list(context.calibration), _sweep_inputs(mlps), apply, progress=self.progress)
+        return errors
 
 
 def _sweep_inputs(mlps: list[MLP]) -> list[tuple]:
