@@ -79,7 +79,8 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
     its ``Q`` came from (and, with PCA, the variance kept); ``inner``: after ``shrink_mlp`` or
     ``slice(budget=…)``, every MLP's down projection with its inner width before and after (``mlps``),
     the fraction of its output's energy on the calibration tokens the refit lost (``refit_error``),
-    its module, and the candidates skipped with the reason; ``values``: after ``shrink_values``, every
+    with ``schedule="sensitivity"`` the held-out losses the widths were chosen from (``planned``: each
+    MLP's at its width, the stream's, the parameter count), its module, and the candidates skipped with the reason; ``values``: after ``shrink_values``, every
     value projection with its head width before and after, its module and the attentions skipped with the
     reason; ``query_key``: after ``shrink_query_key``, every query projection with its head width before
     and after (``heads``), its module and the attentions skipped with the reason (``channels``: the plan

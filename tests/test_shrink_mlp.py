@@ -476,10 +476,15 @@ def test_a_budget_after_rotate_narrows_the_stream_where_the_mlps_cannot_pay_and_
     assert planned["parameters"] == report["parameters"]["after"] == sum(p.numel() for p in shrunk.parameters())
     assert report["parameters"]["after"] <= 0.75 * dense
     assert [[n, k] for n, _, k in report["inner"]["mlps"]] == [list(x) for x in planned["mlps"]]
+    # The report holds the estimates the widths were chosen from: the MLPs' losses add up to theirs.
+    estimates = report["inner"]["planned"]
+    assert estimates["stream"] == planned["stream"] and "mlps" not in estimates
+    assert sum(loss for _, loss in estimates["mlp_losses"]) == pytest.approx(planned["mlp_loss"], rel=1e-9)
     fxslice.save(shrunk, tmp_path / "m")
     ids = example_ids(arch, 2, 6, seed=4)
     loaded = fxslice.load(tmp_path / "m", model=TinyLM(arch, seed=7).double().eval(), example_inputs=(example_ids(arch),))
     assert torch.equal(loaded(ids), shrunk(ids))
+    assert fxslice.report(loaded)["inner"] == report["inner"]
 
 
 def test_a_budget_after_rotate_keeps_the_stream_whole_where_the_mlps_pay_less():
@@ -585,6 +590,7 @@ def test_an_mlps_loss_behind_a_norm_is_counted_token_by_token(seed):
         _, widths, details = planner.plan_widths(gm, find_mlps(gm)[0], 0.8 * sum(p.numel() for p in model.parameters()),
                                                  Context(calibration=tuple(check_calibration(calibration))))
         planned[spread] = widths, details["mlp_loss"], model(calibration[0])
+        assert sum(loss for _, loss in details["mlp_losses"]) == pytest.approx(details["mlp_loss"], rel=1e-9)
     (narrow, even, logits), (narrow_spread, spread_loss, spread_logits) = planned.values()
     torch.testing.assert_close(logits, spread_logits, rtol=1e-9, atol=1e-9)  # one function
     assert narrow == narrow_spread == [32] and even > 0

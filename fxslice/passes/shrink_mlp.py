@@ -55,6 +55,10 @@ STEEP_STREAM_CUT = 2.0
 """A planned stream width whose measured cut alone multiplies the held-out perplexity by more than this
 is warned about (``ShrinkMLP.plan_widths``)."""
 
+MEASURED = ("refit_error", "planned")
+"""``details["shrink_mlp"]`` keys of what calibration measured: each MLP's refit error and, with
+``schedule="sensitivity"``, the planner's estimates (``ShrinkMLP.plan_widths``); replayed as recorded."""
+
 PLANNED = "budget_plan"
 """``Plan.details`` key of the widths a ``rotate`` before ``slice(budget=…, schedule="sensitivity")`` chose
 with the stream's width: ``{"stream": k, "mlps": [[name, width], …], …}``, which the MLPs then keep."""
@@ -233,7 +237,8 @@ class ShrinkMLP(FxslicePass):
         if context.replay is not None:
             kept = recorded(context, ShrinkMLP.name, "mlps", [m.name for m in mlps], "MLPs")
             widths = [kept[m.name] for m in mlps]
-            errors = context.replay.details[ShrinkMLP.name].get("refit_error")
+            # what was measured when the plan was made (a plan saved before they were recorded has none)
+            measures = {k: v for k, v in context.replay.details[ShrinkMLP.name].items() if k in MEASURED}
             for mlp, k in zip(mlps, widths):
                 for side in (*mlp.channel_sides, mlp.down.input_side()):
                     narrow_axis(gm, side, k)
@@ -244,20 +249,22 @@ class ShrinkMLP(FxslicePass):
                 planned = plan.details.get(PLANNED)
                 if self.schedule == "sensitivity" and planned is not None:  # chosen with the stream's width
                     widths = [dict(planned["mlps"]).get(m.name, m.width) for m in mlps]
+                    estimates = {k: v for k, v in planned.items() if k != "mlps"}
                 elif self.schedule == "sensitivity":
                     budget_widths(gm, mlps, self.budget, dense, self.multiple_of, skipped)  # refuses before measuring
-                    widths = self.plan_widths(gm, mlps, self.budget * dense, context)[1]
+                    _, widths, estimates = self.plan_widths(gm, mlps, self.budget * dense, context)
                 else:
                     widths = budget_widths(gm, mlps, self.budget, dense, self.multiple_of, skipped)
             else:
                 widths = [self.width(i, m) for i, m in enumerate(mlps)]
-            errors = [[m.name, e] for m, e in zip(mlps, self._calibrate(gm, mlps, widths, context))]
+            errors = self._calibrate(gm, mlps, widths, context)
+            measures = {"refit_error": [[m.name, e] for m, e in zip(mlps, errors)]}
+            if self.schedule == "sensitivity":
+                measures["planned"] = estimates
         prefix = plan.module_prefix
         details = {"mlps": [[m.name, m.width, k] for m, k in zip(mlps, widths)],
                    "modules": [mlp_module(m, prefix) for m in mlps],
-                   "skipped": [f"{module_path(s.node, prefix)}: {s.reason}" for s in skipped]}
-        if errors is not None:  # (a plan saved before errors were recorded has none)
-            details["refit_error"] = errors
+                   "skipped": [f"{module_path(s.node, prefix)}: {s.reason}" for s in skipped], **measures}
         return details, time.perf_counter() - start
 
     def plan_widths(self, gm: fx.GraphModule, mlps: list[MLP], goal: float, context: Context,
@@ -392,8 +399,10 @@ class ShrinkMLP(FxslicePass):
         # Rank 0's choice for every process (their losses agree up to rounding, which could tip a choice).
         chosen = from_rank0(lambda: torch.tensor([*widths, *chosen])).tolist()
         width = chosen[0] if stream is not None else None
-        return width, chosen[len(widths):], {"stream_loss": lost, "mlp_loss": loss - lost, "parameters": count,
-                                             "stream_scale": scale, "measured": [[k, v] for k, v in measured.items()]}
+        mlp_losses = [[m.name, curve_at(c, k)] for m, c, k in zip(mlps, curves, chosen[len(widths):])]
+        return width, chosen[len(widths):], {"stream_loss": lost, "mlp_loss": loss - lost, "mlp_losses": mlp_losses,
+                                             "parameters": count, "stream_scale": scale,
+                                             "measured": [[k, v] for k, v in measured.items()]}
 
     def _calibrate(self, gm: fx.GraphModule, mlps: list[MLP], widths: list[int], context: Context) -> list[float]:
         """Shrink every MLP to its width in one sweep; returns each one's ``refit_error`` relative to its
