@@ -144,6 +144,7 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
     row["parameters"] = report["parameters"]["after"]
     row["widths"] = [s["width_after"] for s in report["states"]]
     row["inner_widths"] = [kept for _, _, kept in (report["inner"] or {}).get("mlps", [])]
+    row["refit_errors"] = [error for _, error in (report["inner"] or {}).get("refit_error", [])]
     row["perplexity"] = perplexity(compressed, tokenizer, test, seq_len, max_windows=windows)
     return row
 

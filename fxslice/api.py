@@ -80,14 +80,14 @@ def report(model: torch.nn.Module) -> dict[str, Any]:
     ``slice(budget=…)``, every MLP's down projection with its inner width before and after (``mlps``),
     the fraction of its output's energy on the calibration tokens the refit lost (``refit_error``),
     with ``schedule="sensitivity"`` the held-out losses the widths were chosen from (``planned``: each
-    MLP's at its width, the stream's, the parameter count), its module, and the candidates skipped with the reason; ``values``: after ``shrink_values``, every
-    value projection with its head width before and after, its module and the attentions skipped with the
-    reason; ``query_key``: after ``shrink_query_key``, every query projection with its head width before
-    and after (``heads``), its module and the attentions skipped with the reason (``channels``: the plan
-    keeps which channels); ``skipped``: regions left alone and why;
-    ``heal``: after ``fxslice.heal``, its steps, best step, seconds, tokens/s and peak memory (GiB) next to
-    its estimate; ``parameters``: counts before and after, every parameter counted once, inserted skip / bridge
-    matrices included.
+    MLP's at its width, the stream's, the parameter count), its module, and the candidates skipped with
+    the reason; ``values``: after ``shrink_values``, every value projection with its head width before
+    and after, its module and the attentions skipped with the reason; ``query_key``: after
+    ``shrink_query_key``, every query projection with its head width before and after (``heads``), its
+    module and the attentions skipped with the reason (``channels``: the plan keeps which channels);
+    ``skipped``: regions left alone and why; ``heal``: after ``fxslice.heal``, its steps, best step,
+    seconds, tokens/s and peak memory (GiB) next to its estimate; ``parameters``: counts before and after,
+    every parameter counted once, inserted skip / bridge matrices included.
     """
     gm = graph_module(model)
     plan = plan_of(gm)
