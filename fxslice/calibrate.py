@@ -847,12 +847,7 @@ class PCARotation:
         (``lost_fraction`` with their ``Σ W Wᵀ``), for streams where a few very large directions hold
         nearly all of every token's length and so hide what the readers use.
         """
-        # Before any rotation the skip matrices rotate inserted are identities: the pre-pass skips them.
-        identities = frozenset(n for n in gm.graph.nodes if n.meta.get(SKIP_EDGE) and len(n.args) == 2
-                               and n.args[1].op == "get_attr" and _is_identity(get_tensor(gm, n.args[1].target)))
-        # Under torch.distributed, the first tokens of every process's share.
-        share = first_tokens(self.batches, -(-tokens // world_size()))
-        sweep = _Sweep(gm, share, [s.anchor for s in states], identities)
+        sweep = self._pre_pass(gm, [s.anchor for s in states], tokens)
         result = []
         for state in tqdm(states, desc="fxslice: measuring spectra", disable=not self.progress or rank() != 0, unit="state"):
             folds = _FoldCovariances(sweep.masks, self.folds)
@@ -869,9 +864,41 @@ class PCARotation:
                 result.append(lost_fraction(h, sum(folds.unit), self.pca, reads))
         return result
 
+    def _pre_pass(self, gm: fx.GraphModule, targets: list[fx.Node], tokens: int) -> "_Sweep":
+        """A sweep of the unrotated model over the first ``tokens`` calibration tokens (under
+        torch.distributed, the first of every process's share) up to ``targets``."""
+        # Before any rotation the skip matrices rotate inserted are identities: the pre-pass skips them.
+        identities = frozenset(n for n in gm.graph.nodes if n.meta.get(SKIP_EDGE) and len(n.args) == 2
+                               and n.args[1].op == "get_attr" and _is_identity(get_tensor(gm, n.args[1].target)))
+        return _Sweep(gm, first_tokens(self.batches, -(-tokens // world_size())), targets, identities)
+
+    def coupled_covariances(self, gm: fx.GraphModule, states: list[State],
+                            tokens: int = SPECTRUM_TOKENS) -> dict[State, torch.Tensor]:
+        """For every state with coupled sources (the bridge in front of a head tied to the state's
+        weights), ``Σ zᵀz`` of what they write, ``z``, measured on the unrotated model over the first
+        ``tokens`` calibration tokens."""
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        coupled = {s: sorted((src.node for src in s.sources if src.coupled), key=order.get) for s in states}
+        coupled = {s: nodes for s, nodes in coupled.items() if nodes}
+        if not coupled:
+            return {}
+        sweep = self._pre_pass(gm, [n for nodes in coupled.values() for n in nodes], tokens)
+        result = {}
+        for state, nodes in sorted(coupled.items(), key=lambda item: order[item[1][0]]):
+            covariance = _Covariance(sweep.masks)
+            for node in nodes:
+                sweep.run_until(node, covariance)
+            result[state] = total(covariance.h)
+        return result
+
     def run(self, gm: fx.GraphModule, states: list[State], apply) -> None:
         if self.shared:
             return self._run_shared(gm, states, apply)
+        # A state with coupled sources is read twice: by its own sinks, and by a head tied to its weights
+        # through what the coupled sources write (z, near the graph's end): that head computes
+        # (z Q_k)(E Q_k)ᵀ, so it keeps only z's part in the state's first k directions. Its Q is the PCA of
+        # both covariances, each over its trace, so the k directions serve both readers.
+        coupled = self.coupled_covariances(gm, states)
         sweep = _Sweep(gm, self.batches, [s.anchor for s in states])
         heads = output_heads(gm)
         # The head, and what feeds it directly (the bridge in front of a tied head): never rescaled.
@@ -879,7 +906,10 @@ class PCARotation:
         for state in tqdm(states, desc="fxslice: rotating residual states", disable=not self.progress or rank() != 0, unit="state"):
             covariance = _Covariance(sweep.masks)
             sweep.run_until(state.anchor, covariance)
-            values, rotation = self.pca(total(covariance.h))
+            h = total(covariance.h)
+            if state in coupled and float(h.trace()) > 0 and float(coupled[state].trace()) > 0:
+                h = h / h.trace() + coupled[state] / coupled[state].trace()
+            values, rotation = self.pca(h)
             width = apply(state, rotation, values)
             rescaling = bool(self.rescale) and width < state.width
             kept = sweep.transform(state.nodes, rotation[:, :width], state.anchor if rescaling else None)
