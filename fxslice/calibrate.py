@@ -823,6 +823,9 @@ class PCARotation:
         self.rescale = rescale
         self.gains: dict[State, float] = {}
         self.pca = _Timed()
+        # The states that will keep fewer directions than they have (rotate sets it once the widths are
+        # planned); None: any. At full width every Q is exact, so only these need more than their own PCA.
+        self.narrowed: frozenset[State] | None = None
 
     @property
     def eigh_seconds(self) -> float:
@@ -898,7 +901,8 @@ class PCARotation:
         # through what the coupled sources write (z, near the graph's end): that head computes
         # (z Q_k)(E Q_k)ᵀ, so it keeps only z's part in the state's first k directions. Its Q is the PCA of
         # both covariances, each over its trace, so the k directions serve both readers.
-        coupled = self.coupled_covariances(gm, states)
+        narrowed = states if self.narrowed is None else [s for s in states if s in self.narrowed]
+        coupled = self.coupled_covariances(gm, narrowed)
         sweep = _Sweep(gm, self.batches, [s.anchor for s in states])
         heads = output_heads(gm)
         # The head, and what feeds it directly (the bridge in front of a tied head): never rescaled.

@@ -160,6 +160,8 @@ class Rotate(FxslicePass):
         source = self._source(context, slicing)
         if widths is None:
             widths = self._widths(gm, source, states, slicing, plan.parameters_before)
+        if hasattr(source, "narrowed"):
+            source.narrowed = frozenset(s for i, s in enumerate(states) if widths.get(i, s.width) < s.width)
         record: dict[int, StatePlan] = {}
 
         def apply(state: State, rotation: torch.Tensor | None, eigenvalues: torch.Tensor | None) -> int:
