@@ -42,8 +42,9 @@ EXACT = {"float64": 1e-9, "float32": 1e-4, "float32 inside": 1e-4}
 inside": a float64 model whose own code rounds values it computes to float32)."""
 UNSUPPORTED = re.compile(r"post-LN|post-norm|pre-norm|no residual stream|cannot be rotated|cannot be transformed", re.I)
 """An UnsupportedGraphError that says the residual stream cannot be rotated (a property of the model)."""
-CAPTURE_TOLERANCE = {"float64": 1e-6, "float32": 1e-4}
-"""``[fuse_norm]`` vs the original model: norms that compute in float32 leave ~1e-7 even in float64."""
+CAPTURE_TOLERANCE = {"float64": 1e-6, "float32": 1e-4, "float32 inside": 1e-4}
+"""``[fuse_norm]`` vs the original model: norms that compute in float32 leave ~1e-7 even in float64 (more
+where the model rounds other values to float32 too: "float32 inside")."""
 SEQ, BATCH, NEW_TOKENS = 16, 2, 4
 
 
@@ -169,6 +170,9 @@ def run_one(name: str) -> dict:
             raise
         fused_logits = logits(fused)
         row["capture_error"] = relative(fused_logits, reference)
+        if (precision == "float64" and row["capture_error"] > CAPTURE_TOLERANCE[precision]
+                and rounds_to_float32(fxslice.compile(model, []).graph_module)):
+            precision = row["precision"] = "float32 inside"  # fuse_norm computes its norms in float64
         if not row["capture_error"] <= CAPTURE_TOLERANCE[precision]:
             raise AssertionError(f"[fuse_norm] logits differ from the original by {row['capture_error']:.1e}")
         done("capture")

@@ -258,10 +258,16 @@ def _share_tensors(graph: fx.GraphModule, gm: fx.GraphModule, what: str) -> None
     """Point every tensor ``graph`` reads at ``gm``'s tensor of the same name: no second copy of the weights.
     Only the decoding graph's cache buffers (``cache_*``) are its own."""
     shared = set(tensor_targets(gm))
+    # A tensor the model's code writes as a literal (torch.tensor([...]) in forward) is not a weight and may
+    # follow the sizes of the capture: where it differs, the new graph keeps its own.
+    literals = {n.target for n in graph.graph.nodes
+                if n.op == "get_attr" and n.users and all(is_op(u, aten.lift_fresh_copy) for u in n.users)}
     for target in tensor_targets(graph):
         if target in shared:
             mine, theirs = get_tensor(graph, target), get_tensor(gm, target)
             if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+                if target in literals:
+                    continue
                 raise RuntimeError(f"{what} disagrees with the compressed model on {target}")
             set_tensor(graph, target, theirs)
         elif not target.startswith("cache_"):

@@ -189,6 +189,7 @@ _CONST_SAFE = {
     aten.reshape, aten.unsqueeze, aten.squeeze, aten.expand, aten.clone, aten.detach, aten.alias,
     aten.lift_fresh_copy, aten.slice, aten.select, aten.t, aten.transpose, aten.permute, aten.contiguous,
     aten.sqrt, aten.rsqrt, aten.pow, aten.exp, aten.scalar_tensor, aten.tensor,
+    aten.abs, aten.square, aten.reciprocal, aten.sigmoid, aten.tanh, aten.log, aten.clamp,
 }
 
 

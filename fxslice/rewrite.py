@@ -134,19 +134,35 @@ def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype, like: fx.Node) -> 
     return cast
 
 
-def emit_norm(gm: fx.GraphModule, norm: Norm, kind: str, reader: bool = True) -> fx.Node:
+def emit_norm(gm: fx.GraphModule, norm: Norm, kind: str, reader: bool = True, in_stream: bool = False) -> fx.Node:
     """Insert the weightless form of ``norm`` before its output and return the new output node.
 
     ``kind="rms"``: ``x / sqrt(Σx²/d + eps)``, tagged with the width ``d`` it must keep dividing by once
-    the stream is sliced (``reader``: it reads a residual stream). ``kind="layer"``: ``layer_norm`` without affine parameters. Computed in at least
-    float32 and at least the precision of the stream itself; cast to the original output dtype.
+    the stream is sliced (``reader``: it reads a residual stream). ``kind="layer"``: ``layer_norm`` without
+    affine parameters. ``in_stream``: a norm whose output stays in the stream (``Norm.commutes``), written
+    out as ``x·rsqrt(Σx²·(1/d) + eps)·γ`` with ``d`` a constant and ``γ`` its one number, so that the
+    sliced stream keeps dividing by ``d`` with nothing to rewrite. Computed in at least float32 and at
+    least the precision of the stream itself; cast to the original output dtype.
     """
     graph = gm.graph
     source = strip_casts(norm.input)
     compute = torch.promote_types(val(source).dtype, torch.float32)
     with graph.inserting_before(norm.output):
         x = _cast(graph, source, compute, norm.output)
-        if kind == "rms":
+        if in_stream:
+            squares = graph.call_function(aten.mul.Tensor, (x, x))
+            total = graph.call_function(aten.sum.dim_IntList, (squares, [-1], True))
+            mean = graph.call_function(aten.mul.Tensor, (total, 1.0 / norm.width))
+            factor = graph.call_function(aten.rsqrt.default, (graph.call_function(aten.add.Tensor, (mean, norm.eps)),))
+            y = graph.call_function(aten.mul.Tensor, (x, factor))
+            y.meta[FUSED_NORM] = FusedNorm(norm.width, norm.eps, in_stream=True)
+            gain = float(norm.weight[0]) if norm.weight is not None else 1.0
+            for node in (squares, total, mean, factor.args[0], factor, y):
+                _copy_meta(node, norm.output)
+            if gain != 1.0:
+                y = graph.call_function(aten.mul.Tensor, (y, gain))
+                _copy_meta(y, norm.output)
+        elif kind == "rms":
             y = graph.call_function(aten.rms_norm.default, (x, [norm.width], None, norm.eps))
             if reader:
                 y.meta[FUSED_NORM] = FusedNorm(norm.width, norm.eps)
@@ -195,6 +211,8 @@ def slice_state(gm: fx.GraphModule, state: State, width: int) -> None:
         if norm.fused is None:
             raise UnsupportedGraphError(f"cannot slice a stream read by a norm that fuse_norm has not rewritten: "
                                         f"{norm.output.format_node()}")
+        if norm.fused.in_stream:
+            continue  # it divides by the constant d already
         (node,) = norm.readers
         kept = width * norm.blocks  # a norm over n merged copies of the stream: n·d before, n·k after
         node.args = (node.args[0], [kept], None, norm.fused.eps * norm.fused.width / kept)

@@ -12,7 +12,7 @@ from torch import nn
 import fxslice
 from conftest import relative_error
 from fxslice import UnsupportedGraphError, fuse_norm, rotate, slice
-from fxslice.analysis import register_stream_op
+from fxslice.analysis import FUSED_NORM, register_stream_op
 from fxslice.plan import plan_of
 from strategies import Arch, TinyLM, architectures, example_ids
 
@@ -420,3 +420,83 @@ def test_the_stream_side_by_side_with_the_embeddings_rotates_exactly_and_slices(
 @given(architectures())
 def test_the_stream_beside_its_embeddings_in_generated_blocks_rotates_exactly_unless_layer_norms_would_centre_it(arch):
     rotates_exactly_unless_layer_norms_would_centre_it(SideBySideLM(arch), arch)
+
+
+class SphereLM(TinyLM):
+    """nGPT (transformers' dory): every hidden state on the unit sphere. The stream is renormalised in place
+    by an L2 norm (``x·rsqrt(Σx² + eps)``: no ``γ``) and each block moves it part way towards its own
+    normalised output at a learned per-channel rate, ``h ← norm(h + |α| ⊙ (norm(block(h)) − h))``."""
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        self.rates = nn.Parameter(torch.rand(arch.depth, 2, arch.width) - 0.5)
+
+    @staticmethod
+    def sphere(x):
+        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
+
+    def forward(self, input_ids):
+        h = self.sphere(self.embed(input_ids))
+        for i, block in enumerate(self.blocks):
+            h = self.sphere(h + self.rates[i, 0].abs() * (self.sphere(block.attn(h)) - h))
+            h = self.sphere(h + self.rates[i, 1].abs() * (self.sphere(block.mlp(h)) - h))
+        return self.head(h)
+
+
+def test_a_stream_renormalised_in_place_rotates_exactly_and_slices():
+    model = SphereLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    assert not fxslice.report(rotated)["skipped"]
+    assert relative_error(rotated(ids), model(ids)) < 1e-12
+    sliced = calibrated_quarter(model)
+    assert {s["width_after"] for s in fxslice.report(sliced)["states"]} == {24}
+    # norm(xQ) = norm(x)Q needs no linear after it: only the per-channel rates became one each.
+    details = plan_of(sliced).details["fuse_norm"]
+    assert not details["post_norms"] and len(details["channel_scales"]) == 2 * ARCH.depth
+    # The sliced stream's norms keep dividing by the unsliced width; all but the last (the head reads it)
+    # stay in the stream.
+    kept = [n.meta[FUSED_NORM] for n in sliced.graph.nodes if FUSED_NORM in n.meta]
+    assert {k.width for k in kept} == {ARCH.width} and sum(k.in_stream for k in kept) == len(kept) - 1 == 4 * ARCH.depth
+    assert relative_error(sliced(ids), model(ids)) < 1.0
+
+
+class LoopedLM(TinyLM):
+    """Layers run more than once (transformers' hrm_text, dory): the same blocks, norms included, are applied
+    ``loops`` times, each pass starting from the last one's output renormalised (RMS, no ``γ``) plus the
+    embeddings."""
+
+    def __init__(self, arch, loops: int = 2):
+        super().__init__(arch)
+        self.loops = loops
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        z = torch.zeros_like(x)
+        for _ in range(self.loops):
+            z = z + x
+            for block in self.blocks:
+                z = block(z)
+            z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.head(self.final_norm(z))
+
+
+def test_layers_run_more_than_once_take_one_rotation_and_fold_each_norm_once():
+    model = LoopedLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    fused = compile_quietly(model, [fuse_norm])
+    assert not any(r["bridges"] for r in plan_of(fused).details["fuse_norm"]["regions"])  # γ folded once per weight
+    assert relative_error(fused(ids), model(ids)) < 1e-12
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    report = fxslice.report(rotated)
+    assert not report["skipped"] and len(report["states"]) == 1
+    assert relative_error(rotated(ids), model(ids)) < 1e-12
+    sliced = calibrated_quarter(model)
+    assert fxslice.report(sliced)["parameters"]["ratio"] < 0.9
+    assert relative_error(sliced(ids), model(ids)) < 1.0
+
+
+@settings(max_examples=6)
+@given(architectures(), st.integers(2, 3))
+def test_generated_blocks_run_more_than_once_rotate_exactly_unless_layer_norms_would_centre_the_stream(arch, loops):
+    rotates_exactly_unless_layer_norms_would_centre_it(LoopedLM(arch, loops), arch)

@@ -5,7 +5,8 @@ Matched forms (each optionally followed by casts, a ``γ`` multiply and a ``β``
 * ``aten.layer_norm(x, [d], w, b, eps)``
 * ``aten.rms_norm(x, [d], w, eps)`` (also fxslice's own weightless form, tagged in ``node.meta``)
 * RMS norm written out: ``x * rsqrt(mean(x**2 or x*x, -1, keepdim) + eps)`` (or ``x * (…) ** -0.5``) or
-  ``x / sqrt(…)`` (or ``x / (…) ** 0.5``)
+  ``x / sqrt(…)`` (or ``x / (…) ** 0.5``); ``mean`` may also be a sum times a constant ``f`` (an L2 norm:
+  ``f = 1``), since ``x·rsqrt(f·Σx² + eps) = (fd)^-½ · x·rsqrt(mean(x²) + eps/(fd))``
 * LayerNorm written out: the same on ``x - mean(x, -1, keepdim)``
 
 ``γ`` may be any constant expression of the parameters, so ``(1 + w)`` offset norms are the same match.
@@ -30,10 +31,13 @@ FUSED_NORM = "fxslice.fused_norm"
 
 @dataclass(frozen=True)
 class FusedNorm:
-    """A weightless RMS norm that must keep dividing by ``width`` (the unsliced stream width)."""
+    """A weightless RMS norm that must keep dividing by ``width`` (the unsliced stream width). ``in_stream``:
+    written out as ``x·rsqrt(Σx²/width + eps)``, with ``width`` a constant, for a norm whose output stays
+    in the stream; slicing leaves it as it is."""
 
     width: int
     eps: float
+    in_stream: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +52,14 @@ class Norm:
     readers: frozenset  # pattern nodes that take `input` as an operand
     fused: FusedNorm | None  # set on fxslice's canonical weightless form
     blocks: int = 1  # copies of the stream side by side in ``input`` (its last dim merged with others)
+    uniform: bool = True  # γ is one number for every feature (or absent) and there is no β
+    scaling: fx.Node | None = None  # the op multiplying ``input`` by its per-token factor (written-out forms)
+
+    @property
+    def commutes(self) -> bool:
+        """``norm(xQ) = norm(x)Q`` for every orthogonal ``Q``: an RMS norm without a per-feature ``γ`` or ``β``
+        is ``x`` times a number per token that ``Q`` does not change (``‖xQ‖ = ‖x‖``)."""
+        return self.kind == "rms" and self.uniform and self.bias is None and self.blocks == 1
 
 
 def _vector(value, width: int) -> torch.Tensor | None:
@@ -86,38 +98,70 @@ def _rms_core(node: fx.Node):
             continue
         a, b = shifted.args[0], shifted.args[1]
         mean, eps = (a, b) if isinstance(b, (int, float)) else (b, a)
-        if not (is_op(mean, aten.mean) and isinstance(eps, (int, float))):
+        mean, factor = _mean_of_last_dim(mean)
+        if mean is None or not isinstance(eps, (int, float)):
             continue
-        dims, keepdim = mean.args[1], (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))
         square = mean.args[0]
-        nd = val(square).dim() if val(square) is not None else 0
-        if list(dims) not in ([-1], [nd - 1]) or not keepdim:
-            continue
         y = square.args[0] if is_op(square, aten.pow, aten.mul, aten.square) else None
         squares_y = (is_op(square, aten.pow) and square.args[1] == 2) or is_op(square, aten.square) or (
             is_op(square, aten.mul) and square.args[1] is y)
         if not squares_y:
             continue
+        # x·rsqrt(f·Σx² + eps) = (fd)^-½ · x·rsqrt(mean(x²) + eps/(fd)); a mean has fd = 1.
         if _same(y, x):
             centred = _centred(x)
-            if centred is not None:
+            if centred is not None and factor is None:
                 # (x - mean(x)) * rsqrt(mean((x - mean(x))²) + eps): a LayerNorm written out.
-                return centred[0], float(eps), centred[1] | {y}, "layer"
-            return x, float(eps), frozenset({square, node}), "rms"
+                return centred[0], float(eps), centred[1] | {y}, "layer", None
+            if centred is None:
+                return x, _scaled_eps(eps, factor, x), frozenset({square, node}), "rms", _gain(factor, x)
         if isinstance(y, fx.Node) and strip_casts(y) is strip_casts(x) and is_op(y, *CASTS):
             reader = y  # the cast on the squares' side that reads x itself
             while reader.args[0] is not x and is_op(reader.args[0], *CASTS):
                 reader = reader.args[0]
             if reader.args[0] is x:
-                return x, float(eps), frozenset({reader, node}), "rms"
+                return x, _scaled_eps(eps, factor, x), frozenset({reader, node}), "rms", _gain(factor, x)
     return None
+
+
+def _mean_of_last_dim(node: Any) -> tuple[fx.Node | None, float | None]:
+    """``mean(s, -1, keepdim=True)`` -> (that node, None); ``f · sum(s, -1, keepdim=True)`` (or ``sum / c``,
+    or a bare sum: ``f = 1``) -> (the sum, f); else (None, None)."""
+    factor = None
+    if is_op(node, aten.mul, aten.div) and len(node.args) == 2:
+        a, b = node.args
+        if is_op(node, aten.mul) and isinstance(a, (int, float)):
+            a, b = b, a
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or b == 0:
+            return None, None
+        node, factor = a, (float(b) if is_op(node, aten.mul) else 1.0 / float(b))
+    if not is_op(node, aten.mean, aten.sum) or len(node.args) < 2 or not isinstance(node.args[1], (list, tuple)):
+        return None, None
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    nd = val(node.args[0]).dim() if val(node.args[0]) is not None else 0
+    if list(node.args[1]) not in ([-1], [nd - 1]) or not keepdim:
+        return None, None
+    if is_op(node, aten.sum):
+        return node, 1.0 if factor is None else factor
+    return (node, None) if factor is None else (None, None)
+
+
+def _scaled_eps(eps: float, factor: float | None, x: fx.Node) -> float:
+    return float(eps) if factor is None else float(eps) / (factor * last_dim(x))
+
+
+def _gain(factor: float | None, x: fx.Node) -> float | None:
+    """The ``(fd)^-½`` a sum-form norm multiplies its RMS-normalised input by (None for a mean)."""
+    if factor is None or factor * last_dim(x) == 1:
+        return None
+    return (factor * last_dim(x)) ** -0.5
 
 
 def rms_normalised(node: fx.Node) -> fx.Node | None:
     """The value ``node`` normalises when it is an RMS norm written out (``x * rsqrt(mean(x²) + eps)`` and
     the like, without ``γ``), else None."""
     core = _rms_core(node)
-    return core[0] if core is not None and core[3] == "rms" else None
+    return core[0] if core is not None and core[3] == "rms" and core[4] is None else None
 
 
 def _same(a, b) -> bool:
@@ -156,8 +200,8 @@ def _match_core(node: fx.Node):
         return x, shape, "rms", float(eps), weight, None, frozenset({node}), node.meta.get(FUSED_NORM)
     core = _rms_core(node)
     if core is not None:
-        x, eps, readers, kind = core
-        return x, [last_dim(x)], kind, eps, None, None, readers, None
+        x, eps, readers, kind, gain = core
+        return x, [last_dim(x)], kind, eps, gain, None, readers, node.meta.get(FUSED_NORM)
     return None
 
 
@@ -166,8 +210,16 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _extend(core_out: fx.Node, width: int, weight, bias):
-    """Follow casts, one γ multiply and one β add after the normalisation itself."""
+def _is_number(value) -> bool:
+    """A Python number or a one-element tensor: the same factor for every feature."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _extend(core_out: fx.Node, width: int, weight, bias, uniform: bool):
+    """Follow casts, one γ multiply and one β add after the normalisation itself; ``uniform`` stays True
+    while every γ is one number."""
     out = core_out
     while (user := _single_user(out)) is not None:
         if is_op(user, *CASTS) and user.args[0] is out:
@@ -175,18 +227,20 @@ def _extend(core_out: fx.Node, width: int, weight, bias):
             continue
         if is_op(user, aten.mul, aten.add) and len(user.args) == 2:
             other = user.args[1] if user.args[0] is out else user.args[0]
-            vector = _vector(constant_value(other), width) if other is not out else None
+            constant = constant_value(other) if other is not out else None
+            vector = _vector(constant, width) if other is not out else None
             if vector is None:
                 break
             if is_op(user, aten.mul):
                 weight = vector if weight is None else weight * vector
                 bias = None if bias is None else bias * vector
+                uniform = uniform and _is_number(constant)
             else:
                 bias = vector if bias is None else bias + vector
             out = user
             continue
         break
-    return out, weight, bias
+    return out, weight, bias, uniform
 
 
 def find_norms(gm: fx.GraphModule) -> list[Norm]:
@@ -201,14 +255,17 @@ def find_norms(gm: fx.GraphModule) -> list[Norm]:
         if width is None or list(shape) != [width]:
             continue
         weight = bias = None
+        uniform = True
         if weight_node is not None:
-            weight = _vector(constant_value(weight_node), width)
+            constant = constant_value(weight_node)
+            weight, uniform = _vector(constant, width), _is_number(constant)
             if weight is None:
                 continue
         if bias_node is not None:
             bias = _vector(constant_value(bias_node), width)
             if bias is None:
                 continue
-        out, weight, bias = _extend(node, width, weight, bias)
-        norms.append(Norm(x, out, kind, width, eps, weight, bias, readers, fused))
+        out, weight, bias, uniform = _extend(node, width, weight, bias, uniform)
+        scaling = node if is_op(node, aten.mul, aten.div) else None
+        norms.append(Norm(x, out, kind, width, eps, weight, bias, readers, fused, uniform=uniform, scaling=scaling))
     return norms

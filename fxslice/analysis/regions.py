@@ -9,7 +9,9 @@ stream. At its border sit
   stream (positional embeddings) and norms written into the stream (post-norms);
 * *sinks*, whose input side absorbs ``Qᵀ`` (``W ← QᵀW``): linears that read a norm's output, or the stream
   itself (the skip matrices fxslice inserts);
-* *readers*: the norms of the stream.
+* *readers*: the norms of the stream. A norm without a per-feature ``γ`` or ``β`` whose output goes back
+  into the stream (the stream renormalised in place, as in nGPT) is both a reader and a step the state
+  runs through: ``norm(xQ) = norm(x)Q``.
 
 A region is split into *states* (SliceGPT's per-residual rotations): a value read by more than one op
 ends a state, and the edge from it into a later add is a *skip* edge, which needs the matrix
@@ -129,6 +131,7 @@ class Region:
     blockers: tuple[Blocker, ...]
     needs_centring: bool
     state_of: dict = field(repr=False)  # node -> State
+    stream_norms: frozenset = frozenset()  # readers whose output stays in the stream (``Norm.commutes``)
 
     @property
     def width(self) -> int:
@@ -172,6 +175,7 @@ class _Growth:
     blockers: list = field(default_factory=list)
     merged: dict = field(default_factory=dict)  # node holding merged copies of the stream -> the stream node
     tied: list = field(default_factory=list)  # stream values put side by side by one cat: one rotation for all
+    stream_norms: set = field(default_factory=set)  # norms the stream runs through (``_in_stream``)
 
 
 def _grow(seed: fx.Node, by_reader: dict, by_output: dict) -> _Growth:
@@ -187,6 +191,9 @@ def _grow(seed: fx.Node, by_reader: dict, by_output: dict) -> _Growth:
             norm = by_reader.get(user)
             if norm is not None and norm.input is n:
                 g.readers[norm] = 1
+                if user is norm.scaling and _in_stream(norm, by_reader):
+                    g.stream_norms.add(norm)
+                    queue.append(user)  # x·r with r a number per token: the stream runs on through it
                 continue
             use = weight_use(user)
             if use is not None and use.input is n:
@@ -255,7 +262,10 @@ def _producer(n: fx.Node, g: _Growth, queue: list, by_output: dict) -> None:
         g.sources[n] = Source(n)
         return
     norm = by_output.get(n)
-    if norm is not None:
+    if norm is not None and norm.commutes and norm.scaling is not None:
+        g.readers[norm] = 1  # written into the stream and commuting: the state runs back through it
+        g.stream_norms.add(norm)
+    elif norm is not None:
         g.sources[n] = Source(n, norm=norm)
         return
     zeros = zeros_width(n)
@@ -280,6 +290,29 @@ def _producer(n: fx.Node, g: _Growth, queue: list, by_output: dict) -> None:
         hint = "pass token ids rather than embeddings" if n.op == "placeholder" else _HINT_OP
         g.blockers.append(Blocker(n, f"the residual stream is written by {what}", hint))
     queue.extend(operands)
+
+
+def _in_stream(norm: Norm, by_reader: dict) -> bool:
+    """``norm`` commutes with a rotation and its output, through ops that commute too, is added into a
+    stream or read by another norm: the stream is renormalised in place rather than read."""
+    if not norm.commutes or norm.scaling is None:
+        return False
+    frontier, seen = [norm.output], set()
+    while frontier:
+        m = frontier.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        for user in m.users:
+            other = by_reader.get(user)
+            if other is not None and other is not norm and other.input is m:
+                return True
+            step = stream_step(user, m) if weight_use(user) is None else None
+            if step is not None and step.kind is StepKind.JOINS:
+                return True
+            if step is not None and step.kind is StepKind.COMMUTES and step.literal is None:
+                frontier.append(user)
+    return False
 
 
 def _normed_values(norm: Norm, region_nodes: set, sinks: list, literals: list, blockers: list) -> None:
@@ -396,7 +429,8 @@ def find_regions(gm: fx.GraphModule, shared: bool = False) -> list[Region]:
         normed_literals: list = []
         readers = [replace(norm, blocks=blocks) if blocks > 1 else norm for norm, blocks in g.readers.items()]
         for reader in readers:
-            _normed_values(reader, g.nodes, sinks, normed_literals, blockers)
+            if reader not in g.stream_norms:
+                _normed_values(reader, g.nodes, sinks, normed_literals, blockers)
         for source in g.sources.values():
             if source.norm is not None and source.norm.input in g.nodes:
                 blockers.append(Blocker(source.node, "a norm's output is written back into the stream it normalises "
@@ -412,6 +446,12 @@ def find_regions(gm: fx.GraphModule, shared: bool = False) -> list[Region]:
                                         "only values of the residual stream can be concatenated with it"))
         groups, uf, skips = _states(g.nodes, g.sources, shared, order, [pieces for _, pieces in g.tied])
         states = _build_states(groups, uf, g, sinks, readers, normed_literals, skips, order)
+        if not shared and _shares_weights(states):
+            # Layers that run more than once (looped or recurrent depth) read one weight from several
+            # states, and one weight takes one Q; each pass would also need skip matrices of its own, so
+            # the whole stream takes one rotation (Q_iᵀ Q_i = I: every skip is a plain add).
+            groups, uf, skips = _states(g.nodes, g.sources, True, order)
+            states = _build_states(groups, uf, g, sinks, readers, normed_literals, skips, order)
         state_of = {n: s for s in states for n in s.nodes}
         regions.append(Region(
             index=len(regions),
@@ -424,8 +464,19 @@ def find_regions(gm: fx.GraphModule, shared: bool = False) -> list[Region]:
             blockers=tuple(blockers),
             needs_centring=needs_centring,
             state_of=state_of,
+            stream_norms=frozenset(g.stream_norms),
         ))
     return regions
+
+
+def _shares_weights(states: tuple[State, ...]) -> bool:
+    """Whether two states rotate the same weight axis."""
+    owner: dict = {}
+    for state in states:
+        for side, _ in state.param_axes():
+            if owner.setdefault((side.target, side.axis), state) is not state:
+                return True
+    return False
 
 
 def _build_states(groups, uf, g: _Growth, sinks, readers, normed_literals, skips, order) -> tuple[State, ...]:

@@ -130,17 +130,23 @@ class FuseNorm(FxslicePass):
     def _fold_norms(self, gm: fx.GraphModule, region: Region, uses: dict, centred_sides: set) -> list[fx.Node]:
         """Fold each norm's γ, β into the linears reading it (or bridge a shared one); return the bridged."""
         bridged = []
-        for norm in region.norms:
-            sinks = [s.use for s in region.sinks if s.norm is norm]
-            folded = set()
-            for use in sinks:
-                # A weight read only by this norm's sinks, on the same axis (one expert's matrix of a 3-D
-                # weight each), takes γ once; one read elsewhere too is shared.
-                mine = {u.node for u in sinks if u.weight == use.weight and u.input_side() == use.input_side()}
-                shared = any(u.node not in mine for u in uses.get(use.weight, ()))
-                # (x + β)W_e = xW_e + βW_e needs a bias per expert (or per reading op), which a 3-D
-                # weight's op does not take.
-                no_bias = norm.bias is not None and (tensor_meta(gm, use.weight).dim() != 2 or len(mine) > 1)
+        norm_of = {s.use.node: s.norm for s in region.sinks if s.norm is not None}
+        folded = set()
+        # Last first: a norm reading a stream norm's output then reads the node its replacement takes over.
+        for norm in reversed(region.norms):
+            if norm in region.stream_norms:  # γ is one number and stays with it: it has no sinks to fold into
+                norm.output.replace_all_uses_with(emit_norm(gm, norm, "rms", in_stream=True))
+                continue
+            for use in (s.use for s in region.sinks if s.norm is norm):
+                # A weight read only through norms with this γ and β, on the same axis, takes them once:
+                # one expert's matrix of a 3-D weight each, or a layer that runs more than once.
+                alike = [u for u in uses.get(use.weight, ()) if u.in_axis is not None
+                         and u.input_side() == use.input_side() and _same_affine(norm_of.get(u.node), norm)]
+                shared = len(alike) < len(uses.get(use.weight, ()))
+                # (x + β)W = xW + βW needs one bias that every such op adds, which a 3-D weight's op
+                # does not take.
+                no_bias = norm.bias is not None and (tensor_meta(gm, use.weight).dim() != 2 or (
+                    len(alike) > 1 and (use.bias is None or len({u.bias for u in alike}) > 1)))
                 if shared or no_bias:
                     self._bridge(gm, norm, use, use.input_side() in centred_sides)
                     bridged.append(use.node)
@@ -149,7 +155,8 @@ class FuseNorm(FxslicePass):
                     folded.add(use.input_side())
             out = emit_norm(gm, norm, "rms")
             norm.output.replace_all_uses_with(out)
-        return bridged
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        return sorted(bridged, key=order.__getitem__)
 
     @staticmethod
     def _bridge_off_stream(gm: fx.GraphModule, streams: set, fused: list[Region], uses: dict,
@@ -246,6 +253,17 @@ def _restore_mean(gm: fx.GraphModule, use: WeightUse, x: fx.Node, gamma: torch.T
     with gm.graph.inserting_after(use.node):
         total = gm.graph.call_function(aten.add.Tensor, (use.node, correction))
     use.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+
+
+def _same_affine(a: Norm | None, b: Norm) -> bool:
+    """``a`` and ``b`` apply the same ``γ`` and ``β`` (absent counts as its identity)."""
+    def same(x, y, identity):
+        return torch.equal(x if x is not None else identity, y if y is not None else identity)
+
+    if a is None:
+        return False
+    return a is b or (same(a.weight, b.weight, torch.ones(b.width, dtype=torch.float64))
+                      and same(a.bias, b.bias, torch.zeros(b.width, dtype=torch.float64)))
 
 
 def _channel_scale(node: fx.Node) -> tuple[fx.Node, fx.Node, torch.Tensor] | None:
