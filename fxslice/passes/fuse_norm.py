@@ -135,7 +135,16 @@ class FuseNorm(FxslicePass):
         # Last first: a norm reading a stream norm's output then reads the node its replacement takes over.
         for norm in reversed(region.norms):
             if norm in region.stream_norms:  # γ is one number and stays with it: it has no sinks to fold into
-                norm.output.replace_all_uses_with(emit_norm(gm, norm, "rms", in_stream=True))
+                out = emit_norm(gm, norm, "rms", in_stream=True)
+                path, node = {norm.scaling}, norm.scaling  # the old scaling, then casts and γ to the output
+                while node is not norm.output:
+                    node = next(iter(node.users))
+                    path.add(node)
+                norm.output.replace_all_uses_with(out)
+                # A norm emitted above (later in the graph) read through the output's casts to the old scaling.
+                for user in list(norm.scaling.users):
+                    if user not in path:
+                        user.replace_input_with(norm.scaling, out)
                 continue
             for use in (s.use for s in region.sinks if s.norm is norm):
                 # A weight read only through norms with this γ and β, on the same axis, takes them once:
