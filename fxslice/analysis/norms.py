@@ -52,7 +52,7 @@ class Norm:
     readers: frozenset  # pattern nodes that take `input` as an operand
     fused: FusedNorm | None  # set on fxslice's canonical weightless form
     blocks: int = 1  # copies of the stream side by side in ``input`` (its last dim merged with others)
-    uniform: bool = True  # γ is one number for every feature (or absent) and there is no β
+    uniform: bool = True  # γ is one number for every feature (or absent)
     scaling: fx.Node | None = None  # the op multiplying ``input`` by its per-token factor (written-out forms)
 
     @property

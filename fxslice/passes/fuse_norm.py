@@ -131,20 +131,19 @@ class FuseNorm(FxslicePass):
         """Fold each norm's γ, β into the linears reading it (or bridge a shared one); return the bridged."""
         bridged = []
         norm_of = {s.use.node: s.norm for s in region.sinks if s.norm is not None}
+        # A stream norm's old nodes, from its scaling through casts and γ to its output, taken before any
+        # norm is emitted: emitted norms read through casts (``strip_casts``) and add users to them.
+        paths = {norm: _chain(norm.scaling, norm.output) for norm in region.stream_norms}
         folded = set()
-        # Last first: a norm reading a stream norm's output then reads the node its replacement takes over.
+        # Last first: every norm that reads a stream norm is emitted before the stream norm replaces its nodes.
         for norm in reversed(region.norms):
             if norm in region.stream_norms:  # γ is one number and stays with it: it has no sinks to fold into
                 out = emit_norm(gm, norm, "rms", in_stream=True)
-                path, node = {norm.scaling}, norm.scaling  # the old scaling, then casts and γ to the output
-                while node is not norm.output:
-                    node = next(iter(node.users))
-                    path.add(node)
-                norm.output.replace_all_uses_with(out)
-                # A norm emitted above (later in the graph) read through the output's casts to the old scaling.
-                for user in list(norm.scaling.users):
-                    if user not in path:
-                        user.replace_input_with(norm.scaling, out)
+                path = paths[norm]
+                for node in path:  # its readers, original or emitted above, read the weightless form
+                    for user in list(node.users):
+                        if user not in path:
+                            user.replace_input_with(node, out)
                 continue
             for use in (s.use for s in region.sinks if s.norm is norm):
                 # A weight read only through norms with this γ and β, on the same axis, takes them once:
@@ -262,6 +261,15 @@ def _restore_mean(gm: fx.GraphModule, use: WeightUse, x: fx.Node, gamma: torch.T
     with gm.graph.inserting_after(use.node):
         total = gm.graph.call_function(aten.add.Tensor, (use.node, correction))
     use.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+
+
+def _chain(start: fx.Node, end: fx.Node) -> set[fx.Node]:
+    """The nodes from ``start`` to ``end`` along single users (a norm's casts and ``γ`` multiply)."""
+    chain, node = {start}, start
+    while node is not end:
+        (node,) = node.users
+        chain.add(node)
+    return chain
 
 
 def _same_affine(a: Norm | None, b: Norm) -> bool:
