@@ -69,13 +69,17 @@ def calibrated_quarter(model):
 
 def test_a_registered_custom_op_carries_the_stream():
     model = ScaledLM(ARCH).double().eval()
-    with pytest.raises(UnsupportedGraphError, match="fxslice_test.token_scale"):
-        compile_quietly(model, [fuse_norm, rotate])
+    ids = example_ids(ARCH, 3, 9, seed=5)
+    # Unknown, the ops read the stream (token_scale) and write it (token_shift) through an inserted linear
+    # each: exact, but d × d each.
+    with pytest.warns(UserWarning, match="fxslice_test.token_s.*register_stream_op"):
+        bridged = fxslice.compile(model, [fuse_norm, rotate], example_inputs=(example_ids(ARCH, 2, 7),))
+    assert len(plan_of(bridged).details["fuse_norm"]["bridged_ops"]) == 2
+    assert relative_error(bridged(ids), model(ids)) < 1e-9
 
     register_stream_op("fxslice_test::token_scale")
     # A rule decides per node: here, only when the stream is the first argument.
     register_stream_op("fxslice_test::token_shift", rule=lambda node, operand: node.args[0] is operand)
-    ids = example_ids(ARCH, 3, 9, seed=5)
     with torch.no_grad():
         expected = model(ids)
         rotated = compile_quietly(model, [fuse_norm, rotate, slice(0.0)])
@@ -84,6 +88,7 @@ def test_a_registered_custom_op_carries_the_stream():
         assert sliced(ids).shape == expected.shape
     widths = [s["width_after"] for s in fxslice.report(sliced)["states"]]
     assert len(widths) == 5 and min(widths) == 24 and fxslice.report(sliced)["skipped"] == []
+    assert "bridged_ops" not in plan_of(sliced).details["fuse_norm"]
 
 
 def test_register_stream_op_wants_schema_names():
@@ -500,3 +505,64 @@ def test_layers_run_more_than_once_take_one_rotation_and_fold_each_norm_once():
 @given(architectures(), st.integers(2, 3))
 def test_generated_blocks_run_more_than_once_rotate_exactly_unless_layer_norms_would_centre_the_stream(arch, loops):
     rotates_exactly_unless_layer_norms_would_centre_it(LoopedLM(arch, loops), arch)
+
+
+class OpaqueOpsLM(TinyLM):
+    """Ops that read or write the stream's vectors without commuting with a rotation: a norm gated by a
+    feature-wise sigmoid of itself (axk2's ``y * sigmoid(mlp(y))`` in front of attention), a ``tanh`` on
+    the MLP's output before it joins the stream (rwkv's gated outputs) and, where ``stream_read``, a
+    ``tanh`` of the stream itself whose projection goes back into it."""
+
+    def __init__(self, arch, stream_read: bool = True):
+        super().__init__(arch)
+        self.stream_read = stream_read
+        self.gates = nn.ModuleList(nn.Sequential(nn.Linear(arch.width, 4, bias=False), nn.SiLU(),
+                                                 nn.Linear(4, arch.width, bias=False)) for _ in range(arch.depth))
+        self.squashed = nn.ModuleList(nn.Linear(arch.width, arch.width) for _ in range(arch.depth))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for block, gate, squashed in zip(self.blocks, self.gates, self.squashed):
+            y = block.norm1(x)
+            x = x + block.attn(y * torch.sigmoid(gate(y)))
+            if self.stream_read:
+                x = x + squashed(torch.tanh(x))
+            x = x + torch.tanh(block.mlp(block.norm2(x)))
+        return self.head(self.final_norm(x))
+
+
+def test_ops_that_read_or_write_the_stream_without_commuting_do_so_through_an_inserted_linear():
+    model = OpaqueOpsLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    fused = compile_quietly(model, [fuse_norm])
+    # One I per gated norm (on the edge into the multiply; the gate's own linear reads the norm), per
+    # tanh of the stream and per tanh written into it.
+    assert len(plan_of(fused).details["fuse_norm"]["bridged_ops"]) == 3 * ARCH.depth
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    assert not fxslice.report(rotated)["skipped"]
+    assert relative_error(rotated(ids), model(ids)) < 1e-12
+    sliced = calibrated_quarter(model)
+    assert {s["width_after"] for s in fxslice.report(sliced)["states"]} == {24}
+    shapes = dict((name, p.shape) for name, p in sliced.named_parameters() if "_bridge" in name)
+    readers = [shape for name, shape in shapes.items() if "reader_bridge" in name]
+    writers = [shape for name, shape in shapes.items() if "writer_bridge" in name]
+    assert readers == [(ARCH.width, 24)] * 2 * ARCH.depth and writers == [(24, ARCH.width)] * ARCH.depth
+    assert relative_error(sliced(ids), model(ids)) < 1.0
+
+
+def test_a_centred_streams_own_vector_is_not_bridged_its_mean_would_be_lost():
+    arch = Arch(width=32, heads=4, kv_heads=2, depth=2, norm="layer", bias=True)
+    with pytest.raises(UnsupportedGraphError, match="read by an op fxslice cannot rotate through"):
+        compile_quietly(OpaqueOpsLM(arch).double().eval(), [fuse_norm])
+
+
+@settings(max_examples=6)
+@given(architectures())
+def test_gated_norms_and_squashed_outputs_in_generated_blocks_rotate_exactly(arch):
+    model = OpaqueOpsLM(arch, stream_read=False).double().eval()
+    ids = example_ids(arch, 2, 6, seed=3)
+    fused = compile_quietly(model, [fuse_norm])
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    assert not fxslice.report(rotated)["skipped"]
+    assert relative_error(rotated(ids), fused(ids)) < 1e-9, arch
+    assert relative_error(fused(ids), model(ids)) < 1e-9, arch

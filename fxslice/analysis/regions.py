@@ -55,6 +55,11 @@ class Blocker:
     node: fx.Node
     reason: str
     hint: str
+    # (value, reader): a feature vector of the stream read by an op that does not commute with a rotation;
+    # (value, None): a vector such an op writes into the stream. An inserted linear ``I`` on that edge (in
+    # front of every reader for None) removes the blocker: a sink that gives the op back the unrotated
+    # vector, ``(xQ)Qᵀ = x``, or a source that rotates what it writes, ``x I Q`` (see fuse_norm).
+    bridge: tuple[fx.Node, fx.Node | None] | None = None
 
     def __str__(self) -> str:
         return f"{self.reason}: {describe_node(self.node)}. What to do: {self.hint}"
@@ -208,7 +213,9 @@ def _grow(seed: fx.Node, by_reader: dict, by_output: dict) -> _Growth:
                     hint = "return only the model's final outputs (e.g. output_hidden_states=False)"
                 elif user.op == "call_function" and "dropout" in str(user.target):
                     hint = "call model.eval() before compiling (dropout in training mode does not commute)"
-                g.blockers.append(Blocker(user, "the residual stream is read by an op fxslice cannot rotate through", hint))
+                bridge = None if "dropout" in str(user.target) else (n, user)
+                g.blockers.append(Blocker(user, "the residual stream is read by an op fxslice cannot rotate through",
+                                          hint, bridge))
                 continue
             if step.kind is StepKind.READS_SHAPE:
                 continue
@@ -288,7 +295,8 @@ def _producer(n: fx.Node, g: _Growth, queue: list, by_output: dict) -> None:
     if not operands:
         what = "a model input" if n.op == "placeholder" else "an op fxslice cannot rotate through"
         hint = "pass token ids rather than embeddings" if n.op == "placeholder" else _HINT_OP
-        g.blockers.append(Blocker(n, f"the residual stream is written by {what}", hint))
+        g.blockers.append(Blocker(n, f"the residual stream is written by {what}", hint,
+                                  (n, None) if n.op == "call_function" else None))
     queue.extend(operands)
 
 
@@ -344,8 +352,9 @@ def _normed_values(norm: Norm, region_nodes: set, sinks: list, literals: list, b
                                         "(post-LN: the stream is renormalised after every block, which no "
                                         "rotation of it survives)", "only pre-norm residual streams can be rotated"))
             else:
+                bridge = (m, user) if norm.blocks == 1 else None
                 blockers.append(Blocker(user, "a norm's output is read by an op that is not a linear layer",
-                                        _HINT_OP))
+                                        _HINT_OP, bridge))
 
 
 def _data_users(node: fx.Node) -> list[fx.Node]:

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ import torch.fx as fx
 
 from ..analysis.norms import Norm
 from ..analysis.ops import WeightUse
-from ..analysis.regions import Region, coupled_producer, find_regions, parameter_uses
+from ..analysis.regions import Blocker, Region, coupled_producer, find_regions, parameter_uses
 from ..errors import UnsupportedGraphError, module_path
 from ..graph import (add_parameter, aten, constant_value, eliminate_dead_code, get_tensor, is_op, refresh_shapes,
                      set_tensor, tensor_meta, val)
@@ -93,13 +94,21 @@ class FuseNorm(FxslicePass):
     name = "fuse_norm"
 
     def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
-        post_norms, scales = self._linears_on_the_stream(gm)
+        post_norms, scales, opaque_ops = self._linears_on_the_stream(gm)
         regions = find_regions(gm)
         skipped = skipped_regions(regions, self.strict, "fuse_norm")
         uses = _uses_by_tensor(gm)
         record: dict[str, Any] = {"regions": [], "post_norms": post_norms}
         if scales:
             record["channel_scales"] = scales
+        if opaque_ops:
+            record["bridged_ops"] = [where for where, _ in opaque_ops]
+            places = list(dict.fromkeys(f"{op} in module '{where}'" for where, op in opaque_ops))
+            listed = "; ".join(places[:4]) + ("; …" if len(places) > 4 else "")
+            warnings.warn(f"fuse_norm: {len(opaque_ops)} ops that do not commute with a rotation read or write "
+                          f"the residual stream through an inserted linear (d × d each, counted in the "
+                          f"parameters): {listed}. Where such an op does commute (it acts on each token's feature "
+                          "vector as a whole), fxslice.analysis.register_stream_op saves its linear", stacklevel=3)
         fusable = [r for r in regions if not r.reason()]
         bridged = {s.use.node for r in fusable for s in r.sinks if s.norm is not None}
         streams = {s.node for r in regions for s in r.sources} | {s.use.node for r in regions for s in r.sinks}
@@ -207,21 +216,25 @@ class FuseNorm(FxslicePass):
         if centred:
             _restore_mean(gm, use, normed, gamma, norm.bias)
 
-    def _linears_on_the_stream(self, gm: fx.GraphModule) -> tuple[list[str], list[str]]:
-        """Give every norm written into a transformable stream, and every per-channel scale of a stream,
-        its linear; repeat until none is left. Returns where each went (post-norms, scales)."""
+    def _linears_on_the_stream(self, gm: fx.GraphModule) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+        """Give every norm written into a transformable stream, every per-channel scale of a stream and
+        every op that reads a stream's vector without commuting with a rotation its linear; repeat until
+        none is left. Returns where each went (post-norms, scales, and bridged ops with their op names)."""
         post_norms: list[str] = []
         scales: list[str] = []
+        bridged: list[tuple[str, str]] = []
         while True:
             regions = find_regions(gm)
             pending = [s.norm for r in regions if not r.reason() for s in r.sources if s.norm is not None]
-            scaled = {}
+            scaled, bridges = {}, {}
             for region in regions:
-                matches = [_channel_scale(b.node) for b in region.blockers]
-                if all(matches):  # only where nothing else stops the stream: d × d is worth it if it rotates
-                    scaled.update((m[0], m) for m in matches)
-            if not pending and not scaled:
-                return post_norms, scales
+                matches = [(_channel_scale(b.node), _reader_bridge(b, region)) for b in region.blockers]
+                if all(scale or bridge for scale, bridge in matches):
+                    # only where nothing else stops the stream: d × d is worth it if the stream then rotates
+                    scaled.update((scale[0], scale) for scale, _ in matches if scale)
+                    bridges.update((bridge, bridge) for scale, bridge in matches if bridge and not scale)
+            if not pending and not scaled and not bridges:
+                return post_norms, scales, bridged
             for norm in pending:
                 post_norms.append(_where(norm.output))
                 self._post_norm(gm, norm)
@@ -231,6 +244,18 @@ class FuseNorm(FxslicePass):
                 linear = insert_linear(gm, stream, torch.diag(scale).to(val(node).dtype), None,
                                        f"channel_scale_{_where(node)}", node)
                 node.replace_all_uses_with(linear)
+            for value, reader in bridges.values():
+                # x I = x now; rotate makes a reader's (xQ)Qᵀ = x, so the op reads the vector it always read,
+                # and a writer's x I Q, so the op writes the vector it always wrote
+                identity = torch.eye(val(value).shape[-1], dtype=val(value).dtype)
+                if reader is None:
+                    bridged.append((_where(value), str(value.target)))
+                    linear = insert_linear(gm, value, identity, None, f"writer_bridge_{_where(value)}", value.next)
+                    value.replace_all_uses_with(linear, delete_user_cb=lambda user: user is not linear)
+                else:
+                    bridged.append((_where(reader if reader.op != "output" else value), str(reader.target)))
+                    linear = insert_linear(gm, value, identity, None, f"reader_bridge_{_where(value)}", reader)
+                    reader.replace_input_with(value, linear)
             eliminate_dead_code(gm)
             gm.recompile()
             refresh_shapes(gm)  # the analysis reads every node's shape and dtype
@@ -296,6 +321,17 @@ def _channel_scale(node: fx.Node) -> tuple[fx.Node, fx.Node, torch.Tensor] | Non
         if scale.numel() == width and scale.shape[-1] == width and val(node).shape == val(stream).shape:
             return node, stream, scale.detach().reshape(width).to(torch.float64)
     return None
+
+
+def _reader_bridge(blocker: Blocker, region: Region) -> tuple[fx.Node, fx.Node] | None:
+    """The edge where an inserted ``I`` removes ``blocker`` (``Blocker.bridge``), or None. A centred
+    stream's own vector is not bridged: its reader would see ``xC``, the mean lost."""
+    if blocker.bridge is None:
+        return None
+    value, reader = blocker.bridge
+    if reader is not None and region.needs_centring and value in region.nodes:
+        return None
+    return blocker.bridge
 
 
 def _where(node: fx.Node) -> str:
