@@ -1,6 +1,7 @@
 """register_stream_op: an op the analysis does not know is declared as commuting with a rotation of the last
 dim, without editing fxslice; a custom op (torch.library) on the residual stream of a small model."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -531,8 +532,12 @@ class OpaqueOpsLM(TinyLM):
         return self.head(self.final_norm(x))
 
 
+WIDE = Arch(width=32, heads=4, kv_heads=2, depth=2, mlp=128)
+"""MLPs wide enough that the weights on the stream pay for three bridges a block."""
+
+
 def test_ops_that_read_or_write_the_stream_without_commuting_do_so_through_an_inserted_linear():
-    model = OpaqueOpsLM(ARCH).double().eval()
+    model = OpaqueOpsLM(WIDE).double().eval()
     ids = example_ids(ARCH, 3, 5, seed=4)
     fused = compile_quietly(model, [fuse_norm])
     # One I per gated norm (on the edge into the multiply; the gate's own linear reads the norm), per
@@ -551,14 +556,22 @@ def test_ops_that_read_or_write_the_stream_without_commuting_do_so_through_an_in
 
 
 def test_a_centred_streams_own_vector_is_not_bridged_its_mean_would_be_lost():
-    arch = Arch(width=32, heads=4, kv_heads=2, depth=2, norm="layer", bias=True)
+    arch = Arch(width=32, heads=4, kv_heads=2, depth=2, mlp=128, norm="layer", bias=True)
     with pytest.raises(UnsupportedGraphError, match="read by an op fxslice cannot rotate through"):
         compile_quietly(OpaqueOpsLM(arch).double().eval(), [fuse_norm])
+    compile_quietly(OpaqueOpsLM(arch, stream_read=False).double().eval(), [fuse_norm])  # its norms' outputs are
+
+
+def test_bridges_are_not_inserted_where_slicing_a_quarter_would_not_pay_for_them():
+    # 3 bridges a block of 32 x 32 against about 7.5k parameters a block on the stream: 3·3·1024 > 7.5k
+    with pytest.raises(UnsupportedGraphError, match="read by an op fxslice cannot rotate through"):
+        compile_quietly(OpaqueOpsLM(ARCH).double().eval(), [fuse_norm])
 
 
 @settings(max_examples=6)
 @given(architectures())
 def test_gated_norms_and_squashed_outputs_in_generated_blocks_rotate_exactly(arch):
+    arch = dataclasses.replace(arch, mlp=16 * arch.width)  # weights on the stream that pay for the bridges
     model = OpaqueOpsLM(arch, stream_read=False).double().eval()
     ids = example_ids(arch, 2, 6, seed=3)
     fused = compile_quietly(model, [fuse_norm])
@@ -566,3 +579,33 @@ def test_gated_norms_and_squashed_outputs_in_generated_blocks_rotate_exactly(arc
     assert not fxslice.report(rotated)["skipped"]
     assert relative_error(rotated(ids), fused(ids)) < 1e-9, arch
     assert relative_error(fused(ids), model(ids)) < 1e-9, arch
+
+
+class DifferentialLM(TinyLM):
+    """A residual-like value inside each block that no weight writes or reads (diffllama's two attention
+    halves subtracted and normed): its ends are ops that would need bridges, and bridges alone would
+    rotate nothing but themselves, so it is left as it is."""
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        self.pairs = nn.ModuleList(nn.Linear(arch.width, arch.width, bias=False) for _ in range(arch.depth))
+        self.inner_norms = nn.ModuleList(nn.RMSNorm(arch.width // 2) for _ in range(arch.depth))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for block, pair, inner_norm in zip(self.blocks, self.pairs, self.inner_norms):
+            a, b = pair(block.norm1(x)).chunk(2, -1)
+            v = inner_norm(a - 0.5 * b)
+            x = x + block.attn(torch.stack([v, -v], -2).flatten(-2))
+            x = x + block.mlp(block.norm2(x))
+        return self.head(self.final_norm(x))
+
+
+def test_a_value_no_weight_writes_or_reads_gets_no_bridges():
+    model = DifferentialLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    with pytest.warns(UserWarning, match="left unchanged"):
+        rotated = fxslice.compile(model, [fuse_norm, rotate], example_inputs=(example_ids(ARCH, 2, 7),))
+    assert "bridged_ops" not in plan_of(rotated).details["fuse_norm"]
+    assert len(fxslice.report(rotated)["skipped"]) == 2 * ARCH.depth  # fuse_norm and rotate, each block's value
+    assert relative_error(rotated(ids), model(ids)) < 1e-12

@@ -229,10 +229,14 @@ class FuseNorm(FxslicePass):
             scaled, bridges = {}, {}
             for region in regions:
                 matches = [(_channel_scale(b.node), _reader_bridge(b, region)) for b in region.blockers]
-                if all(scale or bridge for scale, bridge in matches):
-                    # only where nothing else stops the stream: d × d is worth it if the stream then rotates
-                    scaled.update((scale[0], scale) for scale, _ in matches if scale)
-                    bridges.update((bridge, bridge) for scale, bridge in matches if bridge and not scale)
+                # only where nothing else stops the stream: d × d is worth it if the stream then rotates
+                if not all(scale or bridge for scale, bridge in matches):
+                    continue
+                opaque = [bridge for scale, bridge in matches if bridge and not scale]
+                if opaque and not _bridges_pay(gm, region, len(opaque)):
+                    continue
+                scaled.update((scale[0], scale) for scale, _ in matches if scale)
+                bridges.update((bridge, bridge) for bridge in opaque)
             if not pending and not scaled and not bridges:
                 return post_norms, scales, bridged
             for norm in pending:
@@ -332,6 +336,17 @@ def _reader_bridge(blocker: Blocker, region: Region) -> tuple[fx.Node, fx.Node] 
     if reader is not None and region.needs_centring and value in region.nodes:
         return None
     return blocker.bridge
+
+
+def _bridges_pay(gm: fx.GraphModule, region: Region, count: int) -> bool:
+    """``count`` bridges of ``d × d`` pay for themselves: the weights that write and read the stream hold
+    ``P ≥ 3·count·d²``, so slicing a quarter of it removes ``P/4``, at least the ``¾·count·d²`` the
+    bridges keep. A value inside attention that only bridges would write and read has no such weights."""
+    if not region.sinks or not any(s.use is not None for s in region.sources):
+        return False
+    weights = {s.use.weight for s in region.sources if s.use is not None} | {s.use.weight for s in region.sinks}
+    held = sum(tensor_meta(gm, weight).numel() for weight in weights)
+    return held >= 3 * count * region.width ** 2
 
 
 def _where(node: fx.Node) -> str:
