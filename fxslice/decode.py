@@ -48,7 +48,7 @@ class _CachedCausalLMCall(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, batch_size: int, max_cache_len: int, positions: bool = True):
         super().__init__()
         from transformers import StaticCache
-        from transformers.cache_utils import Cache, StaticLayer, StaticSlidingWindowLayer
+        from transformers.cache_utils import Cache
 
         self.model = model  # the same attribute name as the prefill capture, so weights share names
         self.max_cache_len = max_cache_len
@@ -56,11 +56,10 @@ class _CachedCausalLMCall(torch.nn.Module):
         config = model.config.get_text_config()
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
         # A sliding-window layer keeps its fill level in a Python int, which a captured graph bakes in as
-        # a constant; a full-length layer keeps it in a tensor. The model's mask still limits what each
-        # position sees to the window (it compares absolute positions), so a full layer gives the same
-        # attention; it costs cache memory beyond the window.
-        self.cache.layers = [StaticLayer(max_cache_len=max_cache_len) if type(layer) is StaticSlidingWindowLayer
-                             else layer for layer in self.cache.layers]
+        # a constant (and a model may compute positions from it); a full-length layer keeps it in a tensor.
+        # The model's mask still limits what each position sees to the window (it compares absolute
+        # positions), so a full layer gives the same attention; it costs cache memory beyond the window.
+        self.cache.layers = [full_length_layer(layer, max_cache_len) or layer for layer in self.cache.layers]
         # transformers renamed ``past_key_values`` to ``cache``; pass it under the name this model takes.
         self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # One token through the model allocates every layer's cache in the shapes its attention really
@@ -144,6 +143,29 @@ class _CachedCausalLMCall(torch.nn.Module):
                 if value is not getattr(self, buffer):
                     getattr(self, buffer).copy_(value)
         return logits
+
+
+def full_length_layer(layer: Any, max_cache_len: int) -> Any:
+    """A full-length static cache layer in place of a sliding-window one, or None for a layer that does not
+    slide. A layer that also holds linear-attention states beside its keys gets the class with the same
+    other bases (``LinearAttentionLayer`` with ``StaticLayer``), and the options it was made with."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    kind = type(layer)
+    if not issubclass(kind, StaticSlidingWindowLayer):
+        return None
+    counterpart = StaticLayer if kind is StaticSlidingWindowLayer else None
+    bases = tuple(StaticLayer if base is StaticSlidingWindowLayer else base for base in kind.__bases__)
+    pending = list(StaticLayer.__subclasses__())
+    while counterpart is None and pending:
+        candidate = pending.pop()
+        pending += candidate.__subclasses__()
+        counterpart = candidate if candidate.__bases__ == bases else None
+    if counterpart is None:
+        return None
+    options = {name: getattr(layer, name) for name in inspect.signature(counterpart.__init__).parameters
+               if name not in ("self", "max_cache_len", "args", "kwargs") and hasattr(layer, name)}
+    return counterpart(max_cache_len=max_cache_len, **options)
 
 
 def cache_length(needed: int, limit: int) -> int:

@@ -303,3 +303,21 @@ def test_recurrent_states_held_outside_a_transformers_cache_are_buffers_reset_fo
     (decoder,) = [d for d in sliced.decoders.values() if d is not None]
     assert any(target.startswith("cache_held_") for target in tensor_targets(decoder))
     assert torch.equal(out, argmax_chain(sliced, ids, 4))
+
+
+def test_a_sliding_window_cache_layer_is_replaced_by_its_full_length_counterpart_states_included():
+    """A sliding layer keeps its fill level in a Python int, which a captured decoding graph would bake in
+    (positions computed from it stop moving); one that also holds linear-attention states keeps them."""
+    from transformers.cache_utils import (LinearAttentionAndStaticFullAttentionLayer,
+                                          LinearAttentionAndStaticSlidingWindowAttentionLayer, StaticLayer,
+                                          StaticSlidingWindowLayer)
+
+    from fxslice.decode import full_length_layer
+
+    both = LinearAttentionAndStaticSlidingWindowAttentionLayer(max_cache_len=16, sliding_window=4, number_of_states=3)
+    full = full_length_layer(both, 32)
+    assert type(full) is LinearAttentionAndStaticFullAttentionLayer
+    assert full.number_of_states == 3 and full.max_cache_len == 32
+    assert type(full_length_layer(StaticSlidingWindowLayer(max_cache_len=16, sliding_window=4), 32)) is StaticLayer
+    assert full_length_layer(StaticLayer(max_cache_len=16), 32) is None
+    assert full_length_layer(full, 32) is None
