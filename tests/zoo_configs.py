@@ -85,6 +85,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
                        "indexer_compress_ratio": 4},
     "reformer": {"axial_pos_embds_dim": [32, 32], "axial_pos_shape": [16, 16]},
+    "blt": {"num_hidden_layers": LAYERS},  # its cache reads the top config's layer count, which it lacks
     # Sizes that must agree in ways the generic shrink does not know.
     "mamba2": {"num_heads": 8},
     "dory": {"num_hidden_layers": 4, "layer_types": ["sliding_attention", "full_attention"] * 2, "n_input_layers": 1,
