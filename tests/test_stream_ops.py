@@ -467,6 +467,29 @@ def test_a_stream_renormalised_in_place_rotates_exactly_and_slices():
     assert relative_error(sliced(ids), model(ids)) < 1.0
 
 
+class OneOpSphereLM(SphereLM):
+    """The same stream renormalised by a single weightless ``rms_norm`` op (``F.rms_norm(x, (d,))``) rather
+    than one written out."""
+
+    @staticmethod
+    def sphere(x):
+        return nn.functional.rms_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def test_a_stream_renormalised_in_place_by_one_rms_norm_op_rotates_without_inserted_linears():
+    model = OneOpSphereLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    assert not fxslice.report(rotated)["skipped"]
+    assert relative_error(rotated(ids), model(ids)) < 1e-12
+    sliced = calibrated_quarter(model)
+    assert not plan_of(sliced).details["fuse_norm"]["post_norms"]
+    kept = [n.meta[FUSED_NORM] for n in sliced.graph.nodes if FUSED_NORM in n.meta]
+    assert {k.width for k in kept} == {ARCH.width} and sum(k.in_stream for k in kept) == len(kept) - 1 == 4 * ARCH.depth
+    assert {s["width_after"] for s in fxslice.report(sliced)["states"]} == {24}
+    assert relative_error(sliced(ids), model(ids)) < 1.0
+
+
 class LoopedLM(TinyLM):
     """Layers run more than once (transformers' hrm_text, dory): the same blocks, norms included, are applied
     ``loops`` times, each pass starting from the last one's output renormalised (RMS, no ``γ``) plus the

@@ -53,7 +53,7 @@ class Norm:
     fused: FusedNorm | None  # set on fxslice's canonical weightless form
     blocks: int = 1  # copies of the stream side by side in ``input`` (its last dim merged with others)
     uniform: bool = True  # γ is one number for every feature (or absent)
-    scaling: fx.Node | None = None  # the op multiplying ``input`` by its per-token factor (written-out forms)
+    scaling: fx.Node | None = None  # the op multiplying ``input`` by its per-token factor (not fxslice's own)
 
     @property
     def commutes(self) -> bool:
@@ -266,6 +266,9 @@ def find_norms(gm: fx.GraphModule) -> list[Norm]:
             if bias is None:
                 continue
         out, weight, bias, uniform = _extend(node, width, weight, bias, uniform)
-        scaling = node if is_op(node, aten.mul, aten.div) else None
+        # The op that multiplies x by its per-token factor: a written-out form's mul or div, or a single
+        # rms_norm op of the model's own (fxslice's weightless readers are not in a stream).
+        single = is_op(node, aten.rms_norm) and fused is None
+        scaling = node if is_op(node, aten.mul, aten.div) or single else None
         norms.append(Norm(x, out, kind, width, eps, weight, bias, readers, fused, uniform=uniform, scaling=scaling))
     return norms

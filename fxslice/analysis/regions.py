@@ -191,7 +191,7 @@ def _grow(seed: fx.Node, by_reader: dict, by_output: dict) -> _Growth:
         if n in g.nodes:
             continue
         g.nodes.add(n)
-        _producer(n, g, queue, by_output)
+        _producer(n, g, queue, by_output, by_reader)
         for user in n.users:
             norm = by_reader.get(user)
             if norm is not None and norm.input is n:
@@ -262,7 +262,7 @@ def _merged_reads(start: fx.Node, origin: fx.Node, blocks: int, g: _Growth, by_r
                                       "cannot rotate through", _HINT_OP))
 
 
-def _producer(n: fx.Node, g: _Growth, queue: list, by_output: dict) -> None:
+def _producer(n: fx.Node, g: _Growth, queue: list, by_output: dict, by_reader: dict) -> None:
     if n in g.sources:
         return
     if n.op == "get_attr":
@@ -285,6 +285,12 @@ def _producer(n: fx.Node, g: _Growth, queue: list, by_output: dict) -> None:
         g.sources[n] = Source(n, use=use)
         if n.meta.get(SKIP_EDGE) and use.input is not None:
             queue.append(use.input)  # a skip matrix links the state it reads into this region
+        return
+    single = by_reader.get(n)
+    if single is not None and single.scaling is n and single.commutes and is_op(n, aten.rms_norm):
+        g.readers[single] = 1  # one rms_norm op: rms(xQ) = rms(x)Q, the state runs back to its input
+        g.stream_norms.add(single)
+        queue.append(single.input)
         return
     operands = []
     if n.op == "call_function":
