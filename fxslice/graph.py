@@ -265,8 +265,8 @@ def refresh_shapes(gm: fx.GraphModule) -> None:
     mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=_data_dependent_sizes(gm))
     with mode:
         inputs = [_concrete_like(n.meta.get("val")) for n in placeholders]
-    # Shapes do not depend on autograd, and a graph may update its own weights in place (rwkv rescales
-    # them in forward), which autograd forbids on a leaf that requires grad.
+    # Shapes do not depend on autograd, and a graph may update its own weights in place (a model that
+    # rescales them in forward), which autograd forbids on a leaf that requires grad.
     with fake_weights(gm, mode), torch.no_grad():
         FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*inputs)
 

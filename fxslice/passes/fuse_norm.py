@@ -19,6 +19,10 @@
 * A constant per-channel scale of the stream (``s ⊙ x``: a learned weight on the residual branch) becomes
   an inserted linear ``diag(s)``, in the same loop: it reads one state and writes into the next, as the
   skip matrix that edge would need anyway, and rotate folds ``Q_iᵀ diag(s) Q_j`` into it.
+* An op that reads or writes a stream's vectors without commuting with a rotation (a norm gated by a
+  sigmoid of itself, a convolution along the sequence) does so through an inserted ``I`` on that edge, in
+  the same loop, where the stream's weights pay for it (``_bridges_pay``): rotate makes a reader's
+  ``Qᵀ`` and a writer's ``Q``.
 """
 
 from __future__ import annotations
@@ -105,10 +109,10 @@ class FuseNorm(FxslicePass):
             record["bridged_ops"] = [where for where, _ in opaque_ops]
             places = list(dict.fromkeys(f"{op} in module '{where}'" for where, op in opaque_ops))
             listed = "; ".join(places[:4]) + ("; …" if len(places) > 4 else "")
-            warnings.warn(f"fuse_norm: {len(opaque_ops)} ops that do not commute with a rotation read or write "
-                          f"the residual stream through an inserted linear (d × d each, counted in the "
-                          f"parameters): {listed}. Where such an op does commute (it acts on each token's feature "
-                          "vector as a whole), fxslice.analysis.register_stream_op saves its linear", stacklevel=3)
+            warnings.warn(f"fuse_norm: ops that do not commute with a rotation read or write the residual stream "
+                          f"through {len(opaque_ops)} inserted linears (d × d each, counted in the parameters): "
+                          f"{listed}. Where such an op does commute (it acts on each token's feature vector as a "
+                          "whole), fxslice.analysis.register_stream_op saves its linears", stacklevel=3)
         fusable = [r for r in regions if not r.reason()]
         bridged = {s.use.node for r in fusable for s in r.sinks if s.norm is not None}
         streams = {s.node for r in regions for s in r.sources} | {s.use.node for r in regions for s in r.sinks}
@@ -228,7 +232,7 @@ class FuseNorm(FxslicePass):
             pending = [s.norm for r in regions if not r.reason() for s in r.sources if s.norm is not None]
             scaled, bridges = {}, {}
             for region in regions:
-                matches = [(_channel_scale(b.node), _reader_bridge(b, region)) for b in region.blockers]
+                matches = [(_channel_scale(b.node), _bridge_edge(b, region)) for b in region.blockers]
                 # only where nothing else stops the stream: d × d is worth it if the stream then rotates
                 if not all(scale or bridge for scale, bridge in matches):
                     continue
@@ -327,9 +331,9 @@ def _channel_scale(node: fx.Node) -> tuple[fx.Node, fx.Node, torch.Tensor] | Non
     return None
 
 
-def _reader_bridge(blocker: Blocker, region: Region) -> tuple[fx.Node, fx.Node] | None:
+def _bridge_edge(blocker: Blocker, region: Region) -> tuple[fx.Node, fx.Node | None] | None:
     """The edge where an inserted ``I`` removes ``blocker`` (``Blocker.bridge``), or None. A centred
-    stream's own vector is not bridged: its reader would see ``xC``, the mean lost."""
+    stream's own vector is not bridged to a reader: it would see ``xC``, the mean lost."""
     if blocker.bridge is None:
         return None
     value, reader = blocker.bridge
