@@ -582,7 +582,10 @@ def test_a_centred_streams_own_vector_is_not_bridged_its_mean_would_be_lost():
     arch = Arch(width=32, heads=4, kv_heads=2, depth=2, mlp=128, norm="layer", bias=True)
     with pytest.raises(UnsupportedGraphError, match="read by an op fxslice cannot rotate through"):
         compile_quietly(OpaqueOpsLM(arch).double().eval(), [fuse_norm])
-    compile_quietly(OpaqueOpsLM(arch, stream_read=False).double().eval(), [fuse_norm])  # its norms' outputs are
+    # Without the tanh of the stream itself, a norm's output and a block's output are bridged on a centred
+    # stream as on any other.
+    fused = compile_quietly(OpaqueOpsLM(arch, stream_read=False).double().eval(), [fuse_norm])
+    assert len(plan_of(fused).details["fuse_norm"]["bridged_ops"]) == 2 * arch.depth
 
 
 def test_bridges_are_not_inserted_where_slicing_a_quarter_would_not_pay_for_them():

@@ -208,12 +208,13 @@ def _grow(seed: fx.Node, by_reader: dict, by_output: dict) -> _Growth:
                 continue
             step = stream_step(user, n)
             if step is None:
-                hint = _HINT_OP
+                hint, bridge = _HINT_OP, (n, user)
                 if user.op == "output":
                     hint = "return only the model's final outputs (e.g. output_hidden_states=False)"
                 elif user.op == "call_function" and "dropout" in str(user.target):
+                    # training mode is the thing to fix, not a linear to insert
                     hint = "call model.eval() before compiling (dropout in training mode does not commute)"
-                bridge = None if "dropout" in str(user.target) else (n, user)
+                    bridge = None
                 g.blockers.append(Blocker(user, "the residual stream is read by an op fxslice cannot rotate through",
                                           hint, bridge))
                 continue
