@@ -29,11 +29,31 @@ def load_smollm2():
     return load_causal_lm(smollm2_dir(), GGUF)
 
 
-def machine() -> str:
+def machine(device: str | None = None) -> str:
+    """Date, processor, torch, threads, and the accelerator when ``device`` is one (a CUDA device's name)."""
     import torch
 
+    accelerator = ""
+    if device is not None and torch.device(device).type == "cuda":
+        accelerator = f", {torch.cuda.get_device_name(torch.device(device))}"
     return (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads{accelerator}")
+
+
+def synchronised(fn, device: str):
+    """``fn`` followed by waiting for the device's queued work, so that a wall-clock timer around it
+    measures the work and not only its launch (a no-op on the CPU)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
 
 
 def held_out_valid(tokenizer, samples: int = 64) -> tuple[list, str]:

@@ -3,6 +3,7 @@
     python benchmarks/quality.py                 # the whole table (about an hour on 2 cores)
     python benchmarks/quality.py --rows dense "0.25 constant"
     python benchmarks/quality.py --rows budgets  # slice(budget=…) at 0.90 … 0.70
+    python benchmarks/quality.py --rows dense "0.25 constant" --device cuda --dtype bfloat16
 
 Protocol: the reference SliceGPT's stream (``fxslice.data.join_rows``: the dataset's rows joined by
 blank lines) for calibration and evaluation alike; calibration on 64 windows x 512 tokens drawn from the
@@ -14,12 +15,14 @@ and then the compression (each row's time ratio compares two timings taken back 
 process), and measures perplexity. The second (rows without ``seed=``) only compresses, with
 MALLOC_MMAP_THRESHOLD_=1048576, and measures the peak RSS: glibc then returns freed tensors to the OS at
 once, so the peak is memory in use rather than what the allocator kept after frees. That setting costs
-every large allocation fresh page faults, so it is kept out of the timed run.
+every large allocation fresh page faults, so it is kept out of the timed run. On a GPU (``--device``)
+there is no memory run (the RSS says nothing of the device's memory) and each timing waits for the device.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -28,7 +31,7 @@ import threading
 import time
 import warnings
 
-from common import TEST, VALID, load_smollm2, machine
+from common import TEST, VALID, load_smollm2, machine, synchronised
 
 ROWS = [
     "dense",
@@ -85,8 +88,10 @@ class PeakRSS:
         self.peak = max(self.peak, self.now())
 
 
-def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = False, timed: bool = True) -> dict:
-    """One row: time and perplexity, or (``memory``) only the peak RSS of the compression."""
+def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = False, timed: bool = True,
+            device: str = "cpu", dtype: str = "float32") -> dict:
+    """One row: time and perplexity, or (``memory``) only the peak RSS of the compression; the model is
+    moved to ``device`` in ``dtype`` before anything is measured."""
     import torch
 
     import fxslice
@@ -98,6 +103,7 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
+    model = model.to(device, getattr(torch, dtype))
     words = spec.split()
     seed = int(next((w[5:] for w in words if w.startswith("seed=")), 42))
     test = join_rows(TEST)
@@ -105,11 +111,15 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
                                       batch_size=8, seed=seed)
     row: dict = {"row": spec}
 
-    def dense_forward_s() -> float:
-        start = time.perf_counter()
+    @functools.partial(synchronised, device=device)
+    def dense_forward() -> None:
         with torch.no_grad():
             for batch in calibration:
-                model(**batch)
+                model(**{k: v.to(device) for k, v in batch.items()})
+
+    def dense_forward_s() -> float:
+        start = time.perf_counter()
+        dense_forward()
         return time.perf_counter() - start
 
     if spec == "dense":
@@ -137,7 +147,7 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
     if timed:
         row["dense_forward_s"] = dense_forward_s()
     start = time.perf_counter()
-    compressed = fxslice.compile(model, passes, calibration=calibration)
+    compressed = synchronised(lambda: fxslice.compile(model, passes, calibration=calibration), device)()
     row["compress_s"] = time.perf_counter() - start
     report = fxslice.report(compressed)
     row["eigh_s"] = (report["rotation"] or {}).get("eigh_s", 0.0)
@@ -160,6 +170,9 @@ def main() -> None:
     parser.add_argument("--perplexity-only", action="store_true", help="no dense-forward timing and no memory "
                         "process: perplexity, parameters and compression time only (for a machine shared with "
                         "other work, where timings would not mean anything)")
+    parser.add_argument("--device", default="cpu", help="compress and evaluate on this device, e.g. cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the weights' dtype (statistics stay float64)")
     parser.add_argument("--table", metavar="ROWS.jsonl", help="only print the table of rows a run already measured "
                         "(the JSON lines it writes to stderr, e.g. from a run stopped before its last rows)")
     args = parser.parse_args()
@@ -167,13 +180,13 @@ def main() -> None:
         args.rows = BUDGET_ROWS
     if args.one:
         print(json.dumps(one_row(args.one, args.samples, args.seq_len, args.windows, args.memory,
-                                 timed=not args.perplexity_only)), flush=True)
+                                 timed=not args.perplexity_only, device=args.device, dtype=args.dtype)), flush=True)
         return
 
     def run(spec: str, memory: bool) -> dict:
         command = [sys.executable, __file__, "--one", spec, "--samples", str(args.samples),
                    "--seq-len", str(args.seq_len), "--windows", str(args.windows)] + (["--memory"] if memory else []) \
-            + (["--perplexity-only"] if args.perplexity_only else [])
+            + (["--perplexity-only"] if args.perplexity_only else []) + ["--device", args.device, "--dtype", args.dtype]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"} if memory else dict(os.environ)
         out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -184,14 +197,15 @@ def main() -> None:
             results = [json.loads(line) for line in rows if line.strip()]
         args.rows = [r["row"] for r in results]
     for spec in [] if args.table else args.rows:
-        memory = spec != "dense" and "seed=" not in spec and not args.perplexity_only
+        memory = spec != "dense" and "seed=" not in spec and not args.perplexity_only and args.device == "cpu"
         results.append(run(spec, memory=False) | (run(spec, memory=True) if memory else {}))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     dense = next((r for r in results if r["row"] == "dense"), None)
-    print(f"<!-- {machine()}, CPU, "
+    elsewhere = f" --device {args.device} --dtype {args.dtype}" if (args.device, args.dtype) != ("cpu", "float32") else ""
+    print(f"<!-- {machine(args.device)}, {'CPU' if args.device == 'cpu' else args.device}, {args.dtype}, "
           f"command: python benchmarks/quality.py{'' if args.rows == ROWS else ' --rows ' + ' '.join(repr(r) for r in args.rows)}"
           f"{' --perplexity-only' if args.perplexity_only else ''}"
-          f" --samples {args.samples} --seq-len {args.seq_len} --windows {args.windows} -->")
+          f"{elsewhere} --samples {args.samples} --seq-len {args.seq_len} --windows {args.windows} -->")
     timed = any("dense_forward_s" in r for r in results)
     header = ["configuration", "perplexity", "× dense", "reference SliceGPT at this ratio", "parameters", "× dense"]
     if timed:

@@ -1,13 +1,15 @@
-"""Speed and size of sliced SmolLM2-135M-Instruct against the dense model, on this machine's CPU.
+"""Speed and size of sliced SmolLM2-135M-Instruct against the dense model, on this machine's CPU or a GPU.
 
     python benchmarks/speed.py                       # the table in the README (about 15 minutes on 2 cores)
     python benchmarks/speed.py --rows dense 0.25 --compile-rows
+    python benchmarks/speed.py --device cuda --dtype bfloat16
 
 Per row: total parameters (every one, inserted matrices included), prefill latency for 1×512 and 8×128
 tokens, greedy decode tokens/s (batch 1, a 32-token prompt, --new-tokens generated, KV cache on both
 sides: transformers' own for the dense model, fxslice's decoding graph for the sliced ones): medians of
 --repeats rounds after a warm-up, the rows taking turns within each round so that a slow spell of the
-machine falls on all of them. Then prefill latency again after ``torch.compile`` (inductor, CPU).
+machine falls on all of them. Then prefill latency again after ``torch.compile`` (inductor). On a GPU
+each timed call ends by waiting for the device (``torch.cuda.synchronize``).
 
 Slicing only changes shapes, so the sliced models here are calibrated on a smaller sample (16 windows ×
 128 tokens) than the quality protocol; their widths, and so their speed, are the same.
@@ -23,7 +25,7 @@ import warnings
 
 import torch
 
-from common import VALID, load_smollm2, machine
+from common import VALID, load_smollm2, machine, synchronised
 
 ROWS = ["dense", "0.10", "0.25", "0.30", "0.25 head", "0.25 shared head"]
 """``dense``, ``ratio [head] [shared]`` or ``budget B``: ``head`` also slices the states the head reads;
@@ -80,8 +82,9 @@ def parameters(model) -> int:
 
 
 def prefill_inputs(model) -> dict:
-    """The token ids every row is timed on, by shape: 1×512 and 8×128."""
-    return {shape: torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    """The token ids every row is timed on, by shape: 1×512 and 8×128, on the model's device."""
+    generator = torch.Generator().manual_seed(0)
+    return {shape: torch.randint(0, model.config.vocab_size, shape, generator=generator).to(model.device)
             for shape in ((1, 512), (8, 128))}
 
 
@@ -94,7 +97,7 @@ def workloads(model, args) -> dict:
     calls["decode_s"] = lambda: model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                                do_sample=False)
-    return calls
+    return {name: synchronised(fn, args.device) for name, fn in calls.items()}
 
 
 def compiled_prefill(model, args) -> dict:
@@ -103,7 +106,8 @@ def compiled_prefill(model, args) -> dict:
     dense_only = {} if hasattr(model, "graph_module") else {"use_cache": False}
     compiled = torch.compile(forward, dynamic=False)
     for shape, x in prefill_inputs(model).items():
-        call = (lambda x=x: compiled(input_ids=x, attention_mask=torch.ones_like(x), **dense_only))
+        call = synchronised(lambda x=x: compiled(input_ids=x, attention_mask=torch.ones_like(x), **dense_only),
+                            args.device)
         start = time.perf_counter()
         call()
         row[f"compile_{shape[0]}x{shape[1]}_s"] = time.perf_counter() - start
@@ -118,10 +122,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--compile-rows", nargs="*", default=["dense", "0.25"],
                         help="rows also measured after torch.compile (inductor compiles for minutes on 2 cores)")
+    parser.add_argument("--device", default="cpu", help="run (and compress) on this device, e.g. cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the weights' dtype, dense and sliced alike (statistics stay float64)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
+    model = model.to(args.device, getattr(torch, args.dtype))
     models = {spec: build(spec, model, tokenizer) for spec in args.rows}
     with torch.no_grad():
         medians = interleaved_medians({spec: workloads(m, args) for spec, m in models.items()}, args.repeats)
@@ -143,8 +151,11 @@ def main() -> None:
         command += " --compile-rows " + " ".join(repr(r) for r in args.compile_rows)
     if args.repeats != 5:
         command += f" --repeats {args.repeats}"
+    if args.device != "cpu" or args.dtype != "float32":
+        command += f" --device {args.device} --dtype {args.dtype}"
     compiled = bool(args.compile_rows)
-    print(f"<!-- {machine()}, CPU, command: {command} -->")
+    where = "CPU" if args.device == "cpu" else args.device
+    print(f"<!-- {machine(args.device)}, {where}, {args.dtype}, command: {command} -->")
     header = "| configuration | parameters | prefill 1×512 | prefill 8×128 | decode tokens/s |"
     line = "|---|---|---|---|---|"
     if compiled:

@@ -801,10 +801,10 @@ def lost_fraction(fitted: torch.Tensor, unit: torch.Tensor, pca=pca, reads: torc
         p = (rotation.T @ unit @ rotation) * (rotation.T @ reads.to(rotation) @ rotation)
         # Σ_{i,j ≥ k} p_ij for every k: the diagonal of the 2-D cumulative sum of p read backwards.
         suffix = p.flip(0, 1).cumsum(0).cumsum(1).diagonal().flip(0)
-        return torch.cat([suffix / suffix[0], torch.zeros(1, dtype=p.dtype)]).clamp_min(0.0)
+        return torch.cat([suffix / suffix[0], p.new_zeros(1)]).clamp_min(0.0)
     # q_jᵀ Û q_j = Σ_i (Û Q)_ij Q_ij: the diagonal of QᵀÛQ without the second product.
     kept = ((unit @ rotation) * rotation).sum(0).cumsum(0) / torch.trace(unit)
-    return torch.cat([torch.ones(1, dtype=kept.dtype), (1.0 - kept).clamp_min(0.0)])
+    return torch.cat([kept.new_ones(1), (1.0 - kept).clamp_min(0.0)])
 
 
 class PCARotation:

@@ -62,9 +62,9 @@ def _hf_example_inputs(model, example_inputs) -> dict[str, torch.Tensor]:
             f"example inputs for {type(model).__name__} must be a dict with 'input_ids' (and optionally "
             f"'attention_mask'); got {type(example_inputs).__name__}"
         )
-    ids = example_inputs["input_ids"]
+    ids = example_inputs["input_ids"].to(device)  # the model runs on fakes of them: devices must agree
     mask = example_inputs.get("attention_mask")
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask.to(device)}
 
 
 def example_like(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -181,9 +181,9 @@ def cache_length(needed: int, limit: int) -> int:
 
 
 def _base(compressed: Any) -> torch.nn.Module:
-    """The original architecture, empty, with the compressed graph's position tables."""
+    """The original architecture, empty, on the compressed graph's device, with its position tables."""
     gm = compressed.graph_module
-    base = empty_causal_lm(compressed.config, compressed.dtype, class_name=plan_of(gm).class_name)
+    base = empty_causal_lm(compressed.config, compressed.dtype, compressed.device, class_name=plan_of(gm).class_name)
     match_buffer_dtypes(base, {t: get_tensor(gm, t).dtype for t in tensor_targets(gm)}, HF_PREFIX)
     with torch.no_grad():  # real position tables (ids, rotary frequencies) for the call that allocates the cache
         targets = set(tensor_targets(gm))
@@ -204,12 +204,13 @@ def _capture_decoder(base: torch.nn.Module, batch_size: int, length: int, one_to
     # T positions of the attention mask, which here covers the whole static cache: one token at a time.
     one_token = one_token or any(key is not None for _, _, key, _ in module.cached)
     example = 1 if one_token else 5
-    kwargs = {
+    kwargs = {  # where the weights are: export runs the model on fakes of these, and devices must agree
         "input_ids": torch.zeros(batch_size, example, dtype=torch.long),
         "attention_mask": torch.ones(batch_size, example + 1, dtype=torch.long),  # unlike T, so L stays its own
         "position_ids": torch.arange(example).expand(batch_size, -1).contiguous(),
         "cache_position": torch.arange(example),
     }
+    kwargs = {name: value.to(base.device) for name, value in kwargs.items()}
     tokens, total = Dim("tokens", min=1, max=length - 1), Dim("total", min=1, max=length - 1)
     shapes = {"input_ids": {1: tokens}, "attention_mask": {1: total}, "position_ids": {1: tokens},
               "cache_position": {0: tokens}}
@@ -380,16 +381,18 @@ def _verify(decoder: fx.GraphModule, compressed: Any, batch: int) -> None:
     """Prefill 5 tokens and decode 3 more one at a time, then start again from another 3-token prompt (the
     cache rewinds) and decode one: every logit must match the compressed graph's."""
     generator = torch.Generator().manual_seed(0)
+    device = compressed.device
     error = 0.0
     for prompt, steps in ((5, 3), (3, 1)):
-        ids = torch.randint(0, compressed.config.vocab_size, (batch, prompt + steps), generator=generator)
+        ids = torch.randint(0, compressed.config.vocab_size, (batch, prompt + steps), generator=generator).to(device)
         mask = torch.ones_like(ids)
         full = compressed.graph_for(ids, mask)(input_ids=ids, attention_mask=mask).logits
         logits = [run_decoder(decoder, ids[:, :prompt], torch.ones_like(ids[:, :prompt]),
-                              torch.arange(prompt).expand(batch, -1), torch.arange(prompt))]
+                              torch.arange(prompt, device=device).expand(batch, -1), torch.arange(prompt, device=device))]
         for t in range(prompt, prompt + steps):
             logits.append(decoder(input_ids=ids[:, t : t + 1], attention_mask=torch.ones_like(ids[:, : t + 1]),
-                                  position_ids=torch.full((batch, 1), t), cache_position=torch.tensor([t])))
+                                  position_ids=torch.full((batch, 1), t, device=device),
+                                  cache_position=torch.tensor([t], device=device)))
         run, tolerance = logit_error(torch.cat(logits, 1), full)
         error = max(error, run)
     if not error <= tolerance:

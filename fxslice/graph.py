@@ -149,6 +149,7 @@ def add_parameter(gm: fx.GraphModule, hint: str, tensor: torch.Tensor, before: f
         n += 1
         name = f"{base}_{n}"
     store = gm.meta.get(STREAMED)
+    tensor = tensor.to(graph_device(gm))  # built on the CPU (an identity, a scale) for a graph that may not be
     if buffer:
         holder.register_buffer(name, tensor)
         held = tensor

@@ -155,8 +155,9 @@ class _Trainable:
             # A like nn.Linear's default init (kaiming-uniform, a=√5), B zero: training starts at W.
             bound = 1.0 / math.sqrt(inp)
             a = (torch.rand(rank, inp, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-            self.tensors[f"{key}::lora_A"] = a.to(self.master[key]).requires_grad_(True)
-            self.tensors[f"{key}::lora_B"] = torch.zeros(out, rank, dtype=self.master[key]).requires_grad_(True)
+            device = self.frozen[key].device
+            self.tensors[f"{key}::lora_A"] = a.to(device, self.master[key]).requires_grad_(True)
+            self.tensors[f"{key}::lora_B"] = torch.zeros(out, rank, dtype=self.master[key], device=device).requires_grad_(True)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.tensors[k] for k in sorted(self.tensors)]

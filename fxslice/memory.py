@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, ShapeEnv
 
 from .errors import CalibrationError
-from .graph import computes_sizes_from_values, fake_weights, flat_inputs
+from .graph import computes_sizes_from_values, fake_weights, flat_inputs, graph_device
 
 __all__ = ["GiB", "MAX_MEMORY_ENV", "available_bytes", "calibration_estimate", "check_fits", "describe", "fits",
            "value_bytes"]
@@ -55,8 +55,11 @@ def value_bytes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict[fx.Node, 
 
     # A throwaway environment for sizes computed from values: the capture's own is left as it was.
     mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv() if computes_sizes_from_values(gm) else None)
+    device = graph_device(gm)  # the batch may wait on the CPU for a graph on a GPU: its fakes go where it runs
+    inputs = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
+              for x in flat_inputs(gm, args, kwargs)]
     with fake_weights(gm, mode), mode:
-        _Measure(gm).run(*flat_inputs(gm, args, kwargs))
+        _Measure(gm).run(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs))
     return sizes
 
 

@@ -88,6 +88,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "blt": {"num_hidden_layers": LAYERS},  # its cache reads the top config's layer count, which it lacks
     # Sizes that must agree in ways the generic shrink does not know.
     "mamba2": {"num_heads": 8},
+    "kolibri1_1": {"index_num_heads": 1},  # an indexer scores with the query heads of key head 0
     "dory": {"num_hidden_layers": 4, "layer_types": ["sliding_attention", "full_attention"] * 2, "n_input_layers": 1,
              "n_output_layers": 1, "n_recurrent_layers": 2},
     # Layer kinds that only work in company: shared KV needs producing layers of each kind; a shared block

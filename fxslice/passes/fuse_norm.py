@@ -85,7 +85,7 @@ def _fold(gm: fx.GraphModule, use: WeightUse, gamma: torch.Tensor | None, beta: 
             raise UnsupportedGraphError(f"cannot fold a norm's bias into the {weight.dim()}-D weight of "
                                         f"{use.node.format_node()}")
         # (x + β)W = xW + βW: contract β with the weight's input axis.
-        _add_bias(gm, use, torch.movedim(weight, side.axis, -1) @ beta)
+        _add_bias(gm, use, torch.movedim(weight, side.axis, -1) @ beta.to(weight))  # β may be a CPU constant
     if gamma is not None:
         scale_axis(gm, side, gamma)  # (x·diag(γ))W = x(diag(γ)W)
 
@@ -286,7 +286,7 @@ def _restore_mean(gm: fx.GraphModule, use: WeightUse, x: fx.Node, gamma: torch.T
     parameters instead of untying ``V × d``). Reads ``E`` before it is centred."""
     dtype = tensor_meta(gm, use.weight).dtype
     shared = torch.movedim(get_tensor(gm, use.weight).detach().to(torch.float64), use.in_axis, -1)  # [V, d]
-    offset = shared @ beta if beta is not None else None
+    offset = shared @ beta.to(shared) if beta is not None else None
     scale = insert_linear(gm, x, (gamma / gamma.numel()).unsqueeze(0).to(dtype), None,
                           f"mean_{_where(use.node)}", use.node)  # x ↦ x·γ/d
     correction = insert_linear(gm, scale, shared.sum(-1, keepdim=True).to(dtype),

@@ -76,7 +76,7 @@ def removal_path(c: torch.Tensor, w: torch.Tensor, remove: int, ridge: float, fi
     most of the path's work, shrink with it."""
     m = c.shape[0]
     damp = ridge * float(c.diagonal().mean()) or ridge
-    a = torch.cholesky_inverse(torch.linalg.cholesky(c + damp * torch.eye(m, dtype=c.dtype)))
+    a = torch.cholesky_inverse(torch.linalg.cholesky(c + damp * torch.eye(m, dtype=c.dtype, device=c.device)))
     beta = w.to(torch.float64).clone()
     candidate = torch.ones(m, dtype=torch.bool)
     candidate[m - fixed:] = False

@@ -39,7 +39,7 @@ def value_transform(c: torch.Tensor, o: torch.Tensor, keep: int, ridge: float) -
     that read them (see the module docstring). ``c``: ``Σ VᵀV`` (float64, ``d_h × d_h``); ``o``: the
     group's output rows side by side (``d_h × n``)."""
     damp = ridge * float(c.diagonal().mean()) or ridge
-    values, vectors = torch.linalg.eigh(c + damp * torch.eye(c.shape[0], dtype=c.dtype))
+    values, vectors = torch.linalg.eigh(c + damp * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
     root = vectors @ torch.diag(values.sqrt()) @ vectors.T
     inverse_root = vectors @ torch.diag(values.rsqrt()) @ vectors.T
     u, _, _ = torch.linalg.svd(root @ o, full_matrices=False)
