@@ -369,12 +369,13 @@ def _idle_cast(node: fx.Node) -> bool:
 
 
 @torch.no_grad()
-def logit_error(mine: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+def logit_error(mine: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[float, float]:
     """How far ``mine`` is from ``reference`` (the largest difference over the reference's largest logit)
-    and the most it may be for the reference's dtype: 1e-4 in float32 and float64 (transformers computes
-    norms in float32 even in a float64 model), 3e-2 in half precision."""
+    and the most it may be for ``dtype`` (default the reference's), the dtype the model computes in: 1e-4
+    in float32 and float64 (transformers computes norms in float32 even in a float64 model), 3e-2 in half
+    precision."""
     error = float((mine - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
-    return error, (1e-4 if reference.dtype in (torch.float32, torch.float64) else 3e-2)
+    return error, (1e-4 if (dtype or reference.dtype) in (torch.float32, torch.float64) else 3e-2)
 
 
 def _verify(decoder: fx.GraphModule, compressed: Any, batch: int) -> None:

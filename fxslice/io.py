@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .capture import HF_PREFIX, capture, example_like
+from .decode import logit_error
 from .distributed import on_rank0
 from .errors import UnsupportedGraphError
 from .graph import STREAMED, get_tensor, graph_device, set_tensor, tensor_meta, tensor_targets
@@ -51,18 +52,38 @@ SHARD_BYTES = 2 * 1024**3
 """Largest weights file a streamed model is saved in (its store's budget when that is smaller)."""
 
 
-def fingerprint(gm: fx.GraphModule, device: str | torch.device | None = None) -> str:
-    """sha256 of the generated code and of every tensor's name, shape and dtype. With ``device``, the code
-    is read as if it named that device where it names its own (a graph rebuilt on another device than
-    the one it was saved from)."""
-    code = gm.code
+def fingerprint(gm: fx.GraphModule, device: str | torch.device | None = None, code: bool = True) -> str:
+    """sha256 of the generated code and of every tensor's name, shape and dtype (``code=False``: of the
+    tensors only). With ``device``, the code is read as if it named that device where it names its own (a
+    graph rebuilt on another device than the one it was saved from)."""
+    text = gm.code if code else ""
     if device is not None and torch.device(device) != graph_device(gm):
-        code = code.replace(repr(graph_device(gm)), repr(torch.device(device)))
-    digest = hashlib.sha256(code.encode())
+        text = text.replace(repr(graph_device(gm)), repr(torch.device(device)))
+    digest = hashlib.sha256(text.encode())
     for target in tensor_targets(gm):
         tensor = tensor_meta(gm, target)
         digest.update(f"{target}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
     return digest.hexdigest()
+
+
+PROBE_POSITIONS, PROBE_LOGITS = 4, 16
+"""A saved causal LM's probe: the first ``PROBE_LOGITS`` logits at its last ``PROBE_POSITIONS`` positions."""
+
+
+def probe_logits(model: torch.nn.Module) -> torch.Tensor | None:
+    """What ``model`` computes on fixed token ids (two rows at the capture's length), a corner of its
+    logits in float64 on the CPU: how a graph rebuilt on another device is checked, where the model code
+    may trace to other operations (``load``). None for a streamed graph (a forward would read every weight
+    once more) and for modules other than a causal LM."""
+    gm = graph_module(model)
+    if not isinstance(model, SlicedCausalLM) or gm.meta.get(STREAMED) is not None:
+        return None
+    length = plan_of(gm).capture_length or 8
+    vocab = int(getattr(model.config.get_text_config(), "vocab_size", 2) or 2)
+    ids = torch.arange(2 * length).reshape(2, length) * 7919 % vocab  # fixed, spread over the vocabulary
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device)).logits
+    return logits[:, -PROBE_POSITIONS:, :PROBE_LOGITS].to("cpu", torch.float64)
 
 
 def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
@@ -106,8 +127,12 @@ def _save(gm: fx.GraphModule, model: torch.nn.Module, directory: Path, tokenizer
         "aliases": aliases,
         "dtypes": {target: str(tensor_meta(gm, target).dtype).removeprefix("torch.") for target in tensor_targets(gm)},
         "fingerprint": fingerprint(gm),
+        "tensors": fingerprint(gm, code=False),
         "device": str(graph_device(gm)),
     }
+    probe = probe_logits(model)
+    if probe is not None:
+        recipe["probe"] = probe.tolist()
 
     def write(staging: Path) -> None:
         # One metadata entry: safetensors writes its metadata map in hash order, so two entries could
@@ -262,13 +287,20 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
         if source in tensors:
             tensors[target] = tensors[source]
     saved_on = recipe.get("device", "cpu")
+    moved = torch.device(saved_on) != graph_device(gm)
+    elsewhere = (f"; it was compressed on {saved_on} and rebuilt on {graph_device(gm)}, where the model code may "
+                 f"trace differently — load it on {saved_on}" if moved else "")
+    mismatch = UnsupportedGraphError(
+        f"the graph rebuilt from {directory} differs from the one saved (fingerprint mismatch); it was saved "
+        f"with {recipe.get('versions')} — load it with those versions of torch and transformers{elsewhere}")
+    # On another device the model code may trace to other operations for the same function (a kernel
+    # chosen by device): then the weights must still fit by name, shape and dtype, and the rebuilt model
+    # must compute the saved logits (checked below, once the weights are in).
+    probe = None
     if fingerprint(gm, device=saved_on) != recipe.get("fingerprint"):
-        elsewhere = (f"; it was compressed on {saved_on} and rebuilt on {graph_device(gm)}, where the model code "
-                     f"may trace differently — load it on {saved_on}" if torch.device(saved_on) != graph_device(gm) else "")
-        raise UnsupportedGraphError(
-            f"the graph rebuilt from {directory} differs from the one saved (fingerprint mismatch); it was saved "
-            f"with {recipe.get('versions')} — load it with those versions of torch and transformers{elsewhere}"
-        )
+        if not (moved and recipe.get("probe") is not None and recipe.get("tensors") == fingerprint(gm, code=False)):
+            raise mismatch
+        probe = torch.tensor(recipe["probe"], dtype=torch.float64)
     expected = tensor_targets(gm)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -284,5 +316,10 @@ def load(directory: str | os.PathLike, model: torch.nn.Module | None = None, exa
         source = recipe.get("aliases", {}).get(target, target)
         shared.setdefault(source, tensors[target].to(to))
         set_tensor(gm, target, shared[source])
-    return SlicedCausalLM(gm, config) if config is not None else gm
+    loaded = SlicedCausalLM(gm, config) if config is not None else gm
+    if probe is not None:
+        error, tolerance = logit_error(probe_logits(loaded), probe, dtype)
+        if not error <= tolerance:
+            raise UnsupportedGraphError(f"{mismatch}; its logits differ from the saved ones by {error:.2g} (relative)")
+    return loaded
 

@@ -111,6 +111,38 @@ def test_damaged_directories_name_the_file(saved, tmp_path, damage, message):
         fxslice.load(copy)
 
 
+def _recipe_edited(saved, tmp_path, **changes):
+    import shutil
+
+    _, directory = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    recipe = json.loads((copy / "fxslice.json").read_text())
+    recipe.update({key: change(recipe) for key, change in changes.items()})
+    (copy / "fxslice.json").write_text(json.dumps(recipe))
+    return copy
+
+
+# As if saved on a GPU, where the model code traced to other operations: the code's fingerprint differs.
+ON_A_GPU = {"device": lambda r: "cuda:0", "fingerprint": lambda r: "0" * 64}
+
+
+def test_a_model_saved_on_another_device_loads_where_its_weights_fit_and_its_logits_agree(saved, tmp_path):
+    compiled, _ = saved
+    loaded = fxslice.load(_recipe_edited(saved, tmp_path, **ON_A_GPU))
+    assert torch.equal(loaded(input_ids=IDS).logits, compiled(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"probe": lambda r: [[[x + 1.0 for x in row] for row in rows] for rows in r["probe"]]}, "logits differ"),
+    ({"tensors": lambda r: "0" * 64}, "fingerprint mismatch"),
+    ({"device": lambda r: "cpu"}, "fingerprint mismatch"),  # on its own device the code must be the same
+], ids=["other logits", "other tensors", "same device"])
+def test_a_model_saved_on_another_device_is_refused_when_it_computes_otherwise(saved, tmp_path, change, message):
+    with pytest.raises(UnsupportedGraphError, match=message):
+        fxslice.load(_recipe_edited(saved, tmp_path, **{**ON_A_GPU, **change}))
+
+
 def test_plain_module_needs_its_class_to_load(tmp_path):
     arch = Arch(width=32, heads=4, depth=2, tied=True)
     model = TinyLM(arch).eval()

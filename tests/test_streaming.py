@@ -203,7 +203,8 @@ def test_a_model_saved_from_another_device_is_rebuilt_on_this_one(checkpoint, tm
     ids = torch.arange(3, 15).reshape(2, 6)
     with torch.no_grad():
         assert torch.equal(fxslice.load(tmp_path / "saved")(ids).logits, sliced(ids).logits)
-    recipe["fingerprint"] = "0" * 64
+    recipe["fingerprint"] = "0" * 64  # traced otherwise there: the saved logits decide (test_io) ...
+    del recipe["probe"]  # ... and a recipe without them is refused
     recipe_path.write_text(json.dumps(recipe))
     with pytest.raises(UnsupportedGraphError, match="compressed on cuda:0 and rebuilt on cpu"):
         fxslice.load(tmp_path / "saved")
