@@ -7,7 +7,8 @@ A saved directory holds
   ``model-00001-of-0000N.safetensors`` … of at most that size);
 * ``fxslice.json``: format version, library versions, the graph's ``Plan`` (the passes with their
   options, per residual state its ``Q``'s origin and width), the dtypes of the tensors, a fingerprint
-  of the rewritten graph and the sha256 of each weights file (``load`` checks them);
+  of the rewritten graph (and one of its tensors alone), the probe logits (``probe_logits``: for a
+  rebuild on another device) and the sha256 of each weights file (``load`` checks them);
 * for Hugging Face models, ``config.json`` (and the tokenizer's files when one is given).
 
 ``load`` rebuilds the original architecture from ``config.json`` with uninitialised weights, captures it,
