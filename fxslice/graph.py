@@ -192,6 +192,16 @@ _CONST_SAFE = {
     aten.sqrt, aten.rsqrt, aten.pow, aten.exp, aten.scalar_tensor, aten.tensor,
     aten.abs, aten.square, aten.reciprocal, aten.sigmoid, aten.tanh, aten.log, aten.clamp,
 }
+_NOT_CONST = {torch.Tag.inplace, torch.Tag.nondeterministic_seeded}
+
+
+def _const_safe(target: Any) -> bool:
+    """A pure op whose value on constants is a constant: the listed views and arithmetic, and any ATen op
+    torch tags pointwise that neither writes in place nor draws random numbers (``softplus``, ``silu``…)."""
+    if getattr(target, "overloadpacket", None) in _CONST_SAFE:
+        return True
+    tags = set(getattr(target, "tags", ()))
+    return torch.Tag.pointwise in tags and not tags & _NOT_CONST
 
 
 def constant_value(node: Any, _memo: dict | None = None) -> torch.Tensor | float | int | None:
@@ -205,7 +215,7 @@ def constant_value(node: Any, _memo: dict | None = None) -> torch.Tensor | float
     if node.op == "get_attr":
         obj = get_tensor(node.graph.owning_module, node.target)
         result = obj.detach() if isinstance(obj, torch.Tensor) else None
-    elif node.op == "call_function" and getattr(node.target, "overloadpacket", None) in _CONST_SAFE:
+    elif node.op == "call_function" and _const_safe(node.target):
         ok = True
 
         def fold(a):

@@ -215,6 +215,38 @@ def test_a_bias_expanded_to_the_streams_shape_rotates_and_slices_with_the_state_
     assert sliced(ids).shape == model(ids).shape
 
 
+class GatedSkipLM(TinyLM):
+    """The skip scaled per channel by a function of a learned vector, ``exp(-softplus(w)/2) ⊙ x`` (a
+    constant computed by pointwise ops the analysis has no list entry for), and an MLP that sees each
+    token twice, ``repeat_interleave(h, 2, dim=0)``, as experts see a token once per route, the copies
+    summed back."""
+
+    def __init__(self, arch):
+        super().__init__(arch)
+        self.gates = nn.Parameter(torch.randn(arch.depth, arch.width) * 1.5)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = torch.exp(-0.5 * nn.functional.softplus(self.gates[i])) * x + block.attn(block.norm1(x))
+            routes = block.norm2(x).reshape(-1, self.arch.width).repeat_interleave(2, dim=0)
+            x = x + block.mlp(routes).reshape(*x.shape[:-1], 2, self.arch.width).sum(-2)
+        return self.head(self.final_norm(x))
+
+
+def test_a_skip_scaled_by_a_function_of_weights_and_tokens_repeated_per_route_rotate_without_bridges():
+    model = GatedSkipLM(ARCH).double().eval()
+    ids = example_ids(ARCH, 3, 5, seed=4)
+    fused = compile_quietly(model, [fuse_norm])
+    assert len(plan_of(fused).details["fuse_norm"]["channel_scales"]) == ARCH.depth
+    rotated = compile_quietly(model, [fuse_norm, rotate])
+    report = fxslice.report(rotated)
+    assert not report["skipped"] and not any(r["bridges"] for r in report["fuse_norm"]["regions"])
+    assert relative_error(rotated(ids), model(ids)) < 1e-12
+    sliced = calibrated_quarter(model)  # the state the head reads stays whole (as SliceGPT)
+    assert [s["width_after"] for s in fxslice.report(sliced)["states"]] == [24] * (2 * ARCH.depth) + [32]
+
+
 class RoutedExpertsLM(TinyLM):
     """Experts held as one 3-D weight per projection and applied one matrix at a time: each token's row
     gathered by its expert, the rows split by the count per expert (sizes computed from values), one

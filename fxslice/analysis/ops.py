@@ -520,6 +520,15 @@ def _repeat(node: fx.Node, operand: fx.Node) -> Step | None:
     return Step(StepKind.COMMUTES)
 
 
+@_stream_rule(aten.repeat_interleave)
+@_on_data
+def _repeat_interleave(node: fx.Node, operand: fx.Node) -> Step | None:
+    """Each vector repeated along another dim (a token once per route it takes): whole feature vectors."""
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    nd = _ndim(operand)
+    return Step(StepKind.COMMUTES) if isinstance(dim, int) and _norm_dim(dim, nd) != nd - 1 else None
+
+
 @_stream_rule(aten.sum, aten.mean)
 @_on_data
 def _reduce(node: fx.Node, operand: fx.Node) -> Step | None:
