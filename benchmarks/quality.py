@@ -201,7 +201,9 @@ def main() -> None:
         results.append(run(spec, memory=False) | (run(spec, memory=True) if memory else {}))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     dense = next((r for r in results if r["row"] == "dense"), None)
-    elsewhere = f" --device {args.device} --dtype {args.dtype}" if (args.device, args.dtype) != ("cpu", "float32") else ""
+    elsewhere = ""
+    if (args.device, args.dtype) != ("cpu", "float32"):
+        elsewhere = f" --device {args.device} --dtype {args.dtype}"
     print(f"<!-- {machine(args.device)}, {'CPU' if args.device == 'cpu' else args.device}, {args.dtype}, "
           f"command: python benchmarks/quality.py{'' if args.rows == ROWS else ' --rows ' + ' '.join(repr(r) for r in args.rows)}"
           f"{' --perplexity-only' if args.perplexity_only else ''}"

@@ -388,8 +388,9 @@ def _verify(decoder: fx.GraphModule, compressed: Any, batch: int) -> None:
         ids = torch.randint(0, compressed.config.vocab_size, (batch, prompt + steps), generator=generator).to(device)
         mask = torch.ones_like(ids)
         full = compressed.graph_for(ids, mask)(input_ids=ids, attention_mask=mask).logits
-        logits = [run_decoder(decoder, ids[:, :prompt], torch.ones_like(ids[:, :prompt]),
-                              torch.arange(prompt, device=device).expand(batch, -1), torch.arange(prompt, device=device))]
+        positions = torch.arange(prompt, device=device)
+        logits = [run_decoder(decoder, ids[:, :prompt], torch.ones_like(ids[:, :prompt]), positions.expand(batch, -1),
+                              positions)]
         for t in range(prompt, prompt + steps):
             logits.append(decoder(input_ids=ids[:, t : t + 1], attention_mask=torch.ones_like(ids[:, : t + 1]),
                                   position_ids=torch.full((batch, 1), t, device=device),

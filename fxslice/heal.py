@@ -157,7 +157,8 @@ class _Trainable:
             a = (torch.rand(rank, inp, generator=generator, dtype=torch.float64) * 2 - 1) * bound
             device = self.frozen[key].device
             self.tensors[f"{key}::lora_A"] = a.to(device, self.master[key]).requires_grad_(True)
-            self.tensors[f"{key}::lora_B"] = torch.zeros(out, rank, dtype=self.master[key], device=device).requires_grad_(True)
+            b = torch.zeros(out, rank, dtype=self.master[key], device=device)
+            self.tensors[f"{key}::lora_B"] = b.requires_grad_(True)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.tensors[k] for k in sorted(self.tensors)]
