@@ -156,6 +156,11 @@ def test_a_per_channel_scale_of_the_stream_becomes_a_linear_and_rotates_exactly(
     sliced = compile_quietly(model, [fuse_norm, rotate, slice(0.25)])
     widths = {s["width_after"] for s in fxslice.report(sliced)["states"]}
     assert widths == {24} and sliced(ids).shape == model(ids).shape
+    # The shift every layer adds is copied per layer (else it is a state of its own, with no activations
+    # for a calibrated rotation to sweep to): PCA runs on every state.
+    calibrated = calibrated_quarter(model)
+    assert [s["width_after"] for s in fxslice.report(calibrated)["states"]] == [24] * (3 * ARCH.depth + 1)
+    assert calibrated(ids).shape == model(ids).shape
 
 
 class DelayedValueLM(TinyLM):

@@ -100,6 +100,8 @@ class FuseNorm(FxslicePass):
     def run(self, gm: fx.GraphModule, plan: Plan, context: Context) -> Plan:
         post_norms, scales, opaque_ops = self._linears_on_the_stream(gm)
         regions = find_regions(gm)
+        if _untie_constant_states(gm, regions):
+            regions = find_regions(gm)
         skipped = skipped_regions(regions, self.strict, "fuse_norm")
         uses = _uses_by_tensor(gm)
         record: dict[str, Any] = {"regions": [], "post_norms": post_norms}
@@ -294,6 +296,22 @@ def _restore_mean(gm: fx.GraphModule, use: WeightUse, x: fx.Node, gamma: torch.T
     with gm.graph.inserting_after(use.node):
         total = gm.graph.call_function(aten.add.Tensor, (use.node, correction))
     use.node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+
+
+def _untie_constant_states(gm: fx.GraphModule, regions) -> int:
+    """A parameter vector added into the stream at several places (one bias that every layer adds) joins
+    several states, so the analysis makes it a state of its own, joined to each by a skip matrix, with no
+    activations to calibrate a rotation on. Each place after the first gets a copy instead (``d`` more
+    parameters each, where a skip matrix costs ``d × k``), a source of the state it joins. Returns the copies."""
+    copies = 0
+    for state in (s for r in regions for s in r.states):
+        for node in (n for n in state.nodes if all(m.op == "get_attr" for m in state.nodes)):
+            tensor = get_tensor(gm, node.target).detach()
+            for user in list(node.users)[1:]:
+                copy = add_parameter(gm, f"{node.target}_copy", tensor.clone(), before=user)
+                user.replace_input_with(node, copy)
+                copies += 1
+    return copies
 
 
 def _chain(start: fx.Node, end: fx.Node) -> set[fx.Node]:
