@@ -155,6 +155,39 @@ def test_plain_module_needs_its_class_to_load(tmp_path):
     assert torch.equal(loaded(ids), compiled(ids))
 
 
+class SharedBlockLM(torch.nn.Module):
+    """One MLP block run in two layers, each reaching it through an RMS norm of its own (Zamba's shared
+    transformer): the two norms' γ hold equal values (ones) but are two parameters."""
+
+    def __init__(self, width=16, vocab=50):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.norms = torch.nn.ModuleList(torch.nn.RMSNorm(width) for _ in range(2))
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 32), torch.nn.GELU(), torch.nn.Linear(32, width))
+        self.final = torch.nn.RMSNorm(width)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for norm in self.norms:
+            x = x + self.mlp(norm(x))
+        return self.head(self.final(x))
+
+
+def test_a_rebuild_whose_weights_are_not_yet_its_own_replays_the_saved_graph(tmp_path):
+    # load replays the passes on a model whose weights are uninitialised (whatever memory held): a
+    # decision made on the norms' values (fold equal γ once into the shared block) would come out
+    # otherwise there and the rebuilt graph would differ.
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    compiled = fxslice.compile(SharedBlockLM().double().eval(), [fuse_norm, rotate], example_inputs=(ids,))
+    fxslice.save(compiled, tmp_path / "m")
+    rebuilt = SharedBlockLM().double().eval()
+    with torch.no_grad():
+        rebuilt.norms[1].weight.mul_(2.0)
+    loaded = fxslice.load(tmp_path / "m", model=rebuilt, example_inputs=(ids,))
+    assert torch.equal(loaded(ids), compiled(ids))
+
+
 class ConstantLM(TinyLM):
     """A tensor made inside forward: torch.export lifts it into a plain graph attribute (``lifted_tensor_0``),
     neither parameter nor buffer, which load must set back as what it is."""

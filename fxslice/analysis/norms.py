@@ -54,6 +54,7 @@ class Norm:
     blocks: int = 1  # copies of the stream side by side in ``input`` (its last dim merged with others)
     uniform: bool = True  # γ is one number for every feature (or absent)
     scaling: fx.Node | None = None  # the op multiplying ``input`` by its per-token factor (not fxslice's own)
+    affine: str = ""  # how γ and β are computed (``expression``): equal for norms that apply the same ones
 
     @property
     def commutes(self) -> bool:
@@ -217,10 +218,26 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def expression(value: Any) -> str:
+    """How a constant is computed, as text: the parameters and buffers it reads (by target), the ops and
+    the literals. Two norms whose γ and β have the same expression apply the same γ and β whatever the
+    weights hold, so a decision made on it comes out the same when a saved model is rebuilt with
+    uninitialised weights (``fxslice.load``); one made on the values would not."""
+    if not isinstance(value, fx.Node):
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(expression(v) for v in value) + "]"
+        return repr(value)
+    if value.op == "get_attr":
+        return str(value.target)
+    arguments = [expression(a) for a in value.args] + [f"{k}={expression(v)}" for k, v in value.kwargs.items()]
+    return f"{value.target}({', '.join(arguments)})"
+
+
 def _extend(core_out: fx.Node, width: int, weight, bias, uniform: bool):
     """Follow casts, one γ multiply and one β add after the normalisation itself; ``uniform`` stays True
-    while every γ is one number."""
+    while every γ is one number. Also returns the expressions of the factors and terms taken."""
     out = core_out
+    taken = []
     while (user := _single_user(out)) is not None:
         if is_op(user, *CASTS) and user.args[0] is out:
             out = user
@@ -231,6 +248,7 @@ def _extend(core_out: fx.Node, width: int, weight, bias, uniform: bool):
             vector = _vector(constant, width) if other is not out else None
             if vector is None:
                 break
+            taken.append(f"{user.target}({expression(other)})")
             if is_op(user, aten.mul):
                 weight = vector if weight is None else weight * vector
                 bias = None if bias is None else bias * vector
@@ -240,7 +258,7 @@ def _extend(core_out: fx.Node, width: int, weight, bias, uniform: bool):
             out = user
             continue
         break
-    return out, weight, bias, uniform
+    return out, weight, bias, uniform, taken
 
 
 def find_norms(gm: fx.GraphModule) -> list[Norm]:
@@ -265,10 +283,12 @@ def find_norms(gm: fx.GraphModule) -> list[Norm]:
             bias = _vector(constant_value(bias_node), width)
             if bias is None:
                 continue
-        out, weight, bias, uniform = _extend(node, width, weight, bias, uniform)
+        out, weight, bias, uniform, taken = _extend(node, width, weight, bias, uniform)
+        affine = " ".join([expression(weight_node), expression(bias_node)] + taken)
         # The op that multiplies x by its per-token factor: a written-out form's mul or div, or a single
         # rms_norm op of the model's own (fxslice's weightless readers are not in a stream).
         single = is_op(node, aten.rms_norm) and fused is None
         scaling = node if is_op(node, aten.mul, aten.div) or single else None
-        norms.append(Norm(x, out, kind, width, eps, weight, bias, readers, fused, uniform=uniform, scaling=scaling))
+        norms.append(Norm(x, out, kind, width, eps, weight, bias, readers, fused, uniform=uniform, scaling=scaling,
+                          affine=affine))
     return norms

@@ -324,14 +324,10 @@ def _chain(start: fx.Node, end: fx.Node) -> set[fx.Node]:
 
 
 def _same_affine(a: Norm | None, b: Norm) -> bool:
-    """``a`` and ``b`` apply the same ``γ`` and ``β`` (absent counts as its identity)."""
-    def same(x, y, identity):
-        return torch.equal(x if x is not None else identity, y if y is not None else identity)
-
-    if a is None:
-        return False
-    return a is b or (same(a.weight, b.weight, torch.ones(b.width, dtype=torch.float64))
-                      and same(a.bias, b.bias, torch.zeros(b.width, dtype=torch.float64)))
+    """``a`` and ``b`` compute ``γ`` and ``β`` from the same parameters the same way (a layer run more than
+    once). Not their values: two modules that merely hold equal weights (both still ones) are two, since
+    ``load`` replays this decision on a model whose weights are not yet its own."""
+    return a is not None and (a is b or a.affine == b.affine)
 
 
 def _channel_scale(node: fx.Node) -> tuple[fx.Node, fx.Node, torch.Tensor] | None:
