@@ -22,7 +22,6 @@ there is no memory run (the RSS says nothing of the device's memory) and each ti
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -111,7 +110,6 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
                                       batch_size=8, seed=seed)
     row: dict = {"row": spec}
 
-    @functools.partial(synchronised, device=device)
     def dense_forward() -> None:
         with torch.no_grad():
             for batch in calibration:
@@ -119,7 +117,7 @@ def one_row(spec: str, samples: int, seq_len: int, windows: int, memory: bool = 
 
     def dense_forward_s() -> float:
         start = time.perf_counter()
-        dense_forward()
+        synchronised(dense_forward, device)()
         return time.perf_counter() - start
 
     if spec == "dense":

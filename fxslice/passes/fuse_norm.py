@@ -305,7 +305,9 @@ def _untie_constant_states(gm: fx.GraphModule, regions) -> int:
     parameters each, where a skip matrix costs ``d × k``), a source of the state it joins. Returns the copies."""
     copies = 0
     for state in (s for r in regions for s in r.states):
-        for node in (n for n in state.nodes if all(m.op == "get_attr" for m in state.nodes)):
+        if not all(node.op == "get_attr" for node in state.nodes):
+            continue
+        for node in state.nodes:
             tensor = get_tensor(gm, node.target).detach()
             for user in list(node.users)[1:]:
                 copy = add_parameter(gm, f"{node.target}_copy", tensor.clone(), before=user)
